@@ -1,0 +1,69 @@
+"""Backbone plugins: any timm encoder (``features_only``) at a chosen output stride."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor
+
+from sandbox.api import Backbone, Register, hookimpl
+
+
+class TimmBackbone(Backbone):
+    """A timm encoder returning stride-4 and deepest features (``tu-`` encoders in smp terms)."""
+
+    def __init__(
+        self,
+        model: str = "resnet18",
+        output_stride: int = 16,
+        pretrained: bool = False,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        if model not in timm.list_models():
+            raise ValueError(f"timm has no model {model!r}")
+        self.encoder = timm.create_model(
+            model, features_only=True, output_stride=output_stride, pretrained=pretrained and weights is None
+        )
+        reductions = self.encoder.feature_info.reduction()
+        if 4 not in reductions:
+            raise ValueError(f"timm model {model!r} has no stride-4 features (strides {reductions})")
+        self.low_index = reductions.index(4)
+        channels = self.encoder.feature_info.channels()
+        if weights is not None:
+            load_encoder_weights(self.encoder, Path(weights))
+        self.low_channels, self.high_channels = channels[self.low_index], channels[-1]
+        self.output_stride = output_stride
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(stride-4 features, deepest features)``."""
+        features = self.encoder(images)
+        return features[self.low_index], features[-1]
+
+
+def load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
+    """Load a local checkpoint (a state dict, optionally under ``state_dict``/``model``) into ``encoder``.
+
+    Classifier weights (``fc.*``, ``head.*``) are dropped; any other missing or unexpected key
+    is an error naming the file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights {path} do not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"backbone weights {path} do not match the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+@hookimpl
+def sandbox_register_backbones(register: Register) -> None:
+    """Register the timm backbone."""
+    register("timm", TimmBackbone)

@@ -1,0 +1,40 @@
+"""The ``sandbox`` command line: one module per command, assembled here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sandbox.cli import evaluate, plugins, recipe, run
+from sandbox.errors import SandboxError
+
+app = typer.Typer(
+    help="A plugin-architecture research sandbox for semi-supervised semantic segmentation (DDFP).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    """Global options."""
+
+
+app.command("run")(run.run)
+app.command("eval")(evaluate.evaluate)
+app.command("plugins")(plugins.plugins)
+app.add_typer(recipe.app, name="recipe")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2 (unless ``--debug``)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, prog_name="sandbox")
+    except SandboxError as error:
+        if "--debug" in args:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -1,0 +1,23 @@
+"""``sandbox plugins``: list every registered component."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sandbox.cli.common import PluginOption
+from sandbox.plugins import load_registry
+
+
+def plugins(plugin: Optional[List[str]] = PluginOption) -> None:
+    """List registered components: kind, name, provider and description."""
+    registry = load_registry(plugin or [])
+    table = Table(title="sandbox plugins")
+    for column in ("kind", "name", "provided by", "description"):
+        table.add_column(column)
+    for component in registry:
+        table.add_row(component.kind.name, component.name, component.provider, component.description)
+    Console(width=max(Console().width, 120)).print(table)

@@ -1,0 +1,39 @@
+"""``sandbox run``: train a recipe into its run directory (or resume it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.train.loop import Trainer
+from sandbox.train.rundir import RunDirectory
+
+
+def run(
+    recipe: Path = RecipeArgument,
+    set_: Optional[List[str]] = SetOption,
+    plugin: Optional[List[str]] = PluginOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
+    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    run_dir = RunDirectory.for_recipe(resolved)
+    trainer = Trainer(resolved, registry, run_dir)
+    console = Console(stderr=True)
+    if trainer.accelerator.is_main_process:
+        run_dir.prepare(resolved, resume=resume, overwrite=overwrite)
+        console.print(f"run directory: {run_dir.path}", highlight=False, soft_wrap=True)
+    trainer.accelerator.wait_for_everyone()
+    summary = trainer.train(resume=resume)
+    if trainer.accelerator.is_main_process:
+        console.print(
+            f"done: final mIoU {100 * summary['final_miou']:.2f}, best mIoU {100 * summary['best_miou']:.2f} "
+            f"(step {summary['best_step']}), {summary['wall_time_s']:.0f} s; run directory: {run_dir.path}",
+            highlight=False,
+            soft_wrap=True,
+        )

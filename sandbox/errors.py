@@ -1,0 +1,12 @@
+"""The error type for mistakes a user can fix (bad recipe, unknown plugin, missing file)."""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """A user-facing error: the CLI prints its one-line message and exits with status 2.
+
+    The message names the file, key or plugin at fault and what was expected.
+    """
+
+    exit_code = 2

@@ -1,0 +1,235 @@
+"""Recipes: TOML files describing a run, validated into typed settings.
+
+A recipe may name a ``base`` recipe (a path relative to itself) whose tables it extends.
+``--set a.b=value`` overrides any key (``value`` is parsed as TOML, else taken as a string).
+Component tables (``[dataset]``, ``[backbone]``, ``[density]``, ``[perturbation]``,
+``[consistency.strong]``, ``[consistency.perturbed]``) hold ``name`` plus that plugin's options,
+which :func:`resolve_components` checks against the registry and completes with defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from sandbox.errors import SandboxError
+from sandbox.registry import Registry
+
+
+class Section(BaseModel):
+    """A fixed recipe table: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentSpec(BaseModel):
+    """A component table: the registered ``name`` plus the plugin's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def options(self) -> dict[str, Any]:
+        """The plugin options (every key but ``name``)."""
+        return dict(self.model_extra or {})
+
+
+class ConsistencySection(Section):
+    """Consistency losses for the strong view and for the perturbed view."""
+
+    strong: ComponentSpec = ComponentSpec(name="ce")
+    perturbed: ComponentSpec = ComponentSpec(name="ce")
+
+
+class ModelSection(Section):
+    """The DeepLabV3+ decoder of DDFP.md (the encoder comes from ``[backbone]``)."""
+
+    aspp_dilations: list[PositiveInt] = [6, 12, 18]
+    channels: PositiveInt = 256
+    low_level_channels: PositiveInt = 48
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    mix_bn: bool = True
+
+
+class TrainSection(Section):
+    """The training schedule and the mean-teacher hyper-parameters."""
+
+    iters: PositiveInt = 2000
+    warmup_iters: int = Field(200, ge=0)
+    batch_size: PositiveInt = 4
+    unlabeled_batch_size: PositiveInt = 4
+    crop_size: PositiveInt = 321
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    lr: float = Field(1e-3, gt=0)
+    head_lr_multiplier: float = Field(10.0, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    threshold: float = Field(0.95, ge=0, le=1)
+    cutmix_p: float = Field(0.5, ge=0, le=1)
+    unsupervised_weight: float = Field(0.5, ge=0)
+    perturbed_weight: float = Field(0.5, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_workers: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+    log_every: PositiveInt = 10
+    eval_every: PositiveInt = 500
+    checkpoint_every: PositiveInt = 500
+
+
+class EvalSection(Section):
+    """Evaluation on the val part."""
+
+    mode: Literal["whole", "center_crop"] = "whole"
+    crop_size: PositiveInt | None = None
+    batch_size: PositiveInt = 1
+    model: Literal["teacher", "student"] = "teacher"
+
+
+class Recipe(Section):
+    """A whole, validated recipe."""
+
+    name: str
+    seed: int = 0
+    output_dir: str = "runs"
+    plugins: list[str] = []
+    dataset: ComponentSpec
+    backbone: ComponentSpec = ComponentSpec(name="timm", model="resnet18")
+    density: ComponentSpec = ComponentSpec(name="glow")
+    perturbation: ComponentSpec = ComponentSpec(name="ddfp")
+    consistency: ConsistencySection = ConsistencySection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+
+    def component_specs(self) -> dict[str, tuple[str, ComponentSpec]]:
+        """``{table: (kind, spec)}`` for every component table."""
+        return {
+            "dataset": ("dataset", self.dataset),
+            "backbone": ("backbone", self.backbone),
+            "density": ("density", self.density),
+            "perturbation": ("perturbation", self.perturbation),
+            "consistency.strong": ("consistency", self.consistency.strong),
+            "consistency.perturbed": ("consistency", self.consistency.perturbed),
+        }
+
+    def to_toml(self) -> str:
+        """The recipe as TOML (no ``base``: every key is written out)."""
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, with its ``base`` chain merged in (the file's own keys win)."""
+    if not path.is_file():
+        raise SandboxError(f"recipe {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SandboxError(f"{path}: invalid TOML: {error}") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise SandboxError(f"{path}: base = {base!r}: expected a path to another recipe")
+    return merge(read_toml(path.parent / base), data)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: tables merge key by key, other values are replaced.
+
+    A component table that changes ``name`` starts afresh: the base plugin's options do not
+    carry over to a different plugin.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
+            merged[key] = merge(old, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.iters=50"`` -> ``(["train", "iters"], 50)``; values are TOML, else strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SandboxError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.iters=50")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to raw recipe data (validation happens afterwards)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        table = data
+        for part in path[:-1]:
+            child = table.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SandboxError(f"--set {text!r}: {part!r} is a value, not a table")
+            table = child
+        if len(path) > 1 and path[-1] == "name" and table.get("name") not in (None, value):
+            table.clear()  # a different plugin: the old plugin's options do not apply
+        table[path[-1]] = value
+    return data
+
+
+def describe_validation_error(error: pydantic.ValidationError, source: str) -> str:
+    """One line naming the first bad key, its value and what was expected."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}"
+    if first["type"] == "missing":
+        return f"{source}: missing key {key!r}"
+    return f"{source}: {key} = {first.get('input')!r}: {first['msg'].lower()}"
+
+
+def default_components() -> dict[str, Any]:
+    """The default component tables, so that a recipe may set an option without repeating ``name``."""
+    defaults = Recipe.model_construct()
+    return {
+        "backbone": defaults.backbone.model_dump(),
+        "density": defaults.density.model_dump(),
+        "perturbation": defaults.perturbation.model_dump(),
+        "consistency": defaults.consistency.model_dump(),
+    }
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe (components are checked by :func:`resolve_components`)."""
+    path = Path(path)
+    data = apply_overrides(merge(default_components(), read_toml(path)), overrides or [])
+    data.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise SandboxError(describe_validation_error(error, str(path))) from None
+
+
+def resolve_components(recipe: Recipe, registry: Registry, source: str = "recipe") -> Recipe:
+    """A copy of ``recipe`` whose component tables are checked and hold every default."""
+    data = recipe.model_dump(mode="json")
+    for table, (kind, spec) in recipe.component_specs().items():
+        component = registry.get(kind, spec.name) if spec.name in registry.names(kind) else None
+        if component is None:
+            known = ", ".join(registry.names(kind)) or "none"
+            raise SandboxError(f"{source}: [{table}] name = {spec.name!r}: unknown {kind}; registered: {known}")
+        options = component.resolve_options(spec.options(), f"{source}: [{table}]")
+        target = data
+        *parents, last = table.split(".")
+        for part in parents:
+            target = target[part]
+        target[last] = {"name": spec.name, **options}
+    return Recipe.model_validate(data)

@@ -1,0 +1,156 @@
+"""The component registry: every registered component, by kind and name, and how to build one.
+
+A component's options are the keyword parameters of its factory. Options are validated with a
+pydantic model derived from the factory's signature, so a recipe gets the same type checking and
+defaults whatever plugin it names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Iterator
+
+import pydantic
+
+from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationSource
+from sandbox.errors import SandboxError
+
+
+@dataclass(frozen=True)
+class ComponentKind:
+    """One kind of component: its hook, what its factory must return, what the host passes."""
+
+    name: str
+    hook: str
+    product: type
+    context: tuple[str, ...] = ()
+
+
+KINDS: dict[str, ComponentKind] = {
+    kind.name: kind
+    for kind in (
+        ComponentKind("backbone", "sandbox_register_backbones", Backbone),
+        ComponentKind(
+            "density", "sandbox_register_density_estimators", DensityEstimator, ("feature_dim", "num_classes", "total_steps")
+        ),
+        ComponentKind("perturbation", "sandbox_register_perturbations", Perturbation),
+        ComponentKind("consistency", "sandbox_register_consistency_losses", ConsistencyLoss),
+        ComponentKind("dataset", "sandbox_register_datasets", SegmentationSource),
+    )
+}
+
+
+def first_doc_line(obj: object) -> str:
+    """The first non-empty line of ``obj``'s docstring, or an empty string."""
+    doc = inspect.getdoc(obj) or ""
+    return next((line.strip() for line in doc.splitlines() if line.strip()), "")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered component: its kind, name, factory, description and provider."""
+
+    kind: ComponentKind
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    provider: str
+
+    @cached_property
+    def _options_model(self) -> type[pydantic.BaseModel]:
+        """A pydantic model of the factory's options (its parameters minus the host's context)."""
+        target = self.factory.__init__ if inspect.isclass(self.factory) else self.factory
+        try:
+            hints = typing.get_type_hints(target)
+        except Exception:  # unresolvable annotations: fall back to no type checking
+            hints = {}
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(self.factory).parameters.values():
+            if param.name in self.kind.context or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            default = ... if param.default is param.empty else param.default
+            fields[param.name] = (hints.get(param.name, Any), default)
+        config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False)
+        return pydantic.create_model(f"{self.kind.name}.{self.name}", __config__=config, **fields)
+
+    def option_names(self) -> list[str]:
+        """Names of the options a recipe may set for this component."""
+        return list(self._options_model.model_fields)
+
+    def resolve_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        """Validate ``options`` and return them with every default filled in.
+
+        ``where`` names the recipe table for error messages (e.g. ``"recipe.toml: [perturbation]"``).
+        """
+        try:
+            model = self._options_model.model_validate(options)
+        except pydantic.ValidationError as error:
+            raise SandboxError(describe_option_error(error, self, where)) from None
+        return model.model_dump(mode="json")
+
+    def build(self, options: dict[str, Any], **context: Any) -> Any:
+        """Call the factory with validated ``options`` and the host's ``context`` arguments."""
+        resolved = self.resolve_options(options, f"[{self.kind.name}]")
+        try:
+            product = self.factory(**context, **resolved)
+        except (ValueError, FileNotFoundError, KeyError) as error:
+            raise SandboxError(f"{self.kind.name} {self.name!r} ({self.provider}): {error}") from error
+        if not isinstance(product, self.kind.product):
+            raise SandboxError(
+                f"{self.kind.name} plugin {self.name!r} (from {self.provider}) returned "
+                f"{type(product).__name__}, expected a {self.kind.product.__name__}"
+            )
+        return product
+
+
+def describe_option_error(error: pydantic.ValidationError, component: Component, where: str) -> str:
+    """One line naming the first bad option of ``component``, its value and what was expected."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "?"
+    if first["type"] == "extra_forbidden":
+        valid = ", ".join(component.option_names()) or "none"
+        return f"{where}: unknown option {key!r} for {component.kind.name} {component.name!r}; valid options: {valid}"
+    if first["type"] == "missing":
+        return f"{where}: {component.kind.name} {component.name!r} needs option {key!r}"
+    return f"{where}: {key} = {first.get('input')!r}: {first['msg'].lower()}"
+
+
+class Registry:
+    """All components, by kind and name. Built from a plugin manager by ``sandbox.plugins``."""
+
+    def __init__(self) -> None:
+        self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+
+    def add(self, kind: str, name: str, factory: Callable[..., Any], description: str | None, provider: str) -> None:
+        """Record a component; a name taken in the same kind is an error naming both providers."""
+        if not isinstance(name, str) or not name:
+            raise SandboxError(f"plugin {provider}: {kind} names must be non-empty strings, got {name!r}")
+        if not callable(factory):
+            raise SandboxError(f"plugin {provider}: {kind} {name!r} factory is not callable: {factory!r}")
+        existing = self._components[kind].get(name)
+        if existing is not None:
+            raise SandboxError(
+                f"{kind} name {name!r} is registered twice: by {existing.provider} and by {provider}"
+            )
+        self._components[kind][name] = Component(
+            KINDS[kind], name, factory, description or first_doc_line(factory), provider
+        )
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component ``name`` of ``kind``; an unknown name is an error listing those that exist."""
+        try:
+            return self._components[kind][name]
+        except KeyError:
+            known = ", ".join(sorted(self._components[kind])) or "none"
+            raise SandboxError(f"unknown {kind} {name!r}; registered {kind} plugins: {known}") from None
+
+    def names(self, kind: str) -> list[str]:
+        """Registered names of ``kind``, sorted."""
+        return sorted(self._components[kind])
+
+    def __iter__(self) -> Iterator[Component]:
+        for kind in KINDS:
+            yield from (self._components[kind][name] for name in self.names(kind))

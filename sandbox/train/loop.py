@@ -1,0 +1,277 @@
+"""The training loop: Accelerate set-up, data streams, steps, evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from sandbox import __version__
+from sandbox.api import DensityEstimator
+from sandbox.data.views import LabeledTrainSet, StreamSampler, UnlabeledTrainSet
+from sandbox.recipe import Recipe
+from sandbox.registry import Registry
+from sandbox.train.builder import build_dataset, build_method, build_model
+from sandbox.train.ema import ema_decay, update_teacher
+from sandbox.train.evaluate import EvalResult, evaluate, val_loader
+from sandbox.train.progress import ProgressReporter
+from sandbox.train.rundir import RunDirectory, atomic_torch_save
+from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class TrainingState:
+    """Counters that a checkpoint must restore besides the modules."""
+
+    step: int = 0
+    best_miou: float = -1.0
+    best_step: int = -1
+    wall_time: float = 0.0
+    best_per_class: dict[str, float | None] = field(default_factory=dict)
+    log_sums: dict[str, float] = field(default_factory=dict)
+    """Sums of the logged values since the last metrics record (a resume continues the window)."""
+    log_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """For ``Accelerator.register_for_checkpointing``."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class DensityCheckpoint:
+    """Adapts a density estimator's full state (optimizer included) to Accelerate's checkpointing."""
+
+    def __init__(self, estimator: DensityEstimator) -> None:
+        self.estimator = estimator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's checkpoint state."""
+        return self.estimator.checkpoint_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the estimator's checkpoint state."""
+        self.estimator.load_checkpoint_state(state)
+
+
+def package_versions(registry: Registry) -> dict[str, str]:
+    """Versions of Python, the main libraries and every plugin provider."""
+    versions = {"python": platform.python_version(), "sandbox": __version__}
+    for package in ("torch", "torchvision", "timm", "accelerate", "nflows", "pluggy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    for component in registry:
+        versions.setdefault(f"plugin:{component.provider.split()[0]}", component.provider)
+    return versions
+
+
+def endless(loader: DataLoader) -> Iterator[Any]:
+    """Batches of a loader whose sampler never ends."""
+    yield from loader
+
+
+class Trainer:
+    """Trains one recipe into one run directory."""
+
+    def __init__(self, recipe: Recipe, registry: Registry, run_dir: RunDirectory) -> None:
+        self.recipe = recipe
+        self.registry = registry
+        self.run_dir = run_dir
+        settings = recipe.train
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.accelerator = Accelerator(mixed_precision=settings.mixed_precision, step_scheduler_with_optimizer=False)
+        set_seed(recipe.seed)
+        self.source = build_dataset(recipe, registry)
+        model = build_model(recipe, registry, self.source.num_classes)
+        self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
+        self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
+        head_lr = settings.lr * settings.head_lr_multiplier
+        optimizer = torch.optim.SGD(
+            [{"params": model.encoder_parameters(), "lr": settings.lr}, {"params": model.decoder_parameters(), "lr": head_lr}],
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(1.0 - step / settings.iters, 0.0) ** settings.poly_power
+        )
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, schedule)
+        self.method.perturbation.to(self.accelerator.device)
+        self.state = TrainingState()
+        self.accelerator.register_for_checkpointing(self.teacher, self.state)
+        if self.method.density is not None:
+            self.method.density.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(DensityCheckpoint(self.method.density))
+        self.step_fn = SemiSupervisedStep(settings, self.method, self.source.ignore_index, recipe.seed)
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def _stream(self, dataset: Any, size: int, batch_size: int, seed: int, batches_done: int) -> Iterator[Any]:
+        """This process's share of an endless batch stream, after the ``batches_done`` already used."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        sampler = StreamSampler(size, seed, batches_done * batch_size * world, world, rank)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.recipe.train.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",
+            persistent_workers=self.recipe.train.num_workers > 0,
+            drop_last=True,
+            generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
+        )
+        return endless(loader)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        folder = self.run_dir.checkpoints / f"step_{self.state.step:08d}"
+        self.accelerator.save_state(str(folder))
+        if self.accelerator.is_main_process:
+            (folder / "COMPLETE").write_text(str(self.state.step))
+            complete = sorted(p for p in self.run_dir.checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
+            for old in complete[:-CHECKPOINTS_KEPT]:
+                for child in sorted(old.rglob("*"), reverse=True):
+                    child.unlink() if child.is_file() else child.rmdir()
+                old.rmdir()
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> None:
+        checkpoint = self.run_dir.latest_checkpoint()
+        if checkpoint is None:
+            return
+        self.accelerator.load_state(str(checkpoint))
+        if self.accelerator.is_main_process:
+            self.run_dir.truncate_metrics(self.state.step)
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _eval_model(self) -> torch.nn.Module:
+        use_teacher = self.recipe.eval.model == "teacher" and self.state.step > self.recipe.train.warmup_iters
+        return self.teacher if use_teacher else self.accelerator.unwrap_model(self.model)
+
+    def _evaluate(self, reporter: ProgressReporter) -> EvalResult:
+        model = self._eval_model()
+        result = evaluate(model, val_loader(self.source, self.recipe.eval, self.accelerator), self.source.class_names, self.accelerator, self.source.ignore_index)
+        if self.accelerator.is_main_process:
+            self.run_dir.append_metrics({"step": self.state.step, "val_miou": result.miou, "val_per_class_iou": result.per_class})
+            if result.miou > self.state.best_miou:
+                self.state.best_miou, self.state.best_step = result.miou, self.state.step
+                self.state.best_per_class = result.per_class
+                self._save_weights(model, self.run_dir.best_weights, result.miou)
+        reporter.evaluated(self.state.step, result.miou)
+        return result
+
+    def _save_weights(self, model: torch.nn.Module, path: Any, miou: float) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save({"model": state, "step": self.state.step, "miou": miou, "recipe": self.recipe.to_toml()}, path)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``train.iters``, evaluating and checkpointing on schedule; return the summary."""
+        settings = self.recipe.train
+        if resume:
+            self._resume()
+        source = self.source
+        labeled = self._stream(
+            LabeledTrainSet(source.labeled, settings.crop_size, settings.scale_range, self.recipe.seed, source.ignore_index),
+            len(source.labeled), settings.batch_size, self.recipe.seed, self.state.step,
+        )
+        unlabeled = self._stream(
+            UnlabeledTrainSet(source.unlabeled, settings.crop_size, settings.scale_range, self.recipe.seed + 1),
+            len(source.unlabeled), settings.unlabeled_batch_size, self.recipe.seed + 1,
+            max(self.state.step - settings.warmup_iters, 0),
+        )
+        reporter = ProgressReporter(settings.iters, self.state.step, enabled=self.accelerator.is_main_process)
+        self.model.train()
+        self.teacher.eval()
+        sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
+        window_start, window_steps = time.perf_counter(), self.state.log_steps
+        segment_start = time.perf_counter()
+        result: EvalResult | None = None
+        with reporter:
+            while self.state.step < settings.iters:
+                step = self.state.step
+                images, masks = next(labeled)
+                batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))
+                with self.accelerator.autocast():
+                    if step < settings.warmup_iters:
+                        loss, logs = self.step_fn.supervised(self.model, batch_l)
+                    else:
+                        weak, strong, padding = (t.to(self.accelerator.device) for t in next(unlabeled))
+                        if step == settings.warmup_iters:
+                            update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), 0.0)
+                        loss, logs = self.step_fn.semi_supervised(
+                            step, self.model, self.teacher, batch_l, UnlabeledBatch(weak, strong, padding)
+                        )
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                self.optimizer.step()
+                self.scheduler.step()
+                if step >= settings.warmup_iters:
+                    decay = ema_decay(step, settings.warmup_iters, settings.ema_decay)
+                    update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), decay)
+                self.state.step += 1
+                window_steps += 1
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value.float()
+                if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": self.state.step, **{k: float(v) / window_steps for k, v in sums.items()}}
+                    record["lr"] = self.scheduler.get_last_lr()[0]
+                    record["images_per_s"] = window_steps * (settings.batch_size + (
+                        settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * self.accelerator.num_processes / elapsed
+                    if self.accelerator.is_main_process:
+                        self.run_dir.append_metrics(record)
+                    reporter.logged(record)
+                    sums, window_start, window_steps = {}, time.perf_counter(), 0
+                if self.state.step % settings.eval_every == 0 or self.state.step == settings.iters:
+                    result = self._evaluate(reporter)
+                if self.state.step % settings.checkpoint_every == 0 or self.state.step == settings.iters:
+                    self.state.wall_time += time.perf_counter() - segment_start
+                    self.state.log_sums = {key: float(value) for key, value in sums.items()}
+                    self.state.log_steps = window_steps
+                    segment_start = time.perf_counter()
+                    self._save_checkpoint()
+        if result is None:  # resumed a finished run: evaluate the final model again
+            result = self._evaluate(reporter)
+        return self._finish(result)
+
+    def _finish(self, result: EvalResult) -> dict[str, Any]:
+        summary = {
+            "recipe": self.recipe.name,
+            "seed": self.recipe.seed,
+            "iters": self.state.step,
+            "final_miou": result.miou,
+            "final_per_class_iou": result.per_class,
+            "best_miou": self.state.best_miou,
+            "best_step": self.state.best_step,
+            "best_per_class_iou": self.state.best_per_class,
+            "wall_time_s": self.state.wall_time,
+            "processes": self.accelerator.num_processes,
+            "mixed_precision": self.recipe.train.mixed_precision,
+            "versions": package_versions(self.registry),
+            "run_dir": str(self.run_dir.path),
+        }
+        if self.accelerator.is_main_process:
+            self._save_weights(self._eval_model(), self.run_dir.last_weights, result.miou)
+            self.run_dir.write_summary(summary)
+        self.accelerator.wait_for_everyone()
+        return summary

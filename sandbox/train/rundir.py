@@ -1,0 +1,124 @@
+"""The run directory: resolved recipe, metrics.jsonl, summary.json, weights and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sandbox.errors import SandboxError
+from sandbox.recipe import Recipe
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """``<output_dir>/<name>/seed<seed>/`` and the files a run writes there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> RunDirectory:
+        """The run directory a recipe trains into."""
+        return cls(Path(recipe.output_dir) / recipe.name / f"seed{recipe.seed}")
+
+    recipe_file = property(lambda self: self.path / "recipe.toml")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    summary_file = property(lambda self: self.path / "summary.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    best_weights = property(lambda self: self.path / "best.pt")
+    last_weights = property(lambda self: self.path / "last.pt")
+
+    def prepare(self, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+        """Create (or check, when resuming) the directory and write the resolved recipe."""
+        if resume:
+            if not self.recipe_file.is_file():
+                raise SandboxError(f"--resume: {self.path} holds no run to resume; run without --resume")
+            saved = self.recipe_file.read_text()
+            if saved != recipe.to_toml():
+                raise SandboxError(
+                    f"--resume: the recipe differs from {self.recipe_file} in {differing_keys(saved, recipe)}; "
+                    f"resume with that file or start a new run (--set name=... or --overwrite)"
+                )
+            return
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise SandboxError(
+                    f"run directory {self.path} already exists; use --resume to continue it, --overwrite to "
+                    f"replace it, or --set name=... for a new run"
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.recipe_file, recipe.to_toml().encode())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON object to ``metrics.jsonl``."""
+        with self.metrics_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric records past ``after_step`` (written after the checkpoint a resume starts from)."""
+        if not self.metrics_file.is_file():
+            return
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+        atomic_write_bytes(self.metrics_file, "".join(line + "\n" for line in kept).encode())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json``."""
+        atomic_write_bytes(self.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint folder, or None."""
+        if not self.checkpoints.is_dir():
+            return None
+        complete = sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
+        return complete[-1] if complete else None
+
+
+def differing_keys(saved_toml: str, recipe: Recipe) -> str:
+    """Comma-separated dotted keys whose values differ between a saved recipe and ``recipe``."""
+    import tomllib
+
+    def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    old, new = flatten(tomllib.loads(saved_toml)), flatten(tomllib.loads(recipe.to_toml()))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(keys) or "formatting"

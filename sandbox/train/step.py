@@ -1,0 +1,103 @@
+"""One training step, the same code path for every method (DDFP.md, "Framework").
+
+What differs between methods lives in the plugins: the perturbation (and whether it uses a
+density estimator) and the consistency losses. The step never looks at a component's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sandbox.api import ClassifierOutput, PerturbationContext
+from sandbox.recipe import TrainSection
+from sandbox.train.builder import MethodComponents
+from sandbox.train.cutmix import apply_cutmix, cutmix_boxes
+
+
+@dataclass
+class LabeledBatch:
+    """Weakly augmented labeled images ``(B, 3, H, W)`` and masks ``(B, H, W)``."""
+
+    images: Tensor
+    masks: Tensor
+
+
+@dataclass
+class UnlabeledBatch:
+    """Weak and strong views ``(B, 3, H, W)`` of unlabeled images, and their padding ``(B, H, W)``."""
+
+    weak: Tensor
+    strong: Tensor
+    padding: Tensor
+
+
+def resize_mask(mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of an integer or boolean ``(B, H, W)`` mask."""
+    resized = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
+    return resized.to(mask.dtype)
+
+
+class SemiSupervisedStep:
+    """Computes the loss of one step: supervised warm-up, then mean teacher with a perturbed view."""
+
+    def __init__(self, settings: TrainSection, method: MethodComponents, ignore_index: int, seed: int) -> None:
+        self.settings = settings
+        self.method = method
+        self.ignore_index = ignore_index
+        self.seed = seed
+
+    def supervised(self, student: nn.Module, labeled: LabeledBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Warm-up: cross-entropy on labeled images only."""
+        logits = student(labeled.images).logits
+        loss = F.cross_entropy(logits.float(), labeled.masks, ignore_index=self.ignore_index)
+        return loss, {"loss": loss.detach(), "loss_sup": loss.detach()}
+
+    def semi_supervised(
+        self, step: int, student: nn.Module, teacher: nn.Module, labeled: LabeledBatch, unlabeled: UnlabeledBatch
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Teacher pseudo-labels, online density update, student on labeled + strong + perturbed."""
+        settings, method = self.settings, self.method
+        num_labeled, num_unlabeled = labeled.images.shape[0], unlabeled.weak.shape[0]
+        with torch.no_grad():
+            teacher_out = teacher(torch.cat([labeled.images, unlabeled.weak]))
+            probs = teacher_out.logits[num_labeled:].float().softmax(dim=1)
+        logs: dict[str, Tensor] = {}
+        if method.density is not None:
+            logs.update(self.fit_density(teacher_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        boxes = cutmix_boxes(num_unlabeled, *unlabeled.strong.shape[-2:], settings.cutmix_p, generator)
+        strong, probs, padding = apply_cutmix(boxes, unlabeled.strong, probs, unlabeled.padding)
+        valid = (probs.max(dim=1).values > settings.threshold) & ~padding
+
+        def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput]) -> Tensor | None:
+            context = PerturbationContext(classify, resize_mask(valid, features.shape[-2:]), method.density)
+            return method.perturbation(features, context)
+
+        out = student(torch.cat([labeled.images, strong]), perturb=perturb, num_perturbed=num_unlabeled)
+        loss_sup = F.cross_entropy(out.logits[:num_labeled].float(), labeled.masks, ignore_index=self.ignore_index)
+        loss_unsup = method.strong_loss(out.logits[num_labeled:], probs, valid)
+        loss = loss_sup + settings.unsupervised_weight * loss_unsup
+        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valid.float().mean())
+        if out.perturbed_logits is not None:
+            loss_perturbed = method.perturbed_loss(out.perturbed_logits, probs, valid)
+            loss = loss + settings.perturbed_weight * loss_perturbed
+            logs["loss_perturbed"] = loss_perturbed.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def fit_density(self, embedding: Tensor, masks: Tensor, padding: Tensor, num_labeled: int) -> dict[str, Tensor]:
+        """One estimator update on the teacher's pixel features: labeled with GT, unlabeled as mixture."""
+        assert self.method.density is not None
+        size = embedding.shape[-2:]
+        labels = torch.cat([resize_mask(masks, size), torch.full_like(resize_mask(padding.long(), size), -1)])
+        keep = labels != self.ignore_index
+        keep[num_labeled:] &= ~resize_mask(padding, size)
+        pixels = embedding.detach().permute(0, 2, 3, 1)[keep].float()
+        stats = self.method.density.fit_step(pixels, labels[keep])
+        return {f"density_{key}": torch.tensor(value) for key, value in stats.items()}

@@ -1,0 +1,66 @@
+"""The command line, run as a user runs it: exit codes, one-line errors, printed tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox.cli import main
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_plugins_lists_builtins(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["plugins"], capsys)
+    assert code == 0
+    for name in ("ddfp", "dropout", "none", "glow", "timm", "shapes", "ce"):
+        assert f" {name} " in out, name
+    assert "sandbox-ssl" in out
+
+
+def test_recipe_show_prints_resolved_toml(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["recipe", "show", str(tiny_recipe), "--set", "perturbation.eps=2.5"], capsys)
+    assert code == 0
+    assert "eps = 2.5" in out and "[consistency.strong]" in out
+
+
+def test_user_error_is_one_line_with_exit_2(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_cli(["recipe", "show", str(tiny_recipe), "--set", "train.bogus=1"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "unknown key 'train.bogus'" in err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tiny_recipe: Path) -> None:
+    from sandbox.errors import SandboxError
+
+    with pytest.raises(SandboxError):
+        main(["--debug", "recipe", "show", str(tiny_recipe), "--set", "train.bogus=1"])
+
+
+def test_eval_prints_per_class_iou(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    overrides = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
+    assert run_cli(["run", str(tiny_recipe), *overrides], capsys)[0] == 0
+    best = tiny_recipe.parent / "runs" / "tiny" / "seed3" / "best.pt"
+    code, out, _ = run_cli(["eval", str(tiny_recipe), "--checkpoint", str(best), *overrides], capsys)
+    assert code == 0
+    for name in ("background", "disc", "square", "triangle", "ring", "mIoU"):
+        assert name in out
+
+
+def test_eval_of_a_missing_checkpoint_is_a_clear_error(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(["eval", str(tiny_recipe), "--checkpoint", "nope.pt"], capsys)
+    assert code == 2 and "checkpoint nope.pt does not exist" in err
+
+
+def test_python_dash_m_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "sandbox", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "run" in result.stdout and "plugins" in result.stdout

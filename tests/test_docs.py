@@ -1,0 +1,37 @@
+"""The README stays true: hooks and recipe keys documented, CI runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sandbox import hookspecs
+from sandbox.recipe import EvalSection, ModelSection, Recipe, TrainSection
+from sandbox.registry import KINDS
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    assert len(commands) == 2, "the README holds exactly two set-up commands"
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [commands[1]]
+    assert "sandbox run recipes/quickstart.toml" in commands[0]
+
+
+@pytest.mark.parametrize("kind", list(KINDS.values()), ids=lambda k: k.name)
+def test_every_hook_is_documented(kind) -> None:
+    assert f"`{kind.hook}`" in README
+    assert getattr(hookspecs, kind.hook).__doc__
+
+
+@pytest.mark.parametrize(
+    "key",
+    [*Recipe.model_fields, *TrainSection.model_fields, *ModelSection.model_fields, *EvalSection.model_fields],
+)
+def test_every_recipe_key_is_documented(key: str) -> None:
+    assert f"`{key}`" in README or f"[{key}" in README, key

@@ -1,0 +1,64 @@
+"""The DeepLabV3+ of DDFP: shapes at any input size, Mix BN, the perturbation point."""
+
+from __future__ import annotations
+
+import torch
+
+from plugins.backbones import TimmBackbone
+from sandbox.model.deeplabv3plus import DeepLabV3Plus, DualBatchNorm2d
+
+
+def small_model(mix_bn: bool = True) -> DeepLabV3Plus:
+    torch.manual_seed(0)
+    return DeepLabV3Plus(TimmBackbone("resnet18"), 5, [6, 12, 18], channels=32, low_level_channels=8, mix_bn=mix_bn)
+
+
+def test_any_input_size_gives_logits_of_that_size() -> None:
+    model = small_model().eval()
+    for size in ((65, 65), (97, 130), (513, 513)):
+        out = model(torch.randn(1, 3, *size))
+        assert out.logits.shape == (1, 5, *size)
+        assert out.embedding.shape[1] == 32
+        assert out.embedding.shape[-2:] == model.backbone(torch.randn(1, 3, *size))[0].shape[-2:]
+
+
+def test_classifier_input_is_aspp_head_plus_low_level_features() -> None:
+    model = small_model()
+    features = model.encode(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, 32 + 8, 16, 16)
+    assert model.feature_channels == 40
+
+
+def test_perturbed_view_uses_auxiliary_batchnorm_only() -> None:
+    model = small_model().train()
+    norms = [m for m in model.classifier.modules() if isinstance(m, DualBatchNorm2d)]
+    assert len(norms) == 2
+    main_before = [m.main.running_mean.clone() for m in norms]
+    aux_before = [m.auxiliary.running_mean.clone() for m in norms]
+    features = model.encode(torch.randn(2, 3, 64, 64))
+    model.classify(features, auxiliary=True)
+    assert all(torch.equal(m.main.running_mean, b) for m, b in zip(norms, main_before))
+    assert all(not torch.equal(m.auxiliary.running_mean, b) for m, b in zip(norms, aux_before))
+    assert not any(m.use_auxiliary for m in norms), "the auxiliary mode must not leak out of the call"
+
+
+def test_forward_with_perturbation_returns_the_perturbed_view_of_the_last_images() -> None:
+    model = small_model().train()
+    seen = {}
+
+    def perturb(features, classify):
+        seen["shape"] = features.shape
+        seen["aux"] = classify(features).logits.shape
+        return features + 1.0
+
+    out = model(torch.randn(5, 3, 64, 64), perturb=perturb, num_perturbed=2)
+    assert seen["shape"] == (2, 40, 16, 16) and seen["aux"] == (2, 5, 16, 16)
+    assert out.perturbed_logits.shape == (2, 5, 64, 64)
+    assert model(torch.randn(2, 3, 64, 64), perturb=lambda f, c: None, num_perturbed=2).perturbed_logits is None
+
+
+def test_parameter_groups_split_backbone_and_decoder() -> None:
+    model = small_model()
+    encoder, decoder = model.encoder_parameters(), model.decoder_parameters()
+    assert len(encoder) + len(decoder) == len(list(model.parameters()))
+    assert {id(p) for p in encoder}.isdisjoint(id(p) for p in decoder)

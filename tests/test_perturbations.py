@@ -1,0 +1,68 @@
+"""Built-in perturbations do what their names say."""
+
+from __future__ import annotations
+
+import torch
+
+from plugins.density_glow import GlowFlowDensity
+from plugins.perturbations import DensityDescending, FeatureDropout, NoPerturbation
+from sandbox.api import ClassifierOutput, PerturbationContext
+
+
+def linear_classifier(channels: int, dim: int) -> torch.nn.Conv2d:
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(channels, dim, 1)
+
+
+def context_for(classifier: torch.nn.Module, valid: torch.Tensor, density=None) -> PerturbationContext:
+    def classify(x: torch.Tensor) -> ClassifierOutput:
+        embedding = classifier(x)
+        return ClassifierOutput(embedding[:, :2], embedding)
+
+    return PerturbationContext(classify, valid, density)
+
+
+def test_ddfp_step_has_norm_eps_per_pixel_and_lowers_the_density() -> None:
+    torch.manual_seed(0)
+    dim, classes = 4, 2
+    flow = GlowFlowDensity(dim, classes, total_steps=200, hidden=16, sampled_pixels=4096)
+    centers = torch.tensor([[3.0, 0, 0, 0], [-3.0, 0, 0, 0]])
+    for _ in range(150):
+        labels = torch.randint(0, classes, (512,))
+        flow.fit_step(centers[labels] + 0.5 * torch.randn(512, dim), labels)
+    classifier = torch.nn.Identity()
+    features = (centers[torch.randint(0, 2, (2 * 3 * 3,))] + 0.3 * torch.randn(18, dim)).T.reshape(dim, 2, 3, 3).permute(1, 0, 2, 3)
+    valid = torch.ones(2, 3, 3, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    ddfp = DensityDescending(eps=0.5)
+    perturbed = ddfp(features, context_for(classifier, valid, flow))
+    step = (perturbed - features).norm(dim=1)
+    assert torch.allclose(step[valid], torch.full_like(step[valid], 0.5), atol=1e-4)
+    assert step[0, 0, 0] == 0, "untrusted pixels do not enter the NLL, so they get no gradient"
+    before = flow.log_prob(features.permute(0, 2, 3, 1)[valid])
+    after = flow.log_prob(perturbed.permute(0, 2, 3, 1)[valid])
+    assert (after < before).float().mean() > 0.9 and after.mean() < before.mean()
+
+
+def test_ddfp_gradient_flows_to_the_unperturbed_features() -> None:
+    flow = GlowFlowDensity(4, 2, total_steps=10, hidden=8)
+    features = torch.randn(1, 4, 2, 2, requires_grad=True)
+    perturbed = DensityDescending(eps=1.0)(features, context_for(torch.nn.Identity(), torch.ones(1, 2, 2, dtype=torch.bool), flow))
+    perturbed.sum().backward()
+    assert torch.allclose(features.grad, torch.ones_like(features))
+
+
+def test_dropout_zeroes_whole_channels_at_rate_p() -> None:
+    torch.manual_seed(0)
+    dropout = FeatureDropout(p=0.3).train()
+    features = torch.ones(64, 100, 2, 2)
+    out = dropout(features, context_for(torch.nn.Identity(), torch.ones(64, 2, 2, dtype=torch.bool)))
+    channel_zero = (out == 0).all(dim=(2, 3))
+    assert abs(channel_zero.float().mean().item() - 0.3) < 0.02
+    assert torch.allclose(out[~channel_zero.unsqueeze(-1).unsqueeze(-1).expand_as(out)], torch.tensor(1 / 0.7))
+
+
+def test_none_gives_no_perturbed_view() -> None:
+    features = torch.randn(1, 3, 2, 2)
+    assert NoPerturbation()(features, context_for(torch.nn.Identity(), torch.ones(1, 2, 2, dtype=torch.bool))) is None
+    assert not NoPerturbation.uses_density and DensityDescending.uses_density

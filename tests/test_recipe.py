@@ -1,0 +1,94 @@
+"""Recipes: loading, inheritance, overrides, validation messages, resolution of every recipe."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import SandboxError
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+REGISTRY = load_registry()
+
+
+def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_resolves(path: Path) -> None:
+    recipe = resolve_components(load_recipe(path), REGISTRY, str(path))
+    assert recipe.name
+
+
+def test_resolved_recipe_fills_plugin_defaults_and_round_trips(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dataset]\nname = "shapes"\n')
+    resolved = resolve_components(load_recipe(path), REGISTRY)
+    data = tomllib.loads(resolved.to_toml())
+    assert data["name"] == "r"
+    assert data["perturbation"] == {"name": "ddfp", "eps": 4.0}
+    assert data["density"]["sampled_pixels"] == 20480
+    assert data["train"]["ema_decay"] == 0.999
+    again = write(tmp_path, resolved.to_toml(), "again.toml")
+    assert resolve_components(load_recipe(again), REGISTRY).to_toml() == resolved.to_toml()
+
+
+def test_overrides_parse_toml_values_and_strings(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dataset]\nname = "shapes"\n[perturbation]\nname = "ddfp"\neps = 2.0\n')
+    recipe = load_recipe(path, ["train.iters=50", "model.aspp_dilations=[1,2,3]", "train.mixed_precision=bf16"])
+    assert recipe.train.iters == 50 and recipe.model.aspp_dilations == [1, 2, 3]
+    assert recipe.train.mixed_precision == "bf16"
+    switched = resolve_components(load_recipe(path, ["perturbation.name=dropout"]), REGISTRY)
+    assert switched.perturbation.options() == {"p": 0.5}, "ddfp's eps must not leak into dropout"
+
+
+def test_base_recipe_inheritance(tmp_path: Path) -> None:
+    write(tmp_path, '[dataset]\nname = "shapes"\nimage_size = 40\n[train]\niters = 7\nlr = 0.5\n', "base.toml")
+    child = write(tmp_path, 'base = "base.toml"\n[train]\niters = 9\n', "child.toml")
+    recipe = load_recipe(child)
+    assert (recipe.train.iters, recipe.train.lr, recipe.name) == (9, 0.5, "child")
+    assert recipe.dataset.options() == {"image_size": 40}
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("[dataset\n", [], r"r\.toml: invalid TOML"),
+        ('[dataset]\nname = "shapes"\n[train]\nitres = 5\n', [], r"r\.toml: unknown key 'train\.itres'"),
+        ('[dataset]\nname = "shapes"\n[train]\niters = "many"\n', [], r"r\.toml: train\.iters = 'many': input should be a valid integer"),
+        ('[dataset]\nname = "shapes"\n', ["train.iters=-1"], r"train\.iters = -1: input should be greater than 0"),
+        ('[dataset]\nname = "shapes"\n', ["train.mixed_precision=fp8"], r"train\.mixed_precision = 'fp8'"),
+        ("seed = 1\n", [], r"r\.toml: missing key 'dataset'"),
+        ('[dataset]\nname = "shapes"\n', ["train.iters"], r"--set 'train\.iters': expected KEY=VALUE"),
+        ('seed = 1\n[dataset]\nname = "shapes"\n', ["seed.x=1"], r"'seed' is a value, not a table"),
+    ],
+)
+def test_validation_errors_name_file_key_value_and_expectation(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(SandboxError, match=message):
+        load_recipe(write(tmp_path, text), overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["perturbation.name=wobble"], r"\[perturbation\] name = 'wobble': unknown perturbation; registered: ddfp, dropout, none"),
+        (["perturbation.epsilon=3"], r"\[perturbation\]: unknown option 'epsilon' for perturbation 'ddfp'; valid options: eps"),
+        (["density.blocks=two"], r"\[density\]: blocks = 'two'"),
+        (["consistency.strong.name=kl2"], r"\[consistency\.strong\] name = 'kl2'"),
+    ],
+)
+def test_component_errors_name_the_table_and_list_what_exists(tmp_path: Path, overrides: list[str], message: str) -> None:
+    path = write(tmp_path, '[dataset]\nname = "shapes"\n')
+    with pytest.raises(SandboxError, match=message):
+        resolve_components(load_recipe(path, overrides), REGISTRY, str(path))
+
+
+def test_missing_recipe_file() -> None:
+    with pytest.raises(SandboxError, match="recipe nowhere.toml does not exist"):
+        load_recipe("nowhere.toml")

@@ -1,0 +1,129 @@
+"""End-to-end runs of the one training code path on tiny data (CPU, a few iterations)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sandbox.cli import main
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train.loop import Trainer
+from sandbox.train.rundir import RunDirectory
+
+
+def cli(*args: str) -> None:
+    """Run the sandbox CLI in this process; it must succeed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 0
+
+
+def run_dir_of(recipe_path: Path, *overrides: str) -> Path:
+    recipe = load_recipe(recipe_path, list(overrides))
+    return RunDirectory.for_recipe(recipe).path
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddfp_run_trains_model_and_flow_and_writes_every_output(tiny_recipe: Path) -> None:
+    recipe = resolve_components(load_recipe(tiny_recipe), load_registry())
+    registry = load_registry()
+    run_dir = RunDirectory.for_recipe(recipe)
+    trainer = Trainer(recipe, registry, run_dir)
+    run_dir.prepare(recipe, resume=False, overwrite=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flow_before = {k: v.clone() for k, v in trainer.method.density.state_dict().items()}
+    summary = trainer.train()
+
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("classifier.") for k in changed)
+    aux = [k for k in changed if ".auxiliary." in k]
+    assert aux, "the perturbed view must train the auxiliary BatchNorms"
+    flow_changed = [k for k, v in trainer.method.density.state_dict().items() if not torch.equal(v, flow_before[k])]
+    assert flow_changed, "the density estimator must be trained online"
+
+    path = run_dir.path
+    for name in ("recipe.toml", "metrics.jsonl", "summary.json", "best.pt", "last.pt"):
+        assert (path / name).is_file(), name
+    assert run_dir.latest_checkpoint() is not None
+    logged = records(path)
+    train_records = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    semi = train_records[-1]
+    for key in ("loss_sup", "loss_unsup", "loss_perturbed", "density_nll", "lr", "images_per_s"):
+        assert key in semi, key
+    assert [r["step"] for r in logged if "val_miou" in r] == [3, 6]
+    assert 0.0 <= summary["final_miou"] <= 1.0
+    saved = json.loads((path / "summary.json").read_text())
+    assert saved["iters"] == 6 and saved["seed"] == 3
+    assert set(saved["final_per_class_iou"]) == {"background", "disc", "square", "triangle", "ring"}
+    assert saved["versions"]["torch"] == torch.__version__.split("+")[0] or saved["versions"]["torch"]
+
+
+def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(tiny_recipe: Path) -> None:
+    cli("run", str(tiny_recipe))
+    first = run_dir_of(tiny_recipe)
+    reference = records(first)
+    reference_weights = torch.load(first / "last.pt", weights_only=True)["model"]
+
+    # Simulate a kill after the step-3 checkpoint: drop what came later, then --resume.
+    shutil.rmtree(first / "checkpoints" / "step_00000006")
+    (first / "summary.json").unlink()
+    (first / "last.pt").unlink()
+    cli("run", str(tiny_recipe), "--resume")
+    resumed = records(first)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for a, b in zip(reference, resumed):
+        for key in a:
+            if key != "images_per_s":
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    weights = torch.load(first / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(weights[k].float(), reference_weights[k].float(), atol=1e-5) for k in weights)
+    assert json.loads((first / "summary.json").read_text())["iters"] == 6
+
+
+def test_none_perturbation_switches_off_the_perturbed_view(tiny_recipe: Path) -> None:
+    cli("run", str(tiny_recipe), "--set", "perturbation.name=none", "--set", "name=tiny-none")
+    logged = records(run_dir_of(tiny_recipe, "name=tiny-none"))
+    train = [r for r in logged if "loss" in r]
+    assert "loss_unsup" in train[-1]
+    assert all("loss_perturbed" not in r and "density_nll" not in r for r in train)
+
+
+def test_a_third_party_perturbation_from_a_module_is_used_by_a_run(tiny_recipe: Path, tmp_path: Path) -> None:
+    plugin = tmp_path / "counting_perturbation.py"
+    calls = tmp_path / "calls.txt"
+    plugin.write_text(f'''
+from sandbox.api import Perturbation, hookimpl
+
+class Counting(Perturbation):
+    """Identity that records each call."""
+    def forward(self, features, context):
+        with open({str(calls)!r}, "a") as f:
+            f.write("x")
+        return features * 1.0
+
+@hookimpl
+def sandbox_register_perturbations(register):
+    register("counting", Counting)
+''')
+    cli("run", str(tiny_recipe), "--plugin", str(plugin), "--set", "perturbation.name=counting", "--set", "name=third")
+    assert calls.read_text() == "x" * 4  # iterations 2..5 are semi-supervised
+    train = [r for r in records(run_dir_of(tiny_recipe, "name=third")) if "loss" in r]
+    assert "loss_perturbed" in train[-1]
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    cli("run", str(tiny_recipe), "--set", "train.iters=2", "--set", "train.warmup_iters=2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_recipe), "--set", "train.iters=2", "--set", "train.warmup_iters=2"])
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
