@@ -22,6 +22,8 @@ class TimmBackbone(Backbone):
         weights: str | None = None,
     ) -> None:
         super().__init__()
+        if weights is not None and weights.strip().lower() in ("", "none"):
+            weights = None  # lets `--set backbone.weights=none` switch a recipe's weights off
         if model not in timm.list_models():
             raise ValueError(f"timm has no model {model!r}")
         self.encoder = timm.create_model(
@@ -55,7 +57,8 @@ def load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -8,16 +8,13 @@ semantics exactly, so weights map one-to-one onto a FrEIA ``SequenceINN`` (see t
 
 from __future__ import annotations
 
-import copy
-import math
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from plugins.mixture_prior import GaussianMixturePrior
-from sandbox.api import DensityEstimator, Register, hookimpl
+from plugins.online_density import OnlineMixtureDensity, require_positive
+from sandbox.api import Register, hookimpl
 
 
 @hookimpl
@@ -97,7 +94,7 @@ class FixedPermutation(nn.Module):
         return y[:, self.perm_inv]
 
 
-class GlowFlowDensity(DensityEstimator):
+class GlowFlowDensity(OnlineMixtureDensity):
     """GLOW affine-coupling flow with a Gaussian-mixture prior, trained online (DDFP).
 
     Options: ``blocks`` coupling+permutation blocks whose subnets are MLPs with ``hidden_layers``
@@ -128,27 +125,16 @@ class GlowFlowDensity(DensityEstimator):
         permutation_seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("blocks", blocks), ("hidden", hidden), ("hidden_layers", hidden_layers),
-                            ("sampled_pixels", sampled_pixels), ("num_classes", num_classes)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        require_positive(blocks=blocks, hidden=hidden, hidden_layers=hidden_layers, num_classes=num_classes)
         if feature_dim < 2:
             raise ValueError(f"a coupling flow needs feature_dim >= 2, got {feature_dim}")
-        if not 0.0 < final_lr_ratio <= 1.0:
-            raise ValueError(f"final_lr_ratio must be in (0, 1], got {final_lr_ratio}")
-        self.sampled_pixels = sampled_pixels
-        self.input_noise = input_noise
-        self.grad_clip = grad_clip
         self.prior = GaussianMixturePrior(num_classes, feature_dim)
         self.couplings = nn.ModuleList(GlowCoupling(feature_dim, hidden, clamp, hidden_layers) for _ in range(blocks))
         self.permutations = nn.ModuleList(FixedPermutation(feature_dim, permutation_seed + k) for k in range(blocks))
         with torch.no_grad():
             for param in self.couplings.parameters():
                 param.normal_(0.0, init_std)
-        # nn.Module.to() keeps Parameter identity, so the optimizer survives moving the module.
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])))
-        gamma = final_lr_ratio ** (1.0 / max(total_steps, 1))
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
+        self.configure_training(total_steps, lr, betas, grad_clip, final_lr_ratio, sampled_pixels, input_noise)
 
     def flow_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Map features ``x`` ``(N, D)`` to latents ``z`` ``(N, D)`` and ``log|det dz/dx|`` ``(N,)``."""
@@ -165,59 +151,7 @@ class GlowFlowDensity(DensityEstimator):
             z = coupling.inverse(permutation.inverse(z))
         return z
 
-    def _latents(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(z (N, D), component log-probs (N, K), log|det J| (N,))``, float32, autocast off."""
-        with torch.autocast(device_type=features.device.type, enabled=False):
-            z, log_det = self.flow_forward(features.float())
-            return z, self.prior.component_log_probs(z), log_det
-
-    def log_prob(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Log density of ``features`` ``(N, D)`` in float32, differentiable w.r.t. the features."""
-        _, components, log_det = self._latents(features)
-        return self.prior.combine(components, labels) + log_det
-
-    def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, float]:
-        """One Adam update on at most ``sampled_pixels`` noisy pixels; returns nll, accuracy, lr.
-
-        ``accuracy`` is the FlowGMM posterior classification accuracy on the labeled sampled
-        pixels (absent when none is labeled). With no pixels at all, no update is made (the
-        schedule still advances) and ``nll`` is NaN.
-        """
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        features, labels = features.detach(), labels.detach()
-        count = features.shape[0]
-        if count == 0:
-            self.scheduler.step()
-            return {"nll": math.nan, "lr": lr}
-        if count > self.sampled_pixels:
-            index = torch.randperm(count, device=features.device)[: self.sampled_pixels]
-            features, labels = features[index], labels[index]
-        features = features.float()
-        noisy = features + self.input_noise * torch.randn_like(features)
-        with torch.enable_grad():
-            _, components, log_det = self._latents(noisy)
-            loss = -(self.prior.combine(components, labels) + log_det).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        with torch.no_grad():
-            labeled = labels >= 0
-            correct = ((components.argmax(dim=1) == labels) & labeled).sum()
-            summary = torch.stack([loss.detach(), correct.float(), labeled.sum().float()])
-        nll, num_correct, num_labeled = summary.tolist()  # the one host synchronisation
-        stats = {"nll": nll, "lr": lr}
-        if num_labeled > 0:
-            stats["accuracy"] = num_correct / num_labeled
-        return stats
-
-    def optimizer_state(self) -> dict[str, Any]:
-        """Adam's and the learning-rate schedule's state dicts."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`optimizer_state` (copied, so the source dict is never aliased)."""
-        state = copy.deepcopy(state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def component_scores(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log N(z; mu_k, I) (N, K), log|det dz/dx| (N,))`` with ``z`` the flow's image of ``features``."""
+        z, log_det = self.flow_forward(features)
+        return self.prior.component_log_probs(z), log_det

@@ -1,6 +1,8 @@
-"""Perturbation plugins: density-descending (DDFP), UniMatch-style feature dropout, none."""
+"""Perturbation plugins: density-descending (DDFP), feature dropout (UniMatch), VAT, noise, none."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,56 @@ class FeatureDropout(Perturbation):
         return self.dropout(features)
 
 
+class VirtualAdversarial(Perturbation):
+    """Virtual adversarial feature perturbation: power iteration on the prediction KL (VAT)."""
+
+    def __init__(self, eps: float = 4.0, xi: float = 1e-6, iterations: int = 1) -> None:
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"vat iterations must be >= 1, got {iterations}")
+        self.eps, self.xi, self.iterations = eps, xi, iterations
+
+    def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
+        """``features + eps * d`` with d the per-pixel unit direction that most raises the KL."""
+        return features + (self.eps * self.direction(features.detach(), context)).to(features.dtype)
+
+    def direction(self, features: Tensor, context: PerturbationContext) -> Tensor:
+        """Power iteration from a random direction; KL(clean || perturbed) over trusted pixels."""
+        with torch.no_grad():
+            clean = context.classify(features).logits.float().log_softmax(dim=1)
+        direction = F.normalize(torch.randn_like(features, dtype=torch.float32), dim=1)
+        valid = context.valid.unsqueeze(1).float()
+        for _ in range(self.iterations):
+            direction.requires_grad_(True)
+            with torch.enable_grad():
+                logits = context.classify(features + (self.xi * direction).to(features.dtype)).logits.float()
+                kl = F.kl_div(logits.log_softmax(dim=1), clean, log_target=True, reduction="none")
+                loss = (kl * valid).sum() / valid.sum().clamp(min=1.0)
+                (grad,) = torch.autograd.grad(loss, direction)
+            direction = F.normalize(grad, dim=1, eps=1e-12).detach()
+        return direction
+
+
+class FeatureNoise(Perturbation):
+    """Random noise added to the features: gaussian or uniform, scaled (by default to norm ``scale`` per pixel)."""
+
+    def __init__(
+        self, distribution: Literal["gaussian", "uniform"] = "gaussian", scale: float = 4.0, fixed_norm: bool = True
+    ) -> None:
+        super().__init__()
+        self.distribution, self.scale, self.fixed_norm = distribution, scale, fixed_norm
+
+    def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
+        """``features + scale * noise``; with ``fixed_norm`` the noise has norm ``scale`` at every pixel."""
+        if self.distribution == "gaussian":
+            noise = torch.randn_like(features)
+        else:
+            noise = torch.rand_like(features) * 2.0 - 1.0
+        if self.fixed_norm:
+            noise = F.normalize(noise.float(), dim=1).to(features.dtype)
+        return features + self.scale * noise
+
+
 class NoPerturbation(Perturbation):
     """No perturbed view: plain mean teacher (the baseline)."""
 
@@ -65,4 +117,6 @@ def sandbox_register_perturbations(register: Register) -> None:
     """Register the built-in perturbations."""
     register("ddfp", DensityDescending)
     register("dropout", FeatureDropout)
+    register("vat", VirtualAdversarial)
+    register("noise", FeatureNoise)
     register("none", NoPerturbation)

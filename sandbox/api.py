@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import pluggy
-import torch
 from torch import Tensor, nn
 
 PROJECT_NAME = "sandbox"

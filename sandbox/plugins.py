@@ -33,6 +33,8 @@ class PluginHost:
 
     manager: pluggy.PluginManager
     providers: dict[int, str] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+    """Installed plugins that failed to import: ``{"package:entry point": error}``."""
 
     def provider_of(self, plugin: object) -> str:
         """``"package version"`` for installed plugins, the module name otherwise."""
@@ -82,11 +84,9 @@ def make_plugin_host(extra_plugins: Iterable[str] = ()) -> PluginHost:
     for entry_point, provider in _entry_points():
         try:
             plugin = entry_point.load()
-        except Exception as error:
-            raise SandboxError(
-                f"plugin {entry_point.name!r} ({provider}, {entry_point.value}) failed to import: "
-                f"{type(error).__name__}: {error}"
-            ) from error
+        except Exception as error:  # one broken package must not break the others
+            host.broken[f"{provider} ({entry_point.name} = {entry_point.value})"] = f"{type(error).__name__}: {error}"
+            continue
         if not manager.is_registered(plugin):
             manager.register(plugin, name=f"{provider.split()[0]}:{entry_point.name}")
             host.providers[id(plugin)] = provider
@@ -99,7 +99,7 @@ def make_plugin_host(extra_plugins: Iterable[str] = ()) -> PluginHost:
 
 def build_registry(host: PluginHost) -> Registry:
     """Call every registration hook of every plugin and collect the components."""
-    registry = Registry()
+    registry = Registry(broken=host.broken)
     trace = bool(os.environ.get("SANDBOX_TRACE_PLUGINS"))
     for kind in KINDS.values():
         for impl in getattr(host.manager.hook, kind.hook).get_hookimpls():
@@ -111,7 +111,12 @@ def build_registry(host: PluginHost) -> Registry:
                     print(f"sandbox: {_provider} registers {_kind} {name!r}", file=sys.stderr)
                 registry.add(_kind, name, factory, description, _provider)
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except SandboxError:
+                raise
+            except Exception as error:
+                raise SandboxError(f"plugin {provider}: {kind.hook} failed: {type(error).__name__}: {error}") from error
     return registry
 
 

@@ -61,6 +61,7 @@ class TrainSection(Section):
 
     iters: PositiveInt = 2000
     warmup_iters: int = Field(200, ge=0)
+    perturbation_start_iters: int = Field(0, ge=0)
     batch_size: PositiveInt = 4
     unlabeled_batch_size: PositiveInt = 4
     crop_size: PositiveInt = 321
@@ -71,6 +72,7 @@ class TrainSection(Section):
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
+    teacher_mode: Literal["train", "eval"] = "train"
     threshold: float = Field(0.95, ge=0, le=1)
     cutmix_p: float = Field(0.5, ge=0, le=1)
     unsupervised_weight: float = Field(0.5, ge=0)
@@ -86,8 +88,9 @@ class TrainSection(Section):
 class EvalSection(Section):
     """Evaluation on the val part."""
 
-    mode: Literal["whole", "center_crop"] = "whole"
+    mode: Literal["whole", "center_crop", "sliding"] = "whole"
     crop_size: PositiveInt | None = None
+    stride: PositiveInt | None = None
     batch_size: PositiveInt = 1
     model: Literal["teacher", "student"] = "teacher"
 
@@ -222,10 +225,12 @@ def resolve_components(recipe: Recipe, registry: Registry, source: str = "recipe
     """A copy of ``recipe`` whose component tables are checked and hold every default."""
     data = recipe.model_dump(mode="json")
     for table, (kind, spec) in recipe.component_specs().items():
-        component = registry.get(kind, spec.name) if spec.name in registry.names(kind) else None
-        if component is None:
+        if spec.name not in registry.names(kind):
             known = ", ".join(registry.names(kind)) or "none"
-            raise SandboxError(f"{source}: [{table}] name = {spec.name!r}: unknown {kind}; registered: {known}")
+            raise SandboxError(
+                f"{source}: [{table}] name = {spec.name!r}: unknown {kind}; registered: {known}{registry.broken_note()}"
+            )
+        component = registry.get(kind, spec.name)
         options = component.resolve_options(spec.options(), f"{source}: [{table}]")
         target = data
         *parents, last = table.split(".")

@@ -121,8 +121,10 @@ def describe_option_error(error: pydantic.ValidationError, component: Component,
 class Registry:
     """All components, by kind and name. Built from a plugin manager by ``sandbox.plugins``."""
 
-    def __init__(self) -> None:
+    def __init__(self, broken: dict[str, str] | None = None) -> None:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self.broken = dict(broken or {})
+        """Installed plugins that failed to import (named in unknown-name errors)."""
 
     def add(self, kind: str, name: str, factory: Callable[..., Any], description: str | None, provider: str) -> None:
         """Record a component; a name taken in the same kind is an error naming both providers."""
@@ -145,7 +147,13 @@ class Registry:
             return self._components[kind][name]
         except KeyError:
             known = ", ".join(sorted(self._components[kind])) or "none"
-            raise SandboxError(f"unknown {kind} {name!r}; registered {kind} plugins: {known}") from None
+            raise SandboxError(f"unknown {kind} {name!r}; registered {kind} plugins: {known}{self.broken_note()}") from None
+
+    def broken_note(self) -> str:
+        """A sentence naming the plugins that failed to import, or an empty string."""
+        if not self.broken:
+            return ""
+        return "; plugins that failed to import: " + ", ".join(f"{name}: {error}" for name, error in self.broken.items())
 
     def names(self, kind: str) -> list[str]:
         """Registered names of ``kind``, sorted."""

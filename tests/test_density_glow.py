@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -16,16 +15,6 @@ from plugins.mixture_prior import GaussianMixturePrior
 from sandbox.errors import SandboxError
 from sandbox.registry import Registry
 
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny ops: one intra-op thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def make_clusters(num: int, dim: int, classes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from plugins.backbones import TimmBackbone
@@ -62,3 +63,28 @@ def test_parameter_groups_split_backbone_and_decoder() -> None:
     encoder, decoder = model.encoder_parameters(), model.decoder_parameters()
     assert len(encoder) + len(decoder) == len(list(model.parameters()))
     assert {id(p) for p in encoder}.isdisjoint(id(p) for p in decoder)
+
+
+def paper_model() -> DeepLabV3Plus:
+    return DeepLabV3Plus(TimmBackbone("resnet101s"), 21, [6, 12, 18])
+
+
+def test_paper_model_has_the_reference_parameter_count() -> None:
+    model = paper_model()
+    encoder = sum(p.numel() for p in model.backbone.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    auxiliary = sum(p.numel() for name, p in model.named_parameters() if ".auxiliary." in name)
+    assert abs(encoder / 42.62e6 - 1) < 1e-3, encoder
+    assert abs((total - auxiliary) / 62.09e6 - 1) < 1e-3, total - auxiliary
+    assert model.backbone.low_channels == 256 and model.backbone.high_channels == 2048
+    assert model.aspp.out_channels == 1280 and model.feature_channels == 304
+
+
+@pytest.mark.slow
+def test_paper_model_shapes_at_513() -> None:
+    model = paper_model().eval()
+    with torch.no_grad():
+        features = model.encode(torch.randn(1, 3, 513, 513))
+        out = model(torch.randn(1, 3, 513, 513))
+    assert features.shape == (1, 304, 129, 129)
+    assert out.logits.shape == (1, 21, 513, 513) and out.embedding.shape == (1, 256, 129, 129)

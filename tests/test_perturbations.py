@@ -66,3 +66,45 @@ def test_none_gives_no_perturbed_view() -> None:
     features = torch.randn(1, 3, 2, 2)
     assert NoPerturbation()(features, context_for(torch.nn.Identity(), torch.ones(1, 2, 2, dtype=torch.bool))) is None
     assert not NoPerturbation.uses_density and DensityDescending.uses_density
+
+
+def test_vat_raises_the_prediction_kl_more_than_random_noise_of_the_same_norm() -> None:
+    from plugins.perturbations import FeatureNoise, VirtualAdversarial
+
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.Tanh(), torch.nn.Conv2d(16, 3, 1))
+    features = torch.randn(4, 8, 5, 5)
+    valid = torch.ones(4, 5, 5, dtype=torch.bool)
+
+    def classify(x: torch.Tensor) -> ClassifierOutput:
+        logits = classifier(x)
+        return ClassifierOutput(logits, logits)
+
+    context = PerturbationContext(classify, valid)
+
+    @torch.no_grad()
+    def kl(perturbed: torch.Tensor) -> float:
+        clean = classifier(features).log_softmax(1)
+        moved = classifier(perturbed).log_softmax(1)
+        return float(torch.nn.functional.kl_div(moved, clean, log_target=True, reduction="none").sum(1).mean())
+
+    eps = 0.5
+    vat = VirtualAdversarial(eps=eps, xi=1e-3, iterations=2)(features, context)
+    noise = FeatureNoise(scale=eps, fixed_norm=True)(features, context)
+    assert torch.allclose((vat - features).norm(dim=1), torch.full((4, 5, 5), eps), atol=1e-4)
+    assert torch.allclose((noise - features).norm(dim=1), torch.full((4, 5, 5), eps), atol=1e-4)
+    assert kl(vat) > 2 * kl(noise)
+
+
+def test_noise_distributions_and_scale() -> None:
+    from plugins.perturbations import FeatureNoise
+
+    torch.manual_seed(0)
+    features = torch.zeros(2, 64, 8, 8)
+    context = context_for(torch.nn.Identity(), torch.ones(2, 8, 8, dtype=torch.bool))
+    gaussian = FeatureNoise("gaussian", scale=0.5, fixed_norm=False)(features, context)
+    uniform = FeatureNoise("uniform", scale=0.5, fixed_norm=False)(features, context)
+    fixed = FeatureNoise("uniform", scale=0.5)(features, context)
+    assert torch.allclose(fixed.norm(dim=1), torch.full((2, 8, 8), 0.5), atol=1e-5)
+    assert abs(gaussian.std().item() - 0.5) < 0.02
+    assert uniform.abs().max() <= 0.5 and abs(uniform.std().item() - 0.5 / 3**0.5) < 0.02

@@ -77,7 +77,7 @@ def test_validation_errors_name_file_key_value_and_expectation(tmp_path: Path, t
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["perturbation.name=wobble"], r"\[perturbation\] name = 'wobble': unknown perturbation; registered: ddfp, dropout, none"),
+        (["perturbation.name=wobble"], r"\[perturbation\] name = 'wobble': unknown perturbation; registered: ddfp, dropout, noise, none, vat"),
         (["perturbation.epsilon=3"], r"\[perturbation\]: unknown option 'epsilon' for perturbation 'ddfp'; valid options: eps"),
         (["density.blocks=two"], r"\[density\]: blocks = 'two'"),
         (["consistency.strong.name=kl2"], r"\[consistency\.strong\] name = 'kl2'"),

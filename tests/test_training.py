@@ -127,3 +127,39 @@ def test_existing_run_directory_is_not_overwritten(tiny_recipe: Path, capsys: py
         main(["run", str(tiny_recipe), "--set", "train.iters=2", "--set", "train.warmup_iters=2"])
     assert exit_info.value.code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_saved_recipe_reproduces_the_run(tiny_recipe: Path, tmp_path: Path) -> None:
+    cli("run", str(tiny_recipe), "--set", "perturbation.name=dropout")
+    first = run_dir_of(tiny_recipe)
+    saved = first / "recipe.toml"
+    cli("run", str(saved), "--set", f"output_dir={(tmp_path / 'again').as_posix()}")
+    second = tmp_path / "again" / "tiny" / "seed3"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+    assert strip(records(first)) == strip(records(second))
+
+
+def test_a_corrupt_file_found_while_training_is_a_one_line_error(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(12):
+        Image.fromarray((torch.rand(24, 24, 3) * 255).byte().numpy()).save(root / "images" / f"{index:02d}.png")
+        Image.fromarray((torch.rand(24, 24) * 2).byte().numpy()).save(root / "masks" / f"{index:02d}.png")
+    for index in range(12):
+        (root / "images" / f"{index:02d}.png").write_bytes(b"not a png")  # every image: the first batch hits one
+    overrides = [
+        "dataset.name=folder", f"dataset.root={root.as_posix()}", 'dataset.class_names=["a","b"]',
+        "dataset.check_files=false", "dataset.labeled=4",
+    ]
+    args = ["run", str(tiny_recipe)]
+    for override in overrides:
+        args += ["--set", override]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err[-1].startswith("error: while reading data:") and ".png" in err[-1]
+    assert "Traceback" not in "\n".join(err)

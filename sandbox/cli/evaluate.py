@@ -7,12 +7,12 @@ from typing import List, Optional
 
 import torch
 import typer
-from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 from sandbox.errors import SandboxError
+from sandbox.train.accelerator import make_accelerator
 from sandbox.train.builder import build_dataset, build_model
 from sandbox.train.evaluate import EvalResult, evaluate as evaluate_model, val_loader
 
@@ -52,7 +52,7 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint on the recipe's val set and print per-class IoU and mIoU."""
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
-    accelerator = Accelerator(mixed_precision=resolved.train.mixed_precision)
+    accelerator = make_accelerator(resolved.train.mixed_precision)
     source = build_dataset(resolved, registry)
     model = build_model(resolved, registry, source.num_classes)
     missing, unexpected = model.load_state_dict(load_weights(checkpoint), strict=False)
@@ -62,6 +62,6 @@ def evaluate(
         )
     model.to(accelerator.device)
     loader = val_loader(source, resolved.eval, accelerator)
-    result = evaluate_model(model, loader, source.class_names, accelerator, source.ignore_index)
+    result = evaluate_model(model, loader, source.class_names, accelerator, resolved.eval, source.ignore_index)
     if accelerator.is_main_process:
         print_result(result, f"{resolved.name}: {checkpoint}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -20,4 +19,6 @@ def plugins(plugin: Optional[List[str]] = PluginOption) -> None:
         table.add_column(column)
     for component in registry:
         table.add_row(component.kind.name, component.name, component.provider, component.description)
+    for provider, error in registry.broken.items():
+        table.add_row("[red]broken[/red]", "-", provider, f"failed to import: {error}")
     Console(width=max(Console().width, 120)).print(table)

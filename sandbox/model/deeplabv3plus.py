@@ -156,7 +156,19 @@ class DeepLabV3Plus(nn.Module):
             perturbed = perturb(features[-num_perturbed:], lambda x: self.classify(x, auxiliary=True))
             if perturbed is not None:
                 perturbed_logits = upsample(self.classify(perturbed, auxiliary=True).logits, size)
-        return SegmentationOutput(upsample(output.logits, size), output.embedding, perturbed_logits)
+        logits = output.logits
+        if self.training and perturbed_logits is None:
+            logits = logits + self._auxiliary_tie()
+        return SegmentationOutput(upsample(logits, size), output.embedding, perturbed_logits)
+
+    def _auxiliary_tie(self) -> Tensor | float:
+        """Zero that depends on the auxiliary BatchNorm parameters.
+
+        Without a perturbed view they would get no gradient, and DistributedDataParallel would
+        need ``find_unused_parameters`` (a graph walk every step) to tolerate that.
+        """
+        auxiliary = [p for m in self.classifier.modules() if isinstance(m, DualBatchNorm2d) for p in m.auxiliary.parameters()]
+        return sum(p.sum() for p in auxiliary) * 0.0 if auxiliary else 0.0
 
 
 def upsample(logits: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:

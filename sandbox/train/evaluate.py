@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sandbox.api import SegmentationSource
+from sandbox.data.errors import read_batches
 from sandbox.data.views import EvalSet
 from sandbox.recipe import EvalSection
 from sandbox.train.metrics import confusion_matrix, mean_iou, per_class_iou
@@ -26,9 +28,42 @@ class EvalResult:
 
 def val_loader(source: SegmentationSource, settings: EvalSection, accelerator: Accelerator) -> DataLoader:
     """This process's shard of the val part (no padding duplicates: every image counts once)."""
-    dataset = EvalSet(source.val, settings.mode, settings.crop_size, source.ignore_index)
+    mode = "center_crop" if settings.mode == "center_crop" else "whole"  # sliding windows are cut in predict()
+    dataset = EvalSet(source.val, mode, settings.crop_size, source.ignore_index)
     shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
     return DataLoader(shard, batch_size=settings.batch_size, generator=torch.Generator())
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``crop`` covering ``size`` with ``stride`` (the last one flush)."""
+    last = max(size - crop, 0)
+    return sorted(set(range(0, last, stride)) | {last})
+
+
+def sliding_window_probs(model: nn.Module, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """Class probabilities averaged over overlapping ``crop`` windows (images padded if smaller)."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (0, max(crop - width, 0), 0, max(crop - height, 0)))
+    total: torch.Tensor | None = None
+    counts = torch.zeros(padded.shape[-2:], device=images.device)
+    for top in window_starts(padded.shape[-2], crop, stride):
+        for left in window_starts(padded.shape[-1], crop, stride):
+            window = (..., slice(top, top + crop), slice(left, left + crop))
+            probs = model(padded[window]).logits.float().softmax(dim=1)
+            if total is None:
+                total = padded.new_zeros(images.shape[0], probs.shape[1], *padded.shape[-2:], dtype=torch.float32)
+            total[window] += probs
+            counts[window[1:]] += 1
+    assert total is not None
+    return (total / counts)[..., :height, :width]
+
+
+def predict(model: nn.Module, images: torch.Tensor, settings: EvalSection) -> torch.Tensor:
+    """Per-pixel scores ``(B, K, H, W)`` for the evaluation ``mode`` of ``settings``."""
+    if settings.mode == "sliding":
+        crop = settings.crop_size or max(images.shape[-2:])
+        return sliding_window_probs(model, images, crop, settings.stride or max(crop * 2 // 3, 1))
+    return model(images).logits
 
 
 @torch.no_grad()
@@ -37,6 +72,7 @@ def evaluate(
     loader: DataLoader,
     class_names: list[str],
     accelerator: Accelerator,
+    settings: EvalSection,
     ignore_index: int = 255,
 ) -> EvalResult:
     """Predict every batch of ``loader`` (this process's shard) and reduce the confusion matrix."""
@@ -45,11 +81,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        for images, masks in loader:
+        for images, masks in read_batches(loader):
             images, masks = images.to(accelerator.device), masks.to(accelerator.device)
             with accelerator.autocast():
-                logits = model(images).logits
-            matrix += confusion_matrix(logits.argmax(dim=1), masks, num_classes, ignore_index)
+                scores = predict(model, images, settings)
+            matrix += confusion_matrix(scores.argmax(dim=1), masks, num_classes, ignore_index)
     finally:
         model.train(was_training)
     matrix = accelerator.reduce(matrix, reduction="sum").cpu()

@@ -10,15 +10,17 @@ from importlib import metadata
 from typing import Any, Iterator
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from sandbox import __version__
 from sandbox.api import DensityEstimator
+from sandbox.data.errors import read_batches
 from sandbox.data.views import LabeledTrainSet, StreamSampler, UnlabeledTrainSet
+from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe
 from sandbox.registry import Registry
+from sandbox.train.accelerator import make_accelerator
 from sandbox.train.builder import build_dataset, build_method, build_model
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
@@ -80,11 +82,6 @@ def package_versions(registry: Registry) -> dict[str, str]:
     return versions
 
 
-def endless(loader: DataLoader) -> Iterator[Any]:
-    """Batches of a loader whose sampler never ends."""
-    yield from loader
-
-
 class Trainer:
     """Trains one recipe into one run directory."""
 
@@ -95,9 +92,14 @@ class Trainer:
         settings = recipe.train
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.accelerator = Accelerator(mixed_precision=settings.mixed_precision, step_scheduler_with_optimizer=False)
+        self.accelerator = make_accelerator(settings.mixed_precision)
         set_seed(recipe.seed)
         self.source = build_dataset(recipe, registry)
+        if settings.warmup_iters < settings.iters and len(self.source.unlabeled) == 0:
+            raise SandboxError(
+                f"[dataset] {recipe.dataset.name!r} has no unlabeled images, but train.warmup_iters "
+                f"({settings.warmup_iters}) < train.iters ({settings.iters}) asks for semi-supervised steps"
+            )
         model = build_model(recipe, registry, self.source.num_classes)
         self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
         self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
@@ -136,7 +138,7 @@ class Trainer:
             drop_last=True,
             generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
         )
-        return endless(loader)
+        return read_batches(loader)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -168,7 +170,10 @@ class Trainer:
 
     def _evaluate(self, reporter: ProgressReporter) -> EvalResult:
         model = self._eval_model()
-        result = evaluate(model, val_loader(self.source, self.recipe.eval, self.accelerator), self.source.class_names, self.accelerator, self.source.ignore_index)
+        result = evaluate(
+            model, val_loader(self.source, self.recipe.eval, self.accelerator), self.source.class_names,
+            self.accelerator, self.recipe.eval, self.source.ignore_index,
+        )
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics({"step": self.state.step, "val_miou": result.miou, "val_per_class_iou": result.per_class})
             if result.miou > self.state.best_miou:
@@ -201,7 +206,7 @@ class Trainer:
         )
         reporter = ProgressReporter(settings.iters, self.state.step, enabled=self.accelerator.is_main_process)
         self.model.train()
-        self.teacher.eval()
+        self.teacher.train(settings.teacher_mode == "train")  # the reference predicts in train mode
         sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
         window_start, window_steps = time.perf_counter(), self.state.log_steps
         segment_start = time.perf_counter()

@@ -79,7 +79,8 @@ class SemiSupervisedStep:
             context = PerturbationContext(classify, resize_mask(valid, features.shape[-2:]), method.density)
             return method.perturbation(features, context)
 
-        out = student(torch.cat([labeled.images, strong]), perturb=perturb, num_perturbed=num_unlabeled)
+        perturbing = step >= settings.perturbation_start_iters
+        out = student(torch.cat([labeled.images, strong]), perturb=perturb if perturbing else None, num_perturbed=num_unlabeled)
         loss_sup = F.cross_entropy(out.logits[:num_labeled].float(), labeled.masks, ignore_index=self.ignore_index)
         loss_unsup = method.strong_loss(out.logits[num_labeled:], probs, valid)
         loss = loss_sup + settings.unsupervised_weight * loss_unsup

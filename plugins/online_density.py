@@ -1,0 +1,135 @@
+"""The online training protocol shared by the class-conditional density estimators.
+
+An :class:`OnlineMixtureDensity` scores a feature ``x`` against every class ``k`` as
+``log p(x | k) = log p_prior(z | k) + log|det dz/dx|`` with ``z`` a latent (for a flow; ``z = x``
+and ``log|det| = 0`` for a density without one). A labeled feature uses its class alone, an
+unlabeled one the equal-weight mixture (:meth:`GaussianMixturePrior.combine`, DDFP's semantics).
+This module owns what every such estimator trains the same way: pixel sampling, input noise, one
+Adam step with gradient-norm clipping, an exponential learning-rate decay over ``total_steps``,
+the FlowGMM posterior-accuracy diagnostic and the optimizer's checkpoint state.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from plugins.mixture_prior import GaussianMixturePrior
+from sandbox.api import DensityEstimator
+
+
+def require_positive(**values: int) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` that is below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+class OnlineMixtureDensity(DensityEstimator):
+    """A class-conditional density with a mixture over classes, trained online by Adam.
+
+    Subclasses build their modules, including ``self.prior`` (a :class:`GaussianMixturePrior`
+    or a subclass), then call :meth:`configure_training`, and implement
+    :meth:`component_scores`. Everything else (``log_prob``, ``fit_step``, the optimizer
+    state) is shared.
+    """
+
+    prior: GaussianMixturePrior
+    optimizer: torch.optim.Adam
+    scheduler: torch.optim.lr_scheduler.ExponentialLR
+
+    def configure_training(
+        self,
+        total_steps: int,
+        lr: float,
+        betas: tuple[float, float],
+        grad_clip: float,
+        final_lr_ratio: float,
+        sampled_pixels: int,
+        input_noise: float,
+    ) -> None:
+        """Create Adam over all parameters and a schedule decaying ``lr`` to ``lr * final_lr_ratio``
+        over ``total_steps`` updates; call once, after every parameter exists."""
+        require_positive(sampled_pixels=sampled_pixels)
+        if not 0.0 < final_lr_ratio <= 1.0:
+            raise ValueError(f"final_lr_ratio must be in (0, 1], got {final_lr_ratio}")
+        self.sampled_pixels = sampled_pixels
+        self.input_noise = input_noise
+        self.grad_clip = grad_clip
+        # nn.Module.to() keeps Parameter identity, so the optimizer survives moving the module.
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])))
+        gamma = final_lr_ratio ** (1.0 / max(total_steps, 1))
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
+
+    @abc.abstractmethod
+    def component_scores(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log p_prior(z | k) (N, K), log|det dz/dx| (N,))`` for float32 ``features`` ``(N, D)``.
+
+        Called with autocast disabled; must be differentiable w.r.t. the features.
+        """
+
+    def _scores(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`component_scores` in float32 with autocast disabled."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.component_scores(features.float())
+
+    def log_prob(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Log density of ``features`` ``(N, D)`` in float32, differentiable w.r.t. the features."""
+        components, log_det = self._scores(features)
+        return self.prior.combine(components, labels) + log_det
+
+    def classify(self, features: Tensor) -> Tensor:
+        """The most probable class of each feature under equal class weights, shape ``(N,)``."""
+        components, _ = self._scores(features)
+        return components.argmax(dim=1)
+
+    def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, float]:
+        """One Adam update on at most ``sampled_pixels`` noisy pixels; returns nll, accuracy, lr.
+
+        ``accuracy`` is the FlowGMM posterior classification accuracy on the labeled sampled
+        pixels (absent when none is labeled). With no pixels at all, no update is made (the
+        schedule still advances) and ``nll`` is NaN.
+        """
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        features, labels = features.detach(), labels.detach()
+        count = features.shape[0]
+        if count == 0:
+            self.scheduler.step()
+            return {"nll": math.nan, "lr": lr}
+        if count > self.sampled_pixels:
+            index = torch.randperm(count, device=features.device)[: self.sampled_pixels]
+            features, labels = features[index], labels[index]
+        features = features.float()
+        noisy = features + self.input_noise * torch.randn_like(features)
+        with torch.enable_grad():
+            components, log_det = self._scores(noisy)
+            loss = -(self.prior.combine(components, labels) + log_det).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            labeled = labels >= 0
+            correct = ((components.argmax(dim=1) == labels) & labeled).sum()
+            summary = torch.stack([loss.detach(), correct.float(), labeled.sum().float()])
+        nll, num_correct, num_labeled = summary.tolist()  # the one host synchronisation
+        stats = {"nll": nll, "lr": lr}
+        if num_labeled > 0:
+            stats["accuracy"] = num_correct / num_labeled
+        return stats
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """Adam's and the learning-rate schedule's state dicts."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`optimizer_state` (copied, so the source dict is never aliased)."""
+        state = copy.deepcopy(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,23 @@
+"""The Accelerator every command uses: devices, processes and mixed precision from the recipe."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+
+def has_accelerator_device() -> bool:
+    """True when a CUDA, XPU or MPS device is usable."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for ``mixed_precision``; CPU-only machines get CPU (gloo) processes.
+
+    Without ``cpu=True`` Accelerate treats each process of a CPU launch (``torchrun`` or
+    ``accelerate launch --multi_gpu``) as a separate single-process run.
+    """
+    return Accelerator(
+        mixed_precision=mixed_precision, cpu=not has_accelerator_device(), step_scheduler_with_optimizer=False
+    )

@@ -1,0 +1,183 @@
+"""Tests of the ``folder`` dataset plugin on tiny images/ + masks/ trees."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from plugins.folder_dataset import make_folder_dataset
+from plugins.segmentation_files import FULL_CHECK_LIMIT, LabeledFiles, color_map
+from sandbox.api import IGNORE_INDEX, SegmentationSource
+from sandbox.errors import SandboxError
+from sandbox.plugins import load_registry
+
+CLASSES = ["background", "cat", "dog"]
+PALETTE = [[0, 0, 0], [200, 0, 0], [0, 0, 200]]
+SIZE = (10, 8)  # width, height
+STEMS = [f"img{i:02d}" for i in range(20)]
+
+
+def class_ids(seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    """Random class ids 0..2 with one ignore (255) row."""
+    ids = np.random.default_rng(seed).integers(0, len(CLASSES), size=(size[1], size[0]), dtype=np.uint8)
+    ids[-1, :] = IGNORE_INDEX
+    return ids
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = SIZE) -> None:
+    """A random RGB image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def make_tree(root: Path, count: int = len(STEMS), unlabeled: int = 0) -> Path:
+    """``count`` images (alternately .jpg and .png) with grayscale class-id masks, ``unlabeled`` extra images."""
+    (root / "masks").mkdir(parents=True)
+    for number, stem in enumerate(STEMS[:count]):
+        write_image(root / "images" / f"{stem}.{'jpg' if number % 2 else 'png'}", number)
+        Image.fromarray(class_ids(number)).save(root / "masks" / f"{stem}.png")
+    for number in range(unlabeled):
+        write_image(root / "unlabeled" / f"extra{number}.jpg", 100 + number)
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """20 labeled-capable images, 3 extra unlabeled ones."""
+    return make_tree(tmp_path / "data", unlabeled=3)
+
+
+def stems(part: LabeledFiles) -> list[str]:
+    """Stems of a labeled part."""
+    return [image.stem for image, _ in part.samples]
+
+
+def test_registry_requires_and_validates_options(folder: Path) -> None:
+    component = load_registry().get("dataset", "folder")
+    assert component.option_names()[:2] == ["root", "class_names"]
+    with pytest.raises(SandboxError, match="dataset 'folder' needs option 'class_names'"):
+        component.build({"root": str(folder)})
+    with pytest.raises(SandboxError, match="class_names"):
+        component.build({"root": str(folder), "class_names": "cat"})
+    source = component.build({"root": str(folder), "class_names": CLASSES, "palette": PALETTE, "labeled": 4})
+    assert isinstance(source, SegmentationSource)
+    assert (len(source.labeled), len(source.unlabeled), len(source.val)) == (4, 14 + 3, 2)
+    assert source.palette == [tuple(colour) for colour in PALETTE]
+
+
+def test_defaults_val_labeled_unlabeled(folder: Path) -> None:
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES)
+    assert [image.stem for image, _ in source.val.samples] == ["img00", "img19"], "10% spread evenly"
+    assert len(source.labeled) == 18
+    assert [path.name for path in source.unlabeled.paths] == ["extra0.jpg", "extra1.jpg", "extra2.jpg"]
+    assert source.palette == color_map(3), "without a palette the VOC colour map is used for display"
+    image, mask = source.labeled[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE[1], SIZE[0])
+    assert torch.equal(mask, torch.from_numpy(class_ids(STEMS.index(stems(source.labeled)[0])).astype(np.int64)))
+    small = make_folder_dataset(root=str(make_tree(folder.parent / "small", count=3)), class_names=CLASSES)
+    assert len(small.val) == 1 and len(small.labeled) == 2, "at least one val image"
+
+
+def test_parts_pickle_for_dataloader_workers(folder: Path) -> None:
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=4)
+    restored = pickle.loads(pickle.dumps(source))
+    for original, copy in zip(source.labeled[:2] + source.val[:1], restored.labeled[:2] + restored.val[:1]):
+        assert all(torch.equal(a, b) for a, b in zip(original, copy))
+    assert torch.equal(source.unlabeled[-1], restored.unlabeled[-1])
+
+
+def test_generated_labeled_split_is_deterministic(folder: Path) -> None:
+    first = make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=0.25, seed=0)
+    again = make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=0.25, seed=0)
+    assert stems(first.labeled) == stems(again.labeled)
+    other = make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=0.25, seed=1)
+    assert stems(first.labeled) != stems(other.labeled)
+    assert stems(first.val) == stems(other.val), "val does not depend on the seed"
+    assert len(first.labeled) == 5  # ceil(0.25 * 18)
+    unlabeled = {path.stem for path in first.unlabeled.paths}
+    assert not unlabeled & set(stems(first.labeled)) and not unlabeled & set(stems(first.val))
+    assert len(unlabeled) == 18 - 5 + 3
+    with pytest.raises(ValueError, match=r"labeled = 19 asks for 19 labeled images but .*data/images .* holds only 18"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=19)
+
+
+def test_rgb_masks_and_custom_ignore_index(folder: Path) -> None:
+    ids = class_ids(0)
+    colours = np.array(PALETTE + [[0, 0, 0]] * 253, dtype=np.uint8)
+    ids[-1, :] = 1
+    Image.fromarray(colours[ids]).save(folder / "masks" / "img00.png")
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES, palette=PALETTE)
+    assert torch.equal(source.val[0][1], torch.from_numpy(ids.astype(np.int64)))
+    with pytest.raises(ValueError, match=r"mask .*img00\.png is an RGB image but the dataset has no palette"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    rgb = colours[ids]
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(folder / "masks" / "img00.png")
+    with pytest.raises(ValueError, match=r"mask .*img00\.png has colours not in the palette: \(1, 2, 3\)"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES, palette=PALETTE)
+    ids[0, 0] = 99
+    Image.fromarray(ids).save(folder / "masks" / "img00.png")
+    custom = make_folder_dataset(root=str(folder), class_names=CLASSES, ignore_index=99, check_files=False)
+    mask = custom.val[0][1]
+    assert mask[0, 0] == IGNORE_INDEX == custom.ignore_index, "the ignore value becomes 255"
+    with pytest.raises(ValueError, match=r"img19\.png has unknown label values 255; expected class ids 0\.\.2 or 99"):
+        custom.val[1]  # 255 is no longer the ignore value
+    with pytest.raises(ValueError, match="ignore_index = 2 is a class id"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES, ignore_index=2)
+
+
+def test_split_files(folder: Path) -> None:
+    (folder / "splits").mkdir()
+    (folder / "splits" / "labeled.txt").write_text("img03\nimg04\n")
+    (folder / "splits" / "val.txt").write_text("img05\n")
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES)
+    assert stems(source.labeled) == ["img03", "img04"] and stems(source.val) == ["img05"]
+    assert len(source.unlabeled) == 17 + 3
+    (folder / "splits" / "unlabeled.txt").write_text("img06\nextra1\nloose\n")
+    write_image(folder / "images" / "loose.jpg", 7)  # no mask, but named as unlabeled
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES)
+    assert [path.stem for path in source.unlabeled.paths] == ["img06", "extra1", "loose"]
+    with pytest.raises(ValueError, match=r"labeled = 3 conflicts with split file .*splits/labeled\.txt"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=3)
+    (folder / "splits" / "val.txt").write_text("img05\nghost\n")
+    with pytest.raises(FileNotFoundError, match=r"val\.txt:2: no image 'ghost' in .*images with a mask in"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+
+
+def test_errors_name_the_file(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"folder .*absent does not exist \(expected a dataset folder"):
+        make_folder_dataset(root=str(tmp_path / "absent"), class_names=CLASSES)
+    write_image(folder / "images" / "orphan.jpg", 1)
+    with pytest.raises(FileNotFoundError, match=r"image .*images/orphan\.jpg has no mask .*masks/orphan\.png"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    (folder / "images" / "orphan.jpg").unlink()
+    ids = class_ids(3)
+    ids[1, 1], ids[2, 2] = 3, 7
+    Image.fromarray(ids).save(folder / "masks" / "img03.png")
+    message = r"mask .*img03\.png has unknown label values 3, 7; expected class ids 0\.\.2 or 255 \(ignore\)"
+    with pytest.raises(ValueError, match=message):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    lazy = make_folder_dataset(root=str(folder), class_names=CLASSES, labeled=18, check_files=False)
+    with pytest.raises(ValueError, match=message):
+        lazy.labeled[stems(lazy.labeled).index("img03")]
+    Image.fromarray(class_ids(3, size=(4, 4))).save(folder / "masks" / "img03.png")
+    with pytest.raises(ValueError, match=r"image .*img03\.jpg is 10x8 but its mask .*img03\.png is 4x4"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    Image.fromarray(class_ids(3)).save(folder / "masks" / "img03.png")
+    (folder / "unlabeled" / "extra2.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"cannot decode image .*unlabeled/extra2\.jpg"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+
+
+def test_full_check_is_skipped_for_large_datasets(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (folder / "unlabeled" / "extra2.jpg").write_bytes(b"garbage")
+    assert FULL_CHECK_LIMIT == 2000
+    monkeypatch.setattr("plugins.segmentation_files.FULL_CHECK_LIMIT", 10)
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES)  # 23 samples > 10: nothing decoded
+    with pytest.raises(ValueError, match="cannot decode image"):
+        source.unlabeled[2]
