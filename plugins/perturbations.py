@@ -16,19 +16,26 @@ class DensityDescending(Perturbation):
 
     uses_density = True
 
-    def __init__(self, eps: float = 4.0) -> None:
+    def __init__(self, eps: float = 4.0, norm: Literal["l2", "linf"] = "l2") -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.norm = eps, norm
 
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
-        """``features + eps * g / ||g||`` per pixel, g = d NLL(classifier(features + noise)) / d noise."""
+        """``features + eps * g / ||g||`` per pixel, g = d NLL(classifier(features + noise)) / d noise.
+
+        With ``norm = "linf"`` the step is ``eps * sign(g)`` (an L-infinity ball, as the reference's option).
+        """
         if context.density is None:
             raise RuntimeError("the ddfp perturbation needs a density estimator in its context")
-        delta = self.direction(features.detach(), context) * self.eps
-        return features + delta.to(features.dtype)
+        gradient = self.gradient(features.detach(), context)
+        if self.norm == "linf":
+            direction = gradient.sign()
+        else:
+            direction = F.normalize(gradient, dim=1, eps=1e-12)
+        return features + (self.eps * direction).to(features.dtype)
 
-    def direction(self, features: Tensor, context: PerturbationContext) -> Tensor:
-        """Unit-norm (per pixel, over channels) ascent direction of the NLL of the trusted pixels."""
+    def gradient(self, features: Tensor, context: PerturbationContext) -> Tensor:
+        """Gradient (float32) of the mean NLL of the trusted pixels w.r.t. an additive noise at 0."""
         noise = torch.zeros_like(features, requires_grad=True)
         with torch.enable_grad():
             embedding = context.classify(features + noise).embedding
@@ -37,7 +44,7 @@ class DensityDescending(Perturbation):
                 return torch.zeros_like(features)
             nll = -context.density.log_prob(pixels.float()).mean()
             (grad,) = torch.autograd.grad(nll, noise)
-        return F.normalize(grad.float(), dim=1, eps=1e-12)
+        return grad.float()
 
 
 class FeatureDropout(Perturbation):
@@ -57,14 +64,18 @@ class FeatureDropout(Perturbation):
 class VirtualAdversarial(Perturbation):
     """Virtual adversarial feature perturbation: power iteration on the prediction KL (VAT)."""
 
-    def __init__(self, eps: float = 4.0, xi: float = 1e-6, iterations: int = 1) -> None:
+    def __init__(self, eps: float = 4.0, xi: float = 0.1, iterations: int = 1) -> None:
         super().__init__()
         if iterations < 1:
             raise ValueError(f"vat iterations must be >= 1, got {iterations}")
         self.eps, self.xi, self.iterations = eps, xi, iterations
 
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
-        """``features + eps * d`` with d the per-pixel unit direction that most raises the KL."""
+        """``features + eps * d`` with d the per-pixel unit direction that most raises the KL.
+
+        ``xi`` is the finite-difference step of the power iteration. VAT's 1e-6 (for images in
+        [0, 1]) is lost to float32 rounding on features whose per-pixel norm is in the tens.
+        """
         return features + (self.eps * self.direction(features.detach(), context)).to(features.dtype)
 
     def direction(self, features: Tensor, context: PerturbationContext) -> Tensor:

@@ -64,3 +64,19 @@ def test_eval_of_a_missing_checkpoint_is_a_clear_error(tiny_recipe: Path, capsys
 def test_python_dash_m_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "sandbox", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "run" in result.stdout and "plugins" in result.stdout
+
+
+def test_bench_prints_step_times_for_the_perturbation_and_none(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["bench", str(tiny_recipe), "--steps", "2", "--warmup", "0"], capsys)
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and "ddfp" in rows[0] and " none " in rows[1]
+    assert "GFLOPs/image" in out and "x none" in out
+    assert rows[-1].rstrip(" │").endswith("1.00")
+
+
+def test_bench_data_prints_samples_per_second(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["bench", str(tiny_recipe), "--data", "--workers", "0", "--batches", "2"], capsys)
+    assert code == 0
+    for view in ("labeled (weak)", "unlabeled (weak + strong)", "val"):
+        assert view in out

@@ -73,7 +73,7 @@ def test_vat_raises_the_prediction_kl_more_than_random_noise_of_the_same_norm() 
 
     torch.manual_seed(0)
     classifier = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.Tanh(), torch.nn.Conv2d(16, 3, 1))
-    features = torch.randn(4, 8, 5, 5)
+    features = 5.0 * torch.randn(4, 8, 5, 5)  # per-pixel norms in the tens, like real features
     valid = torch.ones(4, 5, 5, dtype=torch.bool)
 
     def classify(x: torch.Tensor) -> ClassifierOutput:
@@ -89,7 +89,7 @@ def test_vat_raises_the_prediction_kl_more_than_random_noise_of_the_same_norm() 
         return float(torch.nn.functional.kl_div(moved, clean, log_target=True, reduction="none").sum(1).mean())
 
     eps = 0.5
-    vat = VirtualAdversarial(eps=eps, xi=1e-3, iterations=2)(features, context)
+    vat = VirtualAdversarial(eps=eps)(features, context)  # default xi and one power iteration
     noise = FeatureNoise(scale=eps, fixed_norm=True)(features, context)
     assert torch.allclose((vat - features).norm(dim=1), torch.full((4, 5, 5), eps), atol=1e-4)
     assert torch.allclose((noise - features).norm(dim=1), torch.full((4, 5, 5), eps), atol=1e-4)
@@ -108,3 +108,12 @@ def test_noise_distributions_and_scale() -> None:
     assert torch.allclose(fixed.norm(dim=1), torch.full((2, 8, 8), 0.5), atol=1e-5)
     assert abs(gaussian.std().item() - 0.5) < 0.02
     assert uniform.abs().max() <= 0.5 and abs(uniform.std().item() - 0.5 / 3**0.5) < 0.02
+
+
+def test_ddfp_linf_step_is_eps_times_the_gradient_sign() -> None:
+    flow = GlowFlowDensity(4, 2, total_steps=10, hidden=8)
+    features = torch.randn(1, 4, 2, 2)
+    context = context_for(torch.nn.Identity(), torch.ones(1, 2, 2, dtype=torch.bool), flow)
+    step = DensityDescending(eps=0.25, norm="linf")(features, context) - features
+    gradient = DensityDescending().gradient(features, context)
+    assert torch.allclose(step, 0.25 * gradient.sign())

@@ -32,7 +32,7 @@ def test_resolved_recipe_fills_plugin_defaults_and_round_trips(tmp_path: Path) -
     resolved = resolve_components(load_recipe(path), REGISTRY)
     data = tomllib.loads(resolved.to_toml())
     assert data["name"] == "r"
-    assert data["perturbation"] == {"name": "ddfp", "eps": 4.0}
+    assert data["perturbation"] == {"name": "ddfp", "eps": 4.0, "norm": "l2"}
     assert data["density"]["sampled_pixels"] == 20480
     assert data["train"]["ema_decay"] == 0.999
     again = write(tmp_path, resolved.to_toml(), "again.toml")

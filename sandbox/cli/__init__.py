@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from sandbox.cli import evaluate, plugins, recipe, run
+from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, recipe, run
 from sandbox.errors import SandboxError
 
 app = typer.Typer(
@@ -25,7 +25,12 @@ def options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks f
 app.command("run")(run.run)
 app.command("eval")(evaluate.evaluate)
 app.command("plugins")(plugins.plugins)
+app.command("bench")(bench.bench)
 app.add_typer(recipe.app, name="recipe")
+app.command("compare")(compare.compare)
+app.command("ablate")(ablate.ablate)
+app.command("plot")(plot.plot)
+app.command("predict")(predict.predict)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandbox.api import ConsistencyLoss, DensityEstimator, Perturbation, SegmentationSource
+from sandbox.data.views import LabeledTrainSet, UnlabeledTrainSet
 from sandbox.model.deeplabv3plus import DeepLabV3Plus
 from sandbox.recipe import Recipe
 from sandbox.registry import Registry
@@ -57,4 +58,13 @@ def build_method(recipe: Recipe, registry: Registry, num_classes: int, embedding
         density,
         registry.get("consistency", strong.name).build(strong.options()),
         registry.get("consistency", perturbed.name).build(perturbed.options()),
+    )
+
+
+def build_train_views(source: SegmentationSource, recipe: Recipe) -> tuple[LabeledTrainSet, UnlabeledTrainSet]:
+    """The augmented labeled and unlabeled training views of ``source``."""
+    train = recipe.train
+    return (
+        LabeledTrainSet(source.labeled, train.crop_size, train.scale_range, recipe.seed, source.ignore_index),
+        UnlabeledTrainSet(source.unlabeled, train.crop_size, train.scale_range, recipe.seed + 1),
     )

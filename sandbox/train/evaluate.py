@@ -26,10 +26,15 @@ class EvalResult:
     matrix: torch.Tensor
 
 
+def build_val_view(source: SegmentationSource, settings: EvalSection) -> EvalSet:
+    """The val images as evaluation reads them (sliding windows are cut later, in :func:`predict`)."""
+    mode = "center_crop" if settings.mode == "center_crop" else "whole"
+    return EvalSet(source.val, mode, settings.crop_size, source.ignore_index)
+
+
 def val_loader(source: SegmentationSource, settings: EvalSection, accelerator: Accelerator) -> DataLoader:
     """This process's shard of the val part (no padding duplicates: every image counts once)."""
-    mode = "center_crop" if settings.mode == "center_crop" else "whole"  # sliding windows are cut in predict()
-    dataset = EvalSet(source.val, mode, settings.crop_size, source.ignore_index)
+    dataset = build_val_view(source, settings)
     shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
     return DataLoader(shard, batch_size=settings.batch_size, generator=torch.Generator())
 

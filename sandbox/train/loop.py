@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader
 from sandbox import __version__
 from sandbox.api import DensityEstimator
 from sandbox.data.errors import read_batches
-from sandbox.data.views import LabeledTrainSet, StreamSampler, UnlabeledTrainSet
+from sandbox.data.views import StreamSampler
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe
 from sandbox.registry import Registry
 from sandbox.train.accelerator import make_accelerator
-from sandbox.train.builder import build_dataset, build_method, build_model
+from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.progress import ProgressReporter
@@ -195,13 +195,10 @@ class Trainer:
         if resume:
             self._resume()
         source = self.source
-        labeled = self._stream(
-            LabeledTrainSet(source.labeled, settings.crop_size, settings.scale_range, self.recipe.seed, source.ignore_index),
-            len(source.labeled), settings.batch_size, self.recipe.seed, self.state.step,
-        )
+        labeled_view, unlabeled_view = build_train_views(source, self.recipe)
+        labeled = self._stream(labeled_view, len(source.labeled), settings.batch_size, self.recipe.seed, self.state.step)
         unlabeled = self._stream(
-            UnlabeledTrainSet(source.unlabeled, settings.crop_size, settings.scale_range, self.recipe.seed + 1),
-            len(source.unlabeled), settings.unlabeled_batch_size, self.recipe.seed + 1,
+            unlabeled_view, len(source.unlabeled), settings.unlabeled_batch_size, self.recipe.seed + 1,
             max(self.state.step - settings.warmup_iters, 0),
         )
         reporter = ProgressReporter(settings.iters, self.state.step, enabled=self.accelerator.is_main_process)

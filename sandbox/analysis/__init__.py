@@ -1,0 +1,7 @@
+"""Working with finished runs: find and compare them, sweep a grid, plot curves, predict images.
+
+``runs`` finds run directories and reads them; ``compare`` groups runs by the recipe keys that
+differ and computes statistics over seeds; ``report`` renders a comparison as a table, Markdown,
+CSV, LaTeX or JSON; ``sweep`` expands an ablation grid; ``curves`` and ``prediction_grid`` draw
+PNG figures; ``colours`` and ``inference`` turn a checkpoint's predictions into coloured masks.
+"""

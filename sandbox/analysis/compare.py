@@ -1,0 +1,204 @@
+"""Group finished runs by the recipe keys that differ between them and compare a metric over seeds.
+
+Runs are grouped by the values of every flattened ``recipe.toml`` key that is not the same in all
+finished runs (``seed``, ``name`` and ``output_dir`` never count: they differ between the seeds
+and copies of one configuration). A key a run's recipe lacks (an option of another plugin) has
+the value None. Each group gets the mean and the sample standard deviation (``ddof=1``; None
+for a single run) of the metric over its runs, and its difference to the baseline group's mean.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sandbox.analysis.runs import RunRecord
+from sandbox.errors import SandboxError
+
+IGNORED_KEYS = frozenset({"seed", "name", "output_dir"})
+"""Recipe keys that never separate groups."""
+
+METRICS = ("best_miou", "final_miou")
+"""Summary values a comparison can rank runs by."""
+
+DEFAULT_BASELINE = ("perturbation.name", "none")
+"""The default baseline group when one has these values: the method without a perturbed view."""
+
+
+@dataclass
+class Group:
+    """Runs sharing the values of the differing keys, and the metric's statistics over them."""
+
+    values: dict[str, Any]
+    """Differing key -> this group's value (None where its recipes lack the key)."""
+    runs: list[RunRecord]
+    scores: list[float]
+    """The metric of each run, in the order of ``runs``."""
+    delta: float = 0.0
+    """``mean`` minus the baseline group's mean."""
+    best: bool = False
+    baseline: bool = False
+    unequal_seeds: bool = False
+    """True when this group has fewer runs than the largest group."""
+
+    @property
+    def n(self) -> int:
+        """Number of runs."""
+        return len(self.scores)
+
+    @property
+    def mean(self) -> float:
+        """Mean of the metric over the runs."""
+        return statistics.fmean(self.scores)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (``ddof=1``) over the runs; None for a single run."""
+        return statistics.stdev(self.scores) if self.n > 1 else None
+
+    @property
+    def seeds(self) -> list[Any]:
+        """The runs' seeds."""
+        return [run.seed for run in self.runs]
+
+    def label(self) -> str:
+        """``key=value, ...`` of the differing keys (``all runs`` when none differ)."""
+        return ", ".join(f"{key}={format_value(value)}" for key, value in self.values.items()) or "all runs"
+
+
+@dataclass
+class Comparison:
+    """Groups of finished runs ranked by ``metric``, and the runs left out."""
+
+    metric: str
+    keys: list[str]
+    """The differing recipe keys, in recipe order."""
+    groups: list[Group]
+    excluded: list[RunRecord] = field(default_factory=list)
+    """Unfinished and failed runs."""
+
+    @property
+    def baseline(self) -> Group | None:
+        """The baseline group (None when no run finished)."""
+        return next((group for group in self.groups if group.baseline), None)
+
+
+def format_value(value: Any) -> str:
+    """A recipe value as text: ``-`` for None, TOML-like lists, plain numbers and strings."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(item) for item in value) + "]"
+    return str(value)
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--baseline`` value as TOML (``2`` -> 2, ``true`` -> True), else the string itself."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def differing_keys(recipes: list[dict[str, Any]]) -> list[str]:
+    """Keys (besides :data:`IGNORED_KEYS`) whose values are not the same in every recipe."""
+    keys = list(dict.fromkeys(key for recipe in recipes for key in recipe if key not in IGNORED_KEYS))
+    return [key for key in keys if len({_identity(recipe.get(key)) for recipe in recipes}) > 1]
+
+
+def _identity(value: Any) -> str:
+    """A hashable stand-in for a recipe value (lists included)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _sort_key(values: dict[str, Any]) -> tuple[tuple[int, Any], ...]:
+    """Numbers numerically, then strings and lists as text, absent values last."""
+    def one(value: Any) -> tuple[int, Any]:
+        if value is None:
+            return (2, "")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (0, value)
+        return (1, format_value(value))
+
+    return tuple(one(value) for value in values.values())
+
+
+def _score(run: RunRecord, metric: str) -> float | None:
+    value = (run.summary or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _matches(value: Any, raw: str) -> bool:
+    """Whether a group's ``value`` is what ``--baseline KEY=raw`` names."""
+    if value is None:
+        return raw == "-"
+    parsed = parse_value(raw)
+    return value == parsed or format_value(value) == raw
+
+
+def choose_baseline(groups: list[Group], keys: list[str], baseline: list[str]) -> Group:
+    """The group named by ``KEY=VALUE`` pairs (all must match; the first such group), or the default.
+
+    Without pairs: the first group whose ``perturbation.name`` is ``none`` when that key differs,
+    else the first group.
+    """
+    if not baseline:
+        key, value = DEFAULT_BASELINE
+        if key in keys:
+            return next((group for group in groups if group.values[key] == value), groups[0])
+        return groups[0]
+    pairs = []
+    for text in baseline:
+        key, sep, raw = text.partition("=")
+        if not sep or key not in keys:
+            differing = ", ".join(keys) or "none (all runs share one configuration)"
+            raise SandboxError(f"--baseline {text!r}: expected KEY=VALUE with a key that differs between the runs: {differing}")
+        pairs.append((key, raw))
+    for group in groups:
+        if all(_matches(group.values[key], raw) for key, raw in pairs):
+            return group
+    key = pairs[0][0]
+    seen = ", ".join(dict.fromkeys(format_value(group.values[key]) for group in groups))
+    raise SandboxError(f"--baseline {' '.join(baseline)}: no group matches; {key} takes the values {seen}")
+
+
+def compare_runs(records: list[RunRecord], metric: str = "best_miou", baseline: list[str] | None = None) -> Comparison:
+    """Group the finished runs of ``records`` and rank them by ``metric`` (see the module docstring)."""
+    if metric not in METRICS:
+        raise SandboxError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    finished: list[tuple[RunRecord, float]] = []
+    excluded: list[RunRecord] = []
+    for run in records:
+        score = _score(run, metric) if run.status == "finished" else None
+        if run.status == "finished" and (score is None or run.recipe is None):
+            missing = f"summary.json has no number {metric!r}" if score is None else "recipe.toml is missing"
+            run = replace(run, failure=missing)
+        if score is None or run.recipe is None or run.failure is not None:
+            excluded.append(run)
+        else:
+            finished.append((run, score))
+    keys = differing_keys([run.recipe for run, _ in finished if run.recipe is not None])
+    by_values: dict[tuple[str, ...], Group] = {}
+    for run, score in finished:
+        assert run.recipe is not None
+        values = {key: run.recipe.get(key) for key in keys}
+        group = by_values.setdefault(tuple(_identity(v) for v in values.values()), Group(values, [], []))
+        group.runs.append(run)
+        group.scores.append(score)
+    groups = sorted(by_values.values(), key=lambda group: _sort_key(group.values))
+    if groups:
+        reference = choose_baseline(groups, keys, list(baseline or []))
+        reference.baseline = True
+        max(groups, key=lambda group: group.mean).best = True
+        largest = max(group.n for group in groups)
+        for group in groups:
+            group.delta = group.mean - reference.mean
+            group.unequal_seeds = group.n < largest
+    elif baseline:
+        raise SandboxError(f"--baseline {' '.join(baseline)}: no run has finished")
+    return Comparison(metric, keys, groups, excluded)

@@ -1,0 +1,108 @@
+"""Training curves: every numeric value of ``metrics.jsonl``, one PNG per value, runs overlaid.
+
+Scalar values (``loss``, ``lr``, ``val_miou``, ``density_nll``, ...) become one curve each;
+dict values become one curve per entry (``val_per_class_iou.disc``). Figures are drawn with
+matplotlib's Agg canvas (no display, no global pyplot state) at a fixed pixel size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sandbox.analysis.runs import METRICS_FILE
+
+FIGURE_INCHES = (6.4, 4.0)
+"""Width and height of a curve figure."""
+
+DPI = 100
+"""Pixels per inch of every PNG (a curve figure is 640 x 400 pixels)."""
+
+MARKER_MAX_POINTS = 50
+"""Curves with at most this many points mark each point (evaluations are sparse)."""
+
+UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+"""Characters of a value name replaced by ``_`` in its file name."""
+
+Series = dict[str, tuple[list[int], list[float]]]
+"""Value name -> (steps, values)."""
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (none if it is missing; bad lines skipped)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def series(records: list[dict[str, Any]]) -> Series:
+    """Every numeric value of the records against its step, in order of first appearance."""
+    curves: Series = {}
+    for record in records:
+        for key, value in record.items():
+            entries = value.items() if isinstance(value, dict) else [("", value)]
+            for sub, item in entries:
+                number = _number(item)
+                if key == "step" or number is None:
+                    continue
+                steps, values = curves.setdefault(f"{key}.{sub}" if sub else key, ([], []))
+                steps.append(record["step"])
+                values.append(number)
+    return curves
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """Short names for runs: paths relative to their common folder (``name/seed0`` for one run)."""
+    if len(paths) == 1:
+        return [str(Path(paths[0].parent.name) / paths[0].name)]
+    common = Path(os.path.commonpath([path.resolve() for path in paths]))
+    return [str(path.resolve().relative_to(common)) for path in paths]
+
+
+def plot_metric(name: str, curves: dict[str, tuple[list[int], list[float]]], path: Path) -> Path:
+    """One figure of value ``name``: a line per run (``label -> (steps, values)``), saved as PNG."""
+    figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, (steps, values) in curves.items():
+        axes.plot(steps, values, marker="." if len(steps) <= MARKER_MAX_POINTS else None, label=label)
+    axes.set_title(name)
+    axes.set_xlabel("step")
+    axes.grid(alpha=0.3)
+    if len(curves) > 1:
+        axes.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_curves(runs: dict[str, Series], out_dir: Path) -> list[Path]:
+    """A PNG per value in ``out_dir`` (``<value>.png``), overlaying the runs (``label -> series``)."""
+    names = list(dict.fromkeys(name for curves in runs.values() for name in curves))
+    written = []
+    for name in names:
+        curves = {label: run[name] for label, run in runs.items() if name in run}
+        written.append(plot_metric(name, curves, out_dir / f"{UNSAFE_FILE_CHARS.sub('_', name)}.png"))
+    return written

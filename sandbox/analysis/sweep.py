@@ -1,0 +1,167 @@
+"""Ablation grids: parse ``--grid KEY=V1,V2,...`` and ``--seeds``, expand the combinations, plan runs.
+
+A combination is one value per grid key, applied as ``--set`` overrides after the user's own.
+Component ``name`` keys are applied first, so that a plugin's options land on the plugin the
+combination chose. An option the chosen plugin does not take (``perturbation.eps`` for
+``perturbation.name=none``) is dropped from that combination, and combinations that become
+identical run once. Each combination trains into ``<folder>/<label>/seed<k>/`` where the label
+is ``key=value,...``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sandbox.errors import SandboxError
+from sandbox.recipe import load_recipe
+from sandbox.registry import Registry
+from sandbox.train.rundir import RunDirectory
+
+PROTECTED_KEYS = frozenset({"seed", "name", "output_dir"})
+"""Keys the sweep sets itself (``--seeds`` sets the seed)."""
+
+BASE_LABEL = "base"
+"""The label of the single combination of an empty grid."""
+
+UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
+"""Characters replaced by ``_`` in run folder names."""
+
+_OPENING, _CLOSING, _QUOTES = "[{", "]}", "\"'"
+
+Action = Literal["skip", "resume", "start"]
+"""What a sweep does with one run directory (see :func:`plan`)."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One ``--grid`` option: a dotted recipe key and the raw texts of its values."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+def split_values(text: str) -> list[str]:
+    """Split on commas outside brackets, braces and quotes: ``1,[2,3],"a,b"`` -> 3 values."""
+    values, current, depth, quote = [], "", 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in _QUOTES:
+            quote = char
+        elif char in _OPENING:
+            depth += 1
+        elif char in _CLOSING:
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+            continue
+        current += char
+    values.append(current.strip())
+    return values
+
+
+def parse_grid(text: str) -> Axis:
+    """``"perturbation.eps=2,4"`` -> ``Axis("perturbation.eps", ("2", "4"))``."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    values = split_values(raw) if sep else []
+    if not key or not values or any(not value for value in values):
+        raise SandboxError(f"--grid {text!r}: expected KEY=VALUE1,VALUE2,..., e.g. --grid perturbation.eps=2,4")
+    if key in PROTECTED_KEYS:
+        raise SandboxError(f"--grid {text!r}: the sweep sets {key!r} itself (use --seeds for seeds)")
+    return Axis(key, tuple(dict.fromkeys(values)))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SandboxError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    return list(dict.fromkeys(seeds))
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One value per grid key, in the order the overrides are applied."""
+
+    settings: tuple[tuple[str, str], ...]
+
+    @property
+    def overrides(self) -> list[str]:
+        """The settings as ``--set`` texts."""
+        return [f"{key}={value}" for key, value in self.settings]
+
+    @property
+    def label(self) -> str:
+        """The run folder name: ``key=value,...`` (unsafe characters as ``_``), or ``base``."""
+        return UNSAFE_LABEL_CHARS.sub("_", ",".join(self.overrides)) or BASE_LABEL
+
+
+def expand(axes: list[Axis]) -> list[Combination]:
+    """Every combination of the axes' values; component ``name`` keys are applied first."""
+    keys = [axis.key for axis in axes]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise SandboxError(f"--grid {repeated[0]} is given twice; list all its values in one --grid")
+    ordered = sorted(axes, key=lambda axis: not axis.key.endswith(".name"))
+    return [
+        Combination(tuple(zip((axis.key for axis in ordered), values)))
+        for values in itertools.product(*(axis.values for axis in ordered))
+    ]
+
+
+def drop_inapplicable(
+    recipe_path: Path, overrides: list[str], combination: Combination, registry: Registry
+) -> tuple[Combination, list[str]]:
+    """The combination without options that its chosen plugins do not take, and a note for each."""
+    names = [f"{key}={value}" for key, value in combination.settings if key.endswith(".name")]
+    try:
+        specs = load_recipe(recipe_path, [*overrides, *names]).component_specs()
+    except SandboxError:
+        return combination, []  # the run reports the error itself
+    kept, notes = [], []
+    for key, value in combination.settings:
+        table, _, option = key.rpartition(".")
+        if table in specs and option != "name":
+            kind, spec = specs[table]
+            try:
+                accepted = registry.get(kind, spec.name).option_names()
+            except SandboxError:
+                accepted = [option]  # an unknown plugin: the run reports it
+            if option not in accepted:
+                notes.append(f"{key} does not apply to {kind} {spec.name!r}: dropped for that combination")
+                continue
+        kept.append((key, value))
+    return Combination(tuple(kept)), notes
+
+
+def applicable_combinations(
+    recipe_path: Path, overrides: list[str], axes: list[Axis], registry: Registry
+) -> tuple[list[Combination], list[str]]:
+    """:func:`expand`, minus inapplicable options, each distinct combination once; plus the notes."""
+    combinations: dict[Combination, None] = {}
+    notes: dict[str, None] = {}
+    for combination in expand(axes):
+        kept, dropped = drop_inapplicable(recipe_path, overrides, combination, registry)
+        combinations.setdefault(kept)
+        notes.update(dict.fromkeys(dropped))
+    labels = [combination.label for combination in combinations]
+    clashes = sorted({label for label in labels if labels.count(label) > 1})
+    if clashes:
+        raise SandboxError(f"--grid: two combinations share the folder name {clashes[0]!r}; use simpler values")
+    return list(combinations), list(notes)
+
+
+def plan(run_dir: RunDirectory) -> Action:
+    """``skip`` a finished run, ``resume`` one with a complete checkpoint, ``start`` others afresh."""
+    if run_dir.summary_file.is_file():
+        return "skip"
+    if run_dir.recipe_file.is_file() and run_dir.latest_checkpoint() is not None:
+        return "resume"
+    return "start"

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``sandbox bench``: training-step timing and data-loading throughput."""

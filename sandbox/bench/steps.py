@@ -1,0 +1,106 @@
+"""Timing of whole training steps on synthetic data at a recipe's crop and batch (``sandbox bench``).
+
+Every pixel is trusted (threshold 0) so that a perturbation's cost is measured at its worst.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sandbox.recipe import ComponentSpec, Recipe
+from sandbox.registry import Registry
+from sandbox.train.accelerator import make_accelerator
+from sandbox.train.builder import build_method, build_model
+from sandbox.train.ema import update_teacher
+from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+
+
+@dataclass
+class StepTiming:
+    """Measured figures of one perturbation's training step."""
+
+    perturbation: str
+    median_ms: float
+    p90_ms: float
+    images_per_s: float
+    peak_memory_gib: float | None
+    gflops_per_image: float
+
+
+def forward_gflops(model: torch.nn.Module, crop: int, device: torch.device) -> float:
+    """GFLOPs of one inference forward pass of one ``crop`` x ``crop`` image."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, crop, crop, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so that wall-clock times are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training_steps(
+    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec, steps: int, warmup: int
+) -> StepTiming:
+    """Median and p90 wall time of ``steps`` semi-supervised steps after ``warmup`` untimed ones."""
+    settings = recipe.train.model_copy(update={"threshold": 0.0, "perturbation_start_iters": 0, "warmup_iters": 0})
+    recipe = recipe.model_copy(update={"perturbation": perturbation, "train": settings})
+    accelerator = make_accelerator(settings.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe, registry, num_classes)
+    method = build_method(recipe, registry, num_classes, model.embedding_channels)
+    teacher = copy.deepcopy(model).requires_grad_(False).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    method.perturbation.to(device)
+    if method.density is not None:
+        method.density.to(device)
+    step_fn = SemiSupervisedStep(settings, method, 255, recipe.seed)
+    crop, labeled_count, unlabeled_count = settings.crop_size, settings.batch_size, settings.unlabeled_batch_size
+    labeled = LabeledBatch(
+        torch.randn(labeled_count, 3, crop, crop, device=device),
+        torch.randint(0, num_classes, (labeled_count, crop, crop), device=device),
+    )
+    unlabeled = UnlabeledBatch(
+        torch.randn(unlabeled_count, 3, crop, crop, device=device),
+        torch.randn(unlabeled_count, 3, crop, crop, device=device),
+        torch.zeros(unlabeled_count, crop, crop, dtype=torch.bool, device=device),
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for index in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        with accelerator.autocast():
+            loss, _ = step_fn.semi_supervised(index, model, teacher, labeled, unlabeled)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        update_teacher(teacher, accelerator.unwrap_model(model), settings.ema_decay)
+        synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    times_ms = sorted(1000 * t for t in times)
+    median = statistics.median(times_ms)
+    return StepTiming(
+        perturbation=perturbation.name,
+        median_ms=median,
+        p90_ms=times_ms[min(len(times_ms) - 1, int(0.9 * len(times_ms)))],
+        images_per_s=(labeled_count + unlabeled_count) * accelerator.num_processes * 1000 / median,
+        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        gflops_per_image=forward_gflops(accelerator.unwrap_model(model), crop, device),
+    )

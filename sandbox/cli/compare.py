@@ -1,0 +1,64 @@
+"""``sandbox compare``: group runs by the recipe keys that differ and tabulate mIoU over seeds."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sandbox.analysis.compare import Comparison, compare_runs
+from sandbox.analysis.report import HUMAN_FORMATS, RENDERERS, excluded_lines, print_table
+from sandbox.analysis.runs import find_runs
+
+
+class Metric(str, Enum):
+    """The summary value to compare."""
+
+    best_miou = "best_miou"
+    final_miou = "final_miou"
+
+
+class Format(str, Enum):
+    """Output formats."""
+
+    table = "table"
+    md = "md"
+    csv = "csv"
+    latex = "latex"
+    json = "json"
+
+
+BaselineOption = typer.Option(
+    None,
+    "--baseline",
+    help="The reference group: KEY=VALUE of a differing key (repeatable; all must match). "
+    "Default: perturbation.name=none if present, else the first group.",
+)
+MetricOption = typer.Option(Metric.best_miou, "--metric", help="Summary value to compare.")
+FormatOption = typer.Option(Format.table, "--format", help="table (rich), md, csv, latex or json.")
+
+
+def emit(comparison: Comparison, output: str) -> None:
+    """Print ``comparison`` in ``output`` format; machine formats send the left-out runs to stderr."""
+    if output == Format.table.value:
+        print_table(comparison)
+        return
+    sys.stdout.write(RENDERERS[output](comparison))
+    sys.stdout.flush()
+    if output not in HUMAN_FORMATS:
+        for line in excluded_lines(comparison):
+            print(line, file=sys.stderr)
+
+
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Run directories or folders holding runs (searched recursively).", show_default=False),
+    baseline: Optional[List[str]] = BaselineOption,
+    metric: Metric = MetricOption,
+    output: Format = FormatOption,
+) -> None:
+    """Group runs by the recipe keys that differ; mean ± std over seeds, n, Δ vs a baseline."""
+    comparison = compare_runs(find_runs(runs), metric.value, list(baseline or []))
+    emit(comparison, output.value)

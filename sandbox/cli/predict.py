@@ -1,0 +1,49 @@
+"""``sandbox predict``: class masks (palette PNGs) and overlays for any images, from saved weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from PIL import Image
+
+from sandbox.analysis.colours import colourize, overlay, palette_image
+from sandbox.analysis.inference import collect_images, load_predictor, read_image
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+
+MASKS_FOLDER = "masks"
+"""Sub-folder of ``--out`` for the palette masks (``<image stem>.png``)."""
+
+OVERLAYS_FOLDER = "overlays"
+"""Sub-folder of ``--out`` for the image blended with its mask's colours."""
+
+
+def predict(
+    recipe: Path = RecipeArgument,
+    images: List[Path] = typer.Argument(..., help="Image files (jpg/png) or folders of them.", show_default=False),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Weights file: a run's best.pt or last.pt."),
+    out: Path = typer.Option(..., "--out", help="Output folder: masks/ and overlays/ go here."),
+    set_: Optional[List[str]] = SetOption,
+    plugin: Optional[List[str]] = PluginOption,
+) -> None:
+    """Write a palette PNG mask (pixel = class id) and an RGB overlay per image.
+
+    Images larger than the recipe's eval crop are predicted with sliding windows.
+    """
+    files = collect_images(list(images))
+    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    predictor = load_predictor(resolved, registry, checkpoint)
+    palette = predictor.palette
+    (out / MASKS_FOLDER).mkdir(parents=True, exist_ok=True)
+    (out / OVERLAYS_FOLDER).mkdir(parents=True, exist_ok=True)
+    for path in files:
+        image = read_image(path)
+        mask, sliding = predictor.predict_image(image)
+        mask_path = out / MASKS_FOLDER / f"{path.stem}.png"
+        overlay_path = out / OVERLAYS_FOLDER / f"{path.stem}.png"
+        palette_image(mask, palette).save(mask_path)
+        blended = overlay(image.permute(1, 2, 0).numpy(), colourize(mask, palette))
+        Image.fromarray(blended).save(overlay_path)
+        how = "sliding windows" if sliding else "whole image"
+        typer.echo(f"{path} ({image.shape[-1]}x{image.shape[-2]}, {how}) -> {mask_path}, {overlay_path}")

@@ -1,0 +1,130 @@
+"""``sandbox plot`` and ``sandbox predict`` on a fabricated run (weights of an untrained tiny model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sandbox.analysis.colours import palette_image
+from sandbox.analysis.curves import DPI, FIGURE_INCHES
+from sandbox.analysis.prediction_grid import CELL_INCHES, grid_inches, plot_prediction_grid
+from sandbox.cli import main
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train.builder import build_dataset, build_model
+
+SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
+METRICS = [
+    {"step": 2, "loss": 1.5, "loss_sup": 1.5, "lr": 0.01, "density_nll": 3.0},
+    {"step": 2, "val_miou": 0.2, "val_per_class_iou": {"background": 0.9, "disc": None}},
+    {"step": 4, "loss": 1.1, "loss_sup": 1.0, "lr": 0.005, "density_nll": 2.0},
+    {"step": 4, "val_miou": 0.3, "val_per_class_iou": {"background": 0.95, "disc": 0.1}},
+]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def pixel_size(inches: tuple[float, float]) -> tuple[int, int]:
+    return round(inches[0] * DPI), round(inches[1] * DPI)
+
+
+@pytest.fixture
+def run(tiny_recipe: Path) -> Path:
+    """A run folder with recipe.toml, metrics.jsonl and best.pt (untrained weights)."""
+    registry = load_registry()
+    recipe = resolve_components(load_recipe(tiny_recipe, SHORT[1::2]), registry)
+    path = tiny_recipe.parent / "runs" / "tiny" / "seed3"
+    path.mkdir(parents=True)
+    (path / "recipe.toml").write_text(recipe.to_toml())
+    (path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in METRICS))
+    model = build_model(recipe, registry, build_dataset(recipe, registry).num_classes)
+    torch.save({"model": model.state_dict(), "step": 2}, path / "best.pt")
+    return path
+
+
+def test_plot_writes_curves_and_prediction_grids(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = tmp_path / "other" / "seed0"  # metrics only: curves overlaid, no prediction grid
+    other.mkdir(parents=True)
+    (other / "recipe.toml").write_text((run / "recipe.toml").read_text())
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 2.0, "lr": 0.02}) + "\n")
+    out = tmp_path / "plots"
+    code, stdout, _ = run_cli(["plot", str(run), str(other), "--out", str(out), "--images", "2"], capsys)
+    assert code == 0
+    curves = sorted(path.name for path in (out / "curves").iterdir())
+    assert curves == sorted(
+        ["loss.png", "loss_sup.png", "lr.png", "density_nll.png", "val_miou.png",
+         "val_per_class_iou.background.png", "val_per_class_iou.disc.png"]
+    )
+    for name in curves:
+        with Image.open(out / "curves" / name) as image:
+            assert image.format == "PNG" and image.size == pixel_size(FIGURE_INCHES)
+    grids = list((out / "predictions").iterdir())
+    assert len(grids) == 1 and "no best.pt or last.pt" in stdout
+    with Image.open(grids[0]) as image:
+        assert image.format == "PNG" and image.size == pixel_size(grid_inches(2, 5))
+
+
+def test_prediction_grid_draws_masks_in_the_palette(tmp_path: Path) -> None:
+    palette = [(0, 0, 0), (230, 25, 75), (145, 200, 30)]
+    image = np.full((16, 16, 3), 128, dtype=np.uint8)
+    truth, predicted = np.ones((16, 16), dtype=np.int64), np.full((16, 16), 2, dtype=np.int64)
+    path = plot_prediction_grid([(image, truth, predicted)], palette, ["a", "b", "c"], 255, tmp_path / "g.png")
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    cell = round(CELL_INCHES * DPI) ** 2 // 4  # a quarter of a cell's pixels at least
+    assert pixels.shape[:2] == pixel_size(grid_inches(1, 3))[::-1]
+    assert np.all(pixels == palette[1], axis=-1).sum() > cell
+    assert np.all(pixels == palette[2], axis=-1).sum() > cell
+
+
+def test_predict_writes_palette_masks_and_overlays(run: Path, tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"wide": (50, 80), "small": (24, 20)}  # (height, width); the eval crop is 32
+    Image.fromarray(rng.integers(0, 255, (*sizes["wide"], 3), dtype=np.uint8)).save(images / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (*sizes["small"], 3), dtype=np.uint8)).save(images / "small.png")
+    out = tmp_path / "out"
+    args = ["predict", str(run / "recipe.toml"), "--checkpoint", str(run / "best.pt"), str(images), "--out", str(out)]
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    assert "wide.jpg (80x50, sliding windows)" in stdout and "small.png (20x24, whole image)" in stdout
+    shapes_palette = [0, 0, 0, 230, 25, 75, 145, 200, 30, 0, 170, 190, 145, 30, 180]
+    for name, (height, width) in sizes.items():
+        with Image.open(out / "masks" / f"{name}.png") as mask:
+            assert mask.mode == "P" and mask.size == (width, height)
+            assert mask.getpalette()[: len(shapes_palette)] == shapes_palette
+            assert np.asarray(mask).max() < 5
+        with Image.open(out / "overlays" / f"{name}.png") as blended:
+            assert blended.mode == "RGB" and blended.size == (width, height)
+
+
+def test_palette_image_keeps_class_ids() -> None:
+    mask = np.array([[0, 1], [2, 4]])
+    image = palette_image(mask, [(0, 0, 0), (1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12)])
+    assert image.mode == "P" and np.array_equal(np.asarray(image), mask)
+    assert image.getpalette()[:6] == [0, 0, 0, 1, 2, 3]
+
+
+def test_predict_errors_are_one_line(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "empty").mkdir()
+    base = ["predict", str(run / "recipe.toml"), "--out", str(tmp_path / "out")]
+    cases = {
+        ("--checkpoint", str(run / "best.pt"), str(tmp_path / "missing.png")): "does not exist",
+        ("--checkpoint", str(run / "best.pt"), str(tmp_path / "empty")): "holds no",
+        ("--checkpoint", str(run / "best.pt"), str(tmp_path / "bad.png")): "could not be read",
+        ("--checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "bad.png")): "checkpoint",
+    }
+    for extra, message in cases.items():
+        code, _, err = run_cli([*base, *extra], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
