@@ -163,3 +163,15 @@ def test_a_corrupt_file_found_while_training_is_a_one_line_error(tiny_recipe: Pa
     assert exit_info.value.code == 2
     assert err[-1].startswith("error: while reading data:") and ".png" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_tensorboard_tracker_from_the_recipe(tiny_recipe: Path) -> None:
+    pytest.importorskip("tensorboard")
+    cli("run", str(tiny_recipe), "--set", "train.trackers=[\"tensorboard\"]", "--set", "train.iters=2", "--set", "train.warmup_iters=2")
+    events = list(run_dir_of(tiny_recipe).rglob("events.out.tfevents.*"))
+    assert events, "tensorboard event files are written under the run directory"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"loss", "val_miou"} <= set(accumulator.Tags()["scalars"])

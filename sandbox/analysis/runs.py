@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from sandbox.errors import SandboxError
+from sandbox.recipe import flatten_keys
 
 RECIPE_FILE = "recipe.toml"
 SUMMARY_FILE = "summary.json"
@@ -24,17 +25,6 @@ FAILED_MARKER = "FAILED"
 
 Status = Literal["finished", "unfinished", "failed"]
 """The state of a run directory (see the module docstring)."""
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables to dotted keys: ``{"train": {"iters": 5}}`` -> ``{"train.iters": 5}``."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @dataclass
@@ -132,7 +122,7 @@ def read_run(path: Path) -> RunRecord:
     failure: str | None = None
     if (path / RECIPE_FILE).is_file():
         try:
-            recipe = flatten(tomllib.loads((path / RECIPE_FILE).read_text()))
+            recipe = flatten_keys(tomllib.loads((path / RECIPE_FILE).read_text()))
         except (OSError, tomllib.TOMLDecodeError) as error:
             failure = f"{RECIPE_FILE} could not be read: {error}"
     if (path / SUMMARY_FILE).is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -18,7 +19,7 @@ from sandbox.api import DensityEstimator
 from sandbox.data.errors import read_batches
 from sandbox.data.views import StreamSampler
 from sandbox.errors import SandboxError
-from sandbox.recipe import Recipe
+from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
 from sandbox.train.accelerator import make_accelerator
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
@@ -92,7 +93,7 @@ class Trainer:
         settings = recipe.train
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.accelerator = make_accelerator(settings.mixed_precision)
+        self.accelerator = make_accelerator(settings.mixed_precision, settings.trackers, run_dir.path)
         set_seed(recipe.seed)
         self.source = build_dataset(recipe, registry)
         if settings.warmup_iters < settings.iters and len(self.source.unlabeled) == 0:
@@ -147,11 +148,8 @@ class Trainer:
         self.accelerator.save_state(str(folder))
         if self.accelerator.is_main_process:
             (folder / "COMPLETE").write_text(str(self.state.step))
-            complete = sorted(p for p in self.run_dir.checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
-            for old in complete[:-CHECKPOINTS_KEPT]:
-                for child in sorted(old.rglob("*"), reverse=True):
-                    child.unlink() if child.is_file() else child.rmdir()
-                old.rmdir()
+            for old in self.run_dir.complete_checkpoints()[:-CHECKPOINTS_KEPT]:
+                shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
@@ -174,12 +172,16 @@ class Trainer:
             model, val_loader(self.source, self.recipe.eval, self.accelerator), self.source.class_names,
             self.accelerator, self.recipe.eval, self.source.ignore_index,
         )
+        improved = result.miou > self.state.best_miou  # the same on every process: the matrix is reduced
+        if improved:
+            self.state.best_miou, self.state.best_step = result.miou, self.state.step
+            self.state.best_per_class = result.per_class
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics({"step": self.state.step, "val_miou": result.miou, "val_per_class_iou": result.per_class})
-            if result.miou > self.state.best_miou:
-                self.state.best_miou, self.state.best_step = result.miou, self.state.step
-                self.state.best_per_class = result.per_class
+            if improved:
                 self._save_weights(model, self.run_dir.best_weights, result.miou)
+        scalars = {f"val_iou/{name}": iou for name, iou in result.per_class.items() if iou is not None}
+        self.accelerator.log({"val_miou": result.miou, **scalars}, step=self.state.step)
         reporter.evaluated(self.state.step, result.miou)
         return result
 
@@ -194,6 +196,10 @@ class Trainer:
         settings = self.recipe.train
         if resume:
             self._resume()
+        if settings.trackers:
+            config = flatten_keys(self.recipe.model_dump(mode="json"))
+            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+            self.accelerator.init_trackers(self.recipe.name, config=config)
         source = self.source
         labeled_view, unlabeled_view = build_train_views(source, self.recipe)
         labeled = self._stream(labeled_view, len(source.labeled), settings.batch_size, self.recipe.seed, self.state.step)
@@ -242,6 +248,7 @@ class Trainer:
                         settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * self.accelerator.num_processes / elapsed
                     if self.accelerator.is_main_process:
                         self.run_dir.append_metrics(record)
+                    self.accelerator.log(record, step=self.state.step)
                     reporter.logged(record)
                     sums, window_start, window_steps = {}, time.perf_counter(), 0
                 if self.state.step % settings.eval_every == 0 or self.state.step == settings.iters:
@@ -275,5 +282,6 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._save_weights(self._eval_model(), self.run_dir.last_weights, result.miou)
             self.run_dir.write_summary(summary)
+        self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         return summary

@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sandbox.errors import SandboxError
-from sandbox.recipe import Recipe
+from sandbox.recipe import Recipe, flatten_keys
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -98,27 +99,18 @@ class RunDirectory:
         """Write ``summary.json``."""
         atomic_write_bytes(self.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
 
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoint folders whose writing finished (they hold ``COMPLETE``), oldest first."""
+        return sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
+
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder, or None."""
-        if not self.checkpoints.is_dir():
-            return None
-        complete = sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
+        complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
 
 def differing_keys(saved_toml: str, recipe: Recipe) -> str:
     """Comma-separated dotted keys whose values differ between a saved recipe and ``recipe``."""
-    import tomllib
-
-    def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in data.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[f"{prefix}{key}"] = value
-        return flat
-
-    old, new = flatten(tomllib.loads(saved_toml)), flatten(tomllib.loads(recipe.to_toml()))
+    old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.to_toml()))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return ", ".join(keys) or "formatting"
