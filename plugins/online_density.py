@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from plugins.mixture_prior import GaussianMixturePrior
 from sandbox.api import DensityEstimator
@@ -28,6 +28,30 @@ def require_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def process_count() -> int:
+    """The number of processes of an initialised torch.distributed group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def average_gradients_and_sum(parameters: list[nn.Parameter], summary: Tensor, processes: int) -> Tensor:
+    """Average the gradients over processes (missing ones count as 0) and sum ``summary``.
+
+    One all-reduce of one flat buffer: every process then makes the same Adam update, so the
+    estimator stays identical across processes although each sees only its own shard's pixels.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [summary.float()])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for parameter, grad in zip(parameters, grads):
+        size = grad.numel()
+        parameter.grad = (flat[offset : offset + size] / processes).view_as(grad).to(grad.dtype)
+        offset += size
+    return flat[offset:]
 
 
 class OnlineMixtureDensity(DensityEstimator):
@@ -98,27 +122,35 @@ class OnlineMixtureDensity(DensityEstimator):
         lr = float(self.optimizer.param_groups[0]["lr"])
         features, labels = features.detach(), labels.detach()
         count = features.shape[0]
-        if count == 0:
+        processes = process_count()
+        if count == 0 and processes == 1:
             self.scheduler.step()
             return {"nll": math.nan, "lr": lr}
-        if count > self.sampled_pixels:
-            index = torch.randperm(count, device=features.device)[: self.sampled_pixels]
-            features, labels = features[index], labels[index]
-        features = features.float()
-        noisy = features + self.input_noise * torch.randn_like(features)
-        with torch.enable_grad():
-            components, log_det = self._scores(noisy)
-            loss = -(self.prior.combine(components, labels) + log_det).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        with torch.no_grad():
-            labeled = labels >= 0
-            correct = ((components.argmax(dim=1) == labels) & labeled).sum()
-            summary = torch.stack([loss.detach(), correct.float(), labeled.sum().float()])
+        self.optimizer.zero_grad(set_to_none=True)
+        if count > 0:
+            if count > self.sampled_pixels:
+                index = torch.randperm(count, device=features.device)[: self.sampled_pixels]
+                features, labels = features[index], labels[index]
+            features = features.float()
+            noisy = features + self.input_noise * torch.randn_like(features)
+            with torch.enable_grad():
+                components, log_det = self._scores(noisy)
+                loss = -(self.prior.combine(components, labels) + log_det).mean()
+                loss.backward()
+            with torch.no_grad():
+                labeled = labels >= 0
+                correct = ((components.argmax(dim=1) == labels) & labeled).sum()
+                summary = torch.stack([loss.detach(), correct.float(), labeled.sum().float()])
+        else:  # this process has no pixels but must join the others' reduction
+            summary = torch.tensor([math.nan, 0.0, 0.0], device=self.prior.means.device)
+        if processes > 1:
+            summary = average_gradients_and_sum(list(self.parameters()), summary, processes)
+            summary[0] /= processes
         nll, num_correct, num_labeled = summary.tolist()  # the one host synchronisation
+        if math.isfinite(nll):  # a non-finite NLL (on any process) skips the update everywhere
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
         stats = {"nll": nll, "lr": lr}
         if num_labeled > 0:
             stats["accuracy"] = num_correct / num_labeled

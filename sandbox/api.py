@@ -112,7 +112,10 @@ class DensityEstimator(nn.Module, abc.ABC):
         """Restore what :meth:`optimizer_state` returned."""
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything needed to resume: parameters, buffers and optimizer state."""
+        """Everything needed to resume: parameters, buffers and optimizer state.
+
+        Tensors, containers and primitives only: a resume reads checkpoints with ``weights_only=True``.
+        """
         return {"module": self.state_dict(), "optimizer": self.optimizer_state()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:

@@ -83,7 +83,18 @@ class TrainSection(Section):
     log_every: PositiveInt = 10
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 500
+    max_consecutive_nonfinite: PositiveInt = 10
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = []
+    reference_total_batch: PositiveInt | None = Field(
+        None,
+        description=(
+            "the total labeled batch (batch_size x processes) that lr was tuned for; when set, lr is "
+            "multiplied by batch_size x processes / reference_total_batch (linear scaling rule)"
+        ),
+    )
+    sync_bn: bool = Field(
+        False, description="SyncBatchNorm in the student when several processes run on CUDA devices"
+    )
 
 
 class EvalSection(Section):
@@ -128,10 +139,18 @@ class Recipe(Section):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file, with its ``base`` chain merged in (the file's own keys win)."""
+def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Parse a TOML file, with its ``base`` chain merged in (the file's own keys win).
+
+    A file that names itself through its ``base`` chain is an error naming the cycle.
+    """
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(resolved):], resolved))
+        raise SandboxError(f"{path}: base recipes form a cycle: {cycle}")
     if not path.is_file():
-        raise SandboxError(f"recipe {path} does not exist")
+        where = f" (base of {_chain[-1]})" if _chain else ""
+        raise SandboxError(f"recipe {path}{where} does not exist")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
@@ -141,7 +160,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise SandboxError(f"{path}: base = {base!r}: expected a path to another recipe")
-    return merge(read_toml(path.parent / base), data)
+    return merge(read_toml(path.parent / base, (*_chain, resolved)), data)
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

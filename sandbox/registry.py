@@ -96,8 +96,10 @@ class Component:
         resolved = self.resolve_options(options, f"[{self.kind.name}]")
         try:
             product = self.factory(**context, **resolved)
-        except (ValueError, FileNotFoundError, KeyError) as error:
-            raise SandboxError(f"{self.kind.name} {self.name!r} ({self.provider}): {error}") from error
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+            # A factory refusing a combination of options (ValueError, or TypeError as many do).
+            detail = f"TypeError: {error}" if isinstance(error, TypeError) else str(error)
+            raise SandboxError(f"{self.kind.name} {self.name!r} ({self.provider}): {detail}") from error
         if not isinstance(product, self.kind.product):
             raise SandboxError(
                 f"{self.kind.name} plugin {self.name!r} (from {self.provider}) returned "

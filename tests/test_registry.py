@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fake_distribution import FakeDistribution
 from sandbox.api import ClassifierOutput, PerturbationContext
 from sandbox.errors import SandboxError
-from sandbox.plugins import ENTRY_POINT_GROUP, build_registry, load_registry, make_plugin_host
+from sandbox.plugins import build_registry, load_registry, make_plugin_host
 from sandbox.registry import KINDS, Registry
 
 BUILTINS = {
@@ -97,23 +98,6 @@ class Shake(Perturbation):
 def sandbox_register_perturbations(register):
     register("shake", Shake)
 """
-
-
-class FakeDistribution(importlib.metadata.Distribution):
-    """An installed distribution with one entry point in the sandbox group, without installing."""
-
-    def __init__(self, module: str) -> None:
-        self.module = module
-
-    def read_text(self, filename: str) -> str | None:
-        if filename == "METADATA":
-            return "Metadata-Version: 2.1\nName: shake-plugin\nVersion: 1.2.3\n"
-        if filename == "entry_points.txt":
-            return f"[{ENTRY_POINT_GROUP}]\nshake = {self.module}\n"
-        return None
-
-    def locate_file(self, path: str) -> Path:
-        return Path(path)
 
 
 def test_third_party_plugin_is_discovered_from_an_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

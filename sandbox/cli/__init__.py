@@ -41,5 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     except SandboxError as error:
         if "--debug" in args:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(error.exit_code)

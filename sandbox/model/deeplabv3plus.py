@@ -44,8 +44,26 @@ class ASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Concatenate every branch's output, ``(B, out_channels, h, w)``."""
-        pooled = self.pooling(x).expand(-1, -1, x.shape[2], x.shape[3])
+        pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
         return torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """The image-pooling branch, ``(B, channels, 1, 1)``.
+
+        Its BatchNorm sees one value per channel and sample, so a training batch of one sample
+        (a per-process batch of 1) has no batch statistics: BatchNorm would raise "Expected more
+        than 1 value per channel". Such a batch is normalised with the running statistics instead
+        (its affine parameters still train; the running statistics are not updated by it). A
+        SyncBatchNorm gathers the statistics of every process and keeps its batch statistics.
+        """
+        average, conv, norm, relu = self.pooling
+        y = conv(average(x))
+        if self.training and y.shape[0] == 1 and not isinstance(norm, nn.SyncBatchNorm):
+            assert isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None and norm.running_var is not None
+            y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        else:
+            y = norm(y)
+        return relu(y)
 
 
 class DualBatchNorm2d(nn.Module):

@@ -1,12 +1,18 @@
-"""The Accelerator every command uses: devices, processes and mixed precision from the recipe."""
+"""The Accelerator every command uses, and what training on several processes needs.
+
+Devices, processes and mixed precision come from the recipe; the learning-rate scaling rule,
+SyncBatchNorm and the teacher's buffer broadcast are for multi-process runs.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
 from sandbox.errors import SandboxError
 
@@ -36,3 +42,56 @@ def make_accelerator(
         )
     except (ValueError, ImportError) as error:
         raise SandboxError(f"train.trackers = {list(trackers)!r}: {error}") from None
+
+
+def scaled_lr(lr: float, batch_size: int, num_processes: int, reference_total_batch: int | None) -> float:
+    """The learning rate for a total labeled batch of ``batch_size * num_processes`` (linear scaling rule).
+
+    ``reference_total_batch`` is the total batch that ``lr`` was tuned for; None keeps ``lr``.
+    E.g. a recipe tuned on 4 GPUs x 4 images (reference 16) run on 8 GPUs x 4 gets ``2 * lr``.
+    """
+    if reference_total_batch is None:
+        return lr
+    return lr * batch_size * num_processes / reference_total_batch
+
+
+def maybe_sync_batchnorm(model: nn.Module, accelerator: Accelerator, enabled: bool) -> nn.Module:
+    """``model`` with SyncBatchNorm layers when ``enabled`` and several processes run on CUDA devices.
+
+    SyncBatchNorm only runs on CUDA: asked for on CPU (or other) processes, the main process prints
+    one warning line and the BatchNorms stay. A single process keeps BatchNorm (nothing to sync).
+    Call before ``accelerator.prepare``.
+    """
+    if not enabled or accelerator.num_processes == 1:
+        return model
+    if accelerator.device.type != "cuda":
+        if accelerator.is_main_process:
+            print(
+                f"warning: train.sync_bn needs CUDA devices; the {accelerator.num_processes} "
+                f"{accelerator.device.type} processes keep per-process BatchNorm",
+                file=sys.stderr,
+            )
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Overwrite ``module``'s buffers (BatchNorm statistics) with the main process's.
+
+    DistributedDataParallel broadcasts the student's buffers at the start of each forward, so
+    after a forward every process holds statistics of its own shard; a teacher copying them
+    would drift apart across processes. One collective per buffer dtype.
+    """
+    if accelerator.num_processes == 1:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import platform
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -21,12 +22,12 @@ from sandbox.data.views import StreamSampler
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
-from sandbox.train.accelerator import make_accelerator
+from sandbox.train.accelerator import broadcast_buffers, make_accelerator, maybe_sync_batchnorm, scaled_lr
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.progress import ProgressReporter
-from sandbox.train.rundir import RunDirectory, atomic_torch_save
+from sandbox.train.rundir import COMPLETE_MARKER, RunDirectory, atomic_torch_save, atomic_write_bytes, verify_checkpoint
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
 CHECKPOINTS_KEPT = 2
@@ -44,6 +45,13 @@ class TrainingState:
     log_sums: dict[str, float] = field(default_factory=dict)
     """Sums of the logged values since the last metrics record (a resume continues the window)."""
     log_steps: int = 0
+    log_updates: int = 0
+    """Steps of the current metrics window whose update was applied (the divisor of the means)."""
+    skipped_updates: int = 0
+    """Steps whose loss was not finite: no optimizer step, no EMA update (or an AMP overflow)."""
+    skipped_density_updates: int = 0
+    """Density-estimator updates skipped because the estimator's NLL was not finite."""
+    consecutive_nonfinite: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         """For ``Accelerator.register_for_checkpointing``."""
@@ -104,10 +112,13 @@ class Trainer:
         model = build_model(recipe, registry, self.source.num_classes)
         self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
         self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
-        head_lr = settings.lr * settings.head_lr_multiplier
+        model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)  # the teacher stays plain
+        self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
+        """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
+        head_lr = self.lr * settings.head_lr_multiplier
         optimizer = torch.optim.SGD(
-            [{"params": model.encoder_parameters(), "lr": settings.lr}, {"params": model.decoder_parameters(), "lr": head_lr}],
-            lr=settings.lr,
+            [{"params": model.encoder_parameters(), "lr": self.lr}, {"params": model.decoder_parameters(), "lr": head_lr}],
+            lr=self.lr,
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
         )
@@ -144,21 +155,78 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
+        """Write ``checkpoints/step_N``; it counts once its ``COMPLETE`` marker exists (written last, atomically)."""
         folder = self.run_dir.checkpoints / f"step_{self.state.step:08d}"
+        if self.accelerator.is_main_process and folder.exists():
+            shutil.rmtree(folder)  # a leftover of an earlier attempt at this step: never mix two states
+        self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(folder))
+        self.accelerator.wait_for_everyone()  # every process's files are written before the marker
         if self.accelerator.is_main_process:
-            (folder / "COMPLETE").write_text(str(self.state.step))
+            atomic_write_bytes(folder / COMPLETE_MARKER, str(self.state.step).encode())
             for old in self.run_dir.complete_checkpoints()[:-CHECKPOINTS_KEPT]:
                 shutil.rmtree(old)
+            self.run_dir.remove_incomplete_checkpoints()
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
-        checkpoint = self.run_dir.latest_checkpoint()
-        if checkpoint is None:
+        """Load the newest checkpoint that loads; a damaged one is set aside with a one-line warning."""
+        if self.accelerator.is_main_process:
+            self.run_dir.remove_incomplete_checkpoints()  # a kill during save_state left them
+        self.accelerator.wait_for_everyone()
+        candidates = self.run_dir.complete_checkpoints()[::-1]
+        if not candidates:
             return
-        self.accelerator.load_state(str(checkpoint))
+        for index, checkpoint in enumerate(candidates):
+            try:
+                verify_checkpoint(checkpoint)
+                self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+            except Exception as error:
+                problem = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                following = candidates[index + 1] if index + 1 < len(candidates) else None
+                fallback = f"resuming from {following.name}" if following else "no other checkpoint"
+                if self.accelerator.is_main_process:
+                    print(f"warning: checkpoint {checkpoint} could not be loaded ({problem}); {fallback}", file=sys.stderr)
+                    checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
+                continue
+            break
+        else:
+            raise SandboxError(
+                f"--resume: no checkpoint in {self.run_dir.checkpoints} could be loaded; start again with --overwrite"
+            )
         if self.accelerator.is_main_process:
             self.run_dir.truncate_metrics(self.state.step)
+
+    # -- non-finite values ------------------------------------------------------------------------
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process (all skip the update together)."""
+        flag = torch.isfinite(loss.detach().float()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.gather(flag).min().reshape(1)
+        return bool(flag.item())
+
+    def _buffer_snapshot(self) -> list[torch.Tensor]:
+        """Copies of the student's buffers (BatchNorm statistics), restored when a step is skipped."""
+        return [buffer.detach().clone() for buffer in self.accelerator.unwrap_model(self.model).buffers()]
+
+    def _restore_buffers(self, snapshot: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self.accelerator.unwrap_model(self.model).buffers(), snapshot):
+                buffer.copy_(saved)
+
+    def _stop_nonfinite(self, sums: dict[str, Any], window_steps: int, window_updates: int, segment_start: float) -> None:
+        """Checkpoint the last good state and stop with a one-line error."""
+        self.state.wall_time += time.perf_counter() - segment_start
+        self.state.log_sums = {key: float(value) for key, value in sums.items()}
+        self.state.log_steps, self.state.log_updates = window_steps, window_updates
+        self._save_checkpoint()
+        count = self.state.consecutive_nonfinite
+        raise SandboxError(
+            f"training stopped at step {self.state.step}: {count} consecutive non-finite losses "
+            f"(train.max_consecutive_nonfinite = {self.recipe.train.max_consecutive_nonfinite}); the last good state is "
+            f"checkpointed in {self.run_dir.checkpoints / f'step_{self.state.step:08d}'}"
+        )
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -166,7 +234,8 @@ class Trainer:
         use_teacher = self.recipe.eval.model == "teacher" and self.state.step > self.recipe.train.warmup_iters
         return self.teacher if use_teacher else self.accelerator.unwrap_model(self.model)
 
-    def _evaluate(self, reporter: ProgressReporter) -> EvalResult:
+    def _evaluate(self, reporter: ProgressReporter, log: bool = True) -> EvalResult:
+        """Evaluate, keep the best weights; ``log=False`` writes no metrics record (already written)."""
         model = self._eval_model()
         result = evaluate(
             model, val_loader(self.source, self.recipe.eval, self.accelerator), self.source.class_names,
@@ -176,7 +245,7 @@ class Trainer:
         if improved:
             self.state.best_miou, self.state.best_step = result.miou, self.state.step
             self.state.best_per_class = result.per_class
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and log:
             self.run_dir.append_metrics({"step": self.state.step, "val_miou": result.miou, "val_per_class_iou": result.per_class})
             if improved:
                 self._save_weights(model, self.run_dir.best_weights, result.miou)
@@ -211,12 +280,13 @@ class Trainer:
         self.model.train()
         self.teacher.train(settings.teacher_mode == "train")  # the reference predicts in train mode
         sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
-        window_start, window_steps = time.perf_counter(), self.state.log_steps
+        window_start, window_steps, window_updates = time.perf_counter(), self.state.log_steps, self.state.log_updates
         segment_start = time.perf_counter()
         result: EvalResult | None = None
         with reporter:
             while self.state.step < settings.iters:
                 step = self.state.step
+                buffers = self._buffer_snapshot()
                 images, masks = next(labeled)
                 batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))
                 with self.accelerator.autocast():
@@ -226,41 +296,62 @@ class Trainer:
                         weak, strong, padding = (t.to(self.accelerator.device) for t in next(unlabeled))
                         if step == settings.warmup_iters:
                             update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), 0.0)
+                            broadcast_buffers(self.teacher, self.accelerator)  # one teacher on every process
                         loss, logs = self.step_fn.semi_supervised(
                             step, self.model, self.teacher, batch_l, UnlabeledBatch(weak, strong, padding)
                         )
                 self.optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                self.optimizer.step()
+                finite = self._all_finite(loss)
+                if finite:
+                    self.accelerator.backward(loss)
+                    self.optimizer.step()
+                    stepped = not self.accelerator.optimizer_step_was_skipped  # an fp16 overflow skips it
+                else:  # no update; forget the BatchNorm statistics the bad forward pass collected
+                    self._restore_buffers(buffers)
+                    stepped = False
                 self.scheduler.step()
-                if step >= settings.warmup_iters:
+                if stepped and step >= settings.warmup_iters:
                     decay = ema_decay(step, settings.warmup_iters, settings.ema_decay)
                     update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), decay)
+                    broadcast_buffers(self.teacher, self.accelerator)  # the student's were this shard's
                 self.state.step += 1
                 window_steps += 1
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + value.float()
+                self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
+                if stepped:
+                    self.state.consecutive_nonfinite = 0
+                    window_updates += 1
+                    for key, value in logs.items():
+                        sums[key] = sums.get(key, 0.0) + value.float()
+                else:
+                    self.state.skipped_updates += 1
+                    self.state.consecutive_nonfinite += 0 if finite else 1
                 if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
                     elapsed = time.perf_counter() - window_start
-                    record = {"step": self.state.step, **{k: float(v) / window_steps for k, v in sums.items()}}
+                    record = {"step": self.state.step, **{k: float(v) / max(window_updates, 1) for k, v in sums.items()}}
                     record["lr"] = self.scheduler.get_last_lr()[0]
+                    record["skipped_updates"] = self.state.skipped_updates
+                    if self.method.density is not None:
+                        record["skipped_density_updates"] = self.state.skipped_density_updates
                     record["images_per_s"] = window_steps * (settings.batch_size + (
                         settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * self.accelerator.num_processes / elapsed
                     if self.accelerator.is_main_process:
                         self.run_dir.append_metrics(record)
                     self.accelerator.log(record, step=self.state.step)
                     reporter.logged(record)
-                    sums, window_start, window_steps = {}, time.perf_counter(), 0
+                    sums, window_start, window_steps, window_updates = {}, time.perf_counter(), 0, 0
+                if self.state.consecutive_nonfinite >= settings.max_consecutive_nonfinite:
+                    self._stop_nonfinite(sums, window_steps, window_updates, segment_start)
                 if self.state.step % settings.eval_every == 0 or self.state.step == settings.iters:
                     result = self._evaluate(reporter)
                 if self.state.step % settings.checkpoint_every == 0 or self.state.step == settings.iters:
                     self.state.wall_time += time.perf_counter() - segment_start
                     self.state.log_sums = {key: float(value) for key, value in sums.items()}
                     self.state.log_steps = window_steps
+                    self.state.log_updates = window_updates
                     segment_start = time.perf_counter()
                     self._save_checkpoint()
-        if result is None:  # resumed a finished run: evaluate the final model again
-            result = self._evaluate(reporter)
+        if result is None:  # resumed a finished run: evaluate the final model again (logged already)
+            result = self._evaluate(reporter, log=False)
         return self._finish(result)
 
     def _finish(self, result: EvalResult) -> dict[str, Any]:
@@ -274,7 +365,10 @@ class Trainer:
             "best_step": self.state.best_step,
             "best_per_class_iou": self.state.best_per_class,
             "wall_time_s": self.state.wall_time,
+            "skipped_updates": self.state.skipped_updates,
+            "skipped_density_updates": self.state.skipped_density_updates,
             "processes": self.accelerator.num_processes,
+            "lr": self.lr,
             "mixed_precision": self.recipe.train.mixed_precision,
             "versions": package_versions(self.registry),
             "run_dir": str(self.run_dir.path),
@@ -282,6 +376,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._save_weights(self._eval_model(), self.run_dir.last_weights, result.miou)
             self.run_dir.write_summary(summary)
-        self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
+        for tracker in self.accelerator.trackers:  # not end_training(): it destroys the process group,
+            tracker.finish()  # which later collectives (another ablation run, an evaluation) still need
         return summary

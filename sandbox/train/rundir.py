@@ -42,6 +42,33 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+COMPLETE_MARKER = "COMPLETE"
+"""Written last (atomically) into a checkpoint folder: only folders holding it count."""
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Read every file of a checkpoint folder as plain data; raise if one is damaged or unsafe.
+
+    Accelerate's ``load_state`` reads the optimizer, scheduler and RNG files with
+    ``weights_only=True`` but unpickles the registered objects (``custom_checkpoint_*.pkl``) with
+    ``weights_only=False``. Reading each file first with ``weights_only=True`` (tensors, containers
+    and primitives only; numpy's RNG state as Accelerate allows) makes a file that holds any other
+    object, or a truncated one, fail here before anything is loaded.
+    """
+    from accelerate.utils.other import load as accelerate_load
+    from safetensors import safe_open
+
+    for path in sorted(folder.iterdir()):
+        if path.name == COMPLETE_MARKER or path.is_dir():
+            continue
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_tensor(key)
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            accelerate_load(path, map_location="cpu", weights_only=True)
+
+
 class RunDirectory:
     """``<output_dir>/<name>/seed<seed>/`` and the files a run writes there."""
 
@@ -91,8 +118,14 @@ class RunDirectory:
         """Drop metric records past ``after_step`` (written after the checkpoint a resume starts from)."""
         if not self.metrics_file.is_file():
             return
-        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+        kept = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= after_step:
+                kept.append(line)
         atomic_write_bytes(self.metrics_file, "".join(line + "\n" for line in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -101,7 +134,15 @@ class RunDirectory:
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoint folders whose writing finished (they hold ``COMPLETE``), oldest first."""
-        return sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
+        return sorted(p for p in self.checkpoints.glob("step_*") if (p / COMPLETE_MARKER).is_file())
+
+    def remove_incomplete_checkpoints(self) -> None:
+        """Delete checkpoint folders without ``COMPLETE`` (a kill during saving) and stray temporary files."""
+        for folder in self.checkpoints.glob("step_*"):
+            if folder.is_dir() and not (folder / COMPLETE_MARKER).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+        for stray in [*self.path.glob(".*.pt.*"), *self.checkpoints.glob(f"step_*/.{COMPLETE_MARKER}.*")]:
+            stray.unlink(missing_ok=True)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder, or None."""

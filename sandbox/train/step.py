@@ -6,6 +6,7 @@ density estimator) and the consistency losses. The step never looks at a compone
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,6 +51,13 @@ class SemiSupervisedStep:
         self.method = method
         self.ignore_index = ignore_index
         self.seed = seed
+        self.skipped_density_updates = 0
+        """Density updates whose NLL was not finite since :meth:`take_skipped_density_updates`."""
+
+    def take_skipped_density_updates(self) -> int:
+        """The number of skipped density updates since the last call (and reset it)."""
+        count, self.skipped_density_updates = self.skipped_density_updates, 0
+        return count
 
     def supervised(self, student: nn.Module, labeled: LabeledBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Warm-up: cross-entropy on labeled images only."""
@@ -101,4 +109,8 @@ class SemiSupervisedStep:
         keep[num_labeled:] &= ~resize_mask(padding, size)
         pixels = embedding.detach().permute(0, 2, 3, 1)[keep].float()
         stats = self.method.density.fit_step(pixels, labels[keep])
+        if not math.isfinite(stats.get("nll", 0.0)):
+            # The estimator made no update (the built-ins skip a non-finite NLL); not logged as a value.
+            self.skipped_density_updates += 1
+            stats = {key: value for key, value in stats.items() if key not in ("nll", "accuracy")}
         return {f"density_{key}": torch.tensor(value) for key, value in stats.items()}

@@ -16,8 +16,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise SandboxError(f"checkpoint {path} does not exist (expected a run's best.pt or last.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SandboxError(f"checkpoint {path} could not be read: {type(error).__name__}: {error}") from None
+    except Exception as error:  # truncated, not a torch file, or pickled objects other than plain data
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise SandboxError(f"checkpoint {path} could not be read: {type(error).__name__}: {detail}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -27,8 +28,16 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, recipe_name: str) -> None:
     """Load ``weights`` (read from ``path``) into ``model``; another architecture's are a one-line error."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    reshaped = [key for key, value in expected.items() if key in weights and tuple(weights[key].shape) != tuple(value.shape)]
+    if missing or unexpected or reshaped:
+        parts = sorted({key.split(".")[0] for key in (*missing, *unexpected, *reshaped)})
+        details = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else ""]
+        details += [f"shape of {key}: {tuple(weights[key].shape)} in the file, {tuple(expected[key].shape)} here" for key in reshaped[:2]]
         raise SandboxError(
-            f"checkpoint {path} does not fit recipe {recipe_name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"checkpoint {path} does not fit recipe {recipe_name!r} (mismatched parts: {', '.join(parts)}): "
+            + "; ".join(detail for detail in details if detail)
         )
+    model.load_state_dict(weights)

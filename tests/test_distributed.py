@@ -1,0 +1,290 @@
+"""Training on several processes: 2 CPU (gloo) processes on one machine, and two "machines" on one host.
+
+The launches go through ``accelerate launch --multi_gpu`` exactly as on GPUs; CPU-only processes
+talk through gloo. A small worker script trains the tiny recipe with :class:`Trainer` and saves
+what each rank ended with to ``rank{i}.pt``: teacher and student weights, the reduced confusion
+matrix, the optimizer's learning rate, and every run-directory write a non-main process attempted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from plugins.backbones import TimmBackbone
+from sandbox.model.deeplabv3plus import DeepLabV3Plus
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train.accelerator import maybe_sync_batchnorm, scaled_lr
+from sandbox.train.loop import Trainer
+from sandbox.train.rundir import RunDirectory
+
+LAUNCH_TIMEOUT_S = 240
+
+WORKER = '''
+"""Train a recipe with Trainer; save this rank's end state to OUT/rank{i}.pt."""
+import sys
+from pathlib import Path
+
+import torch
+
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train import loop
+from sandbox.train.evaluate import build_val_view, evaluate, val_loader
+from sandbox.train.loop import Trainer
+from sandbox.train.rundir import RunDirectory
+
+recipe_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+registry = load_registry()
+recipe = resolve_components(load_recipe(recipe_path, sys.argv[3:]), registry)
+run_dir = RunDirectory.for_recipe(recipe)
+trainer = Trainer(recipe, registry, run_dir)
+accelerator = trainer.accelerator
+writes = []
+if accelerator.is_main_process:
+    run_dir.prepare(recipe, resume=False, overwrite=False)
+else:  # record, instead of doing, every run-directory write this process attempts
+    for name in ("prepare", "append_metrics", "write_summary", "truncate_metrics"):
+        setattr(RunDirectory, name, lambda self, *args, _name=name, **kwargs: writes.append(_name))
+    for name in ("atomic_torch_save", "atomic_write_bytes"):
+        if hasattr(loop, name):
+            setattr(loop, name, lambda *args, _name=name, **kwargs: writes.append(_name))
+accelerator.wait_for_everyone()
+trainer.train()
+
+source = trainer.source
+loader = val_loader(source, recipe.eval, accelerator)
+result = evaluate(trainer.teacher, loader, source.class_names, accelerator, recipe.eval, source.ignore_index)
+expected = sum(int((mask != source.ignore_index).sum()) for _, mask in build_val_view(source, recipe.eval))
+student = accelerator.unwrap_model(trainer.model)
+torch.save(
+    {
+        "num_processes": accelerator.num_processes,
+        "teacher": {k: v.detach().cpu() for k, v in trainer.teacher.state_dict().items()},
+        "student": {k: v.detach().cpu() for k, v in student.named_parameters()},
+        "density": {k: v.detach().cpu() for k, v in trainer.method.density.state_dict().items()},
+        "density_adam": trainer.method.density.optimizer_state()["optimizer"]["state"],
+        "matrix": result.matrix,
+        "expected_pixels": expected,
+        "shard_images": len(loader.dataset),
+        "initial_lr": [group["initial_lr"] for group in trainer.optimizer.param_groups],
+        "sync_bn_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in student.modules()),
+        "writes": writes,
+    },
+    out / f"rank{accelerator.process_index}.pt",
+)
+'''
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(tmp_path: Path) -> dict[str, str]:
+    """CPU-only processes, one thread each, no user Accelerate config."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+
+
+def accelerate_command(*options: str) -> list[str]:
+    """``accelerate launch --multi_gpu ...`` with the flags that keep it from prompting or warning."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+        "--dynamo_backend", "no", *options,
+    ]
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``command`` in its own process group, output to ``log``."""
+    handle = log.open("w")
+    try:
+        return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        handle.close()
+
+
+def finish(processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Wait for every process (bounded); kill every process group that is left; all must succeed."""
+    try:
+        for process in processes:
+            process.wait(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, f"exit status {process.returncode}:\n{log.read_text()[-4000:]}"
+
+
+def worker_script(tmp_path: Path) -> Path:
+    """Write the worker script into ``tmp_path``."""
+    path = tmp_path / "train_worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def rank_states(out: Path, count: int) -> list[dict]:
+    """What each of ``count`` ranks saved."""
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(count)]
+
+
+def assert_identical_teachers(states: list[dict]) -> None:
+    """Every rank's teacher (parameters and buffers) and student parameters are bit-identical."""
+    reference = states[0]
+    for state in states[1:]:
+        assert state["teacher"].keys() == reference["teacher"].keys()
+        differing = [k for k, v in state["teacher"].items() if not torch.equal(v, reference["teacher"][k])]
+        assert not differing, f"teachers differ across ranks in {differing[:5]}"
+        differing = [k for k, v in state["student"].items() if not torch.equal(v, reference["student"][k])]
+        assert not differing, f"students differ across ranks in {differing[:5]}"
+        differing = [k for k, v in state["density"].items() if not torch.equal(v, reference["density"][k])]
+        assert not differing, f"density estimators differ across ranks in {differing[:5]}"
+        for index, moments in reference["density_adam"].items():
+            assert all(torch.equal(moments[key], state["density_adam"][index][key]) for key in ("exp_avg", "exp_avg_sq"))
+    buffers = [k for k in reference["teacher"] if "running_mean" in k]
+    assert buffers, "the comparison covers the BatchNorm statistics"
+    assert reference["density_adam"], "the density estimator was trained"
+
+
+def test_two_processes_train_one_teacher_reduce_every_val_image_and_only_rank0_writes(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = [
+        "dataset.num_val=5",  # odd: the shards hold 3 and 2 images
+        "train.threads=1",
+        "train.reference_total_batch=2",  # 2 processes x batch 2 = 4: twice the recipe's lr
+        "train.sync_bn=true",  # CPU processes: a warning, BatchNorm stays
+    ]
+    command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
+    log = tmp_path / "launch.log"
+    finish([start([*command, str(worker_script(tmp_path)), str(tiny_recipe), str(out), *overrides], launch_env(tmp_path), log)], [log])
+
+    states = rank_states(out, 2)
+    assert [s["num_processes"] for s in states] == [2, 2]
+    assert_identical_teachers(states)
+
+    # The confusion matrix is reduced over both shards, every val image counted once.
+    assert sorted(s["shard_images"] for s in states) == [2, 3]
+    for state in states:
+        assert int(state["matrix"].sum()) == state["expected_pixels"] > 0
+    assert torch.equal(states[0]["matrix"], states[1]["matrix"])
+
+    # Linear scaling: lr x (2 x 2) / 2 for the backbone, the head's multiplier on top.
+    recipe = load_recipe(tiny_recipe, overrides)
+    lr = recipe.train.lr * 2
+    for state in states:
+        assert state["initial_lr"] == pytest.approx([lr, lr * recipe.train.head_lr_multiplier])
+        assert state["sync_bn_layers"] == 0
+
+    # Only the main process writes the run directory.
+    assert states[1]["writes"] == []
+    run_dir = RunDirectory.for_recipe(recipe).path
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in logged if "val_miou" in r] == [3, 6]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["lr"] == pytest.approx(lr)
+    assert (run_dir / "last.pt").is_file()
+
+    warnings = [line for line in log.read_text().splitlines() if "train.sync_bn" in line]
+    assert len(warnings) == 1, warnings
+
+
+def test_two_machines_on_one_host_train_identical_weights(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Two ``accelerate launch`` "nodes" (one CPU process each) rendezvous over 127.0.0.1.
+
+    Per-process labeled batch of 1: the ASPP image pooling meets a single sample in warm-up.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    script = worker_script(tmp_path)
+    overrides = ["train.threads=1", "train.iters=4", "train.batch_size=1", "train.eval_every=4", "train.checkpoint_every=4"]
+    port, env = free_port(), launch_env(tmp_path)
+    processes, logs = [], []
+    try:
+        for machine in (0, 1):
+            command = accelerate_command(
+                "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            )
+            logs.append(tmp_path / f"machine{machine}.log")
+            processes.append(start([*command, str(script), str(tiny_recipe), str(out), *overrides], env, logs[-1]))
+    finally:
+        finish(processes, logs)
+    states = rank_states(out, 2)
+    assert [s["num_processes"] for s in states] == [2, 2]
+    assert_identical_teachers(states)
+    assert states[1]["writes"] == []
+
+
+def test_aspp_trains_on_a_batch_of_one_with_running_statistics() -> None:
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(TimmBackbone("resnet18"), 5, [1, 2], channels=16, low_level_channels=8).train()
+    norm = model.aspp.pooling[2]
+    before = norm.running_mean.clone()
+    out = model(torch.randn(1, 3, 32, 32))
+    torch.nn.functional.cross_entropy(out.logits, torch.randint(0, 5, (1, 32, 32))).backward()
+    assert out.logits.shape == (1, 5, 32, 32) and torch.isfinite(out.logits).all()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0, "the pooling branch still trains"
+    assert torch.equal(norm.running_mean, before), "a single sample does not update the statistics"
+    # Two samples: ordinary batch statistics, which update the running mean.
+    model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(norm.running_mean, before)
+
+
+def test_linear_scaling_rule() -> None:
+    assert scaled_lr(0.01, 4, 8, None) == 0.01
+    assert scaled_lr(0.01, 4, 8, 16) == pytest.approx(0.02)
+    assert scaled_lr(0.01, 4, 1, 16) == pytest.approx(0.0025)
+    assert scaled_lr(0.01, 2, 3, 6) == pytest.approx(0.01)
+
+
+def test_one_process_with_twice_the_reference_batch_gets_half_the_lr(tiny_recipe: Path) -> None:
+    registry = load_registry()
+    recipe = resolve_components(load_recipe(tiny_recipe, ["train.reference_total_batch=4", "train.sync_bn=true"]), registry)
+    trainer = Trainer(recipe, registry, RunDirectory.for_recipe(recipe))
+    assert trainer.accelerator.num_processes == 1
+    lr = recipe.train.lr / 2
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([lr, lr * recipe.train.head_lr_multiplier])
+    assert trainer.lr == pytest.approx(lr)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()), "one process: nothing to sync"
+
+
+def test_sync_bn_converts_the_student_only_for_several_cuda_processes(capsys: pytest.CaptureFixture) -> None:
+    def batchnorms(model: torch.nn.Module, kind: type) -> int:
+        return sum(type(m) is kind for m in model.modules())
+
+    def small() -> DeepLabV3Plus:
+        return DeepLabV3Plus(TimmBackbone("resnet18"), 5, [1, 2], channels=16, low_level_channels=8)
+
+    count = batchnorms(small(), torch.nn.BatchNorm2d)
+    cuda = SimpleNamespace(num_processes=2, device=torch.device("cuda"), is_main_process=True)
+    converted = maybe_sync_batchnorm(small(), cuda, enabled=True)  # conversion needs no GPU
+    assert batchnorms(converted, torch.nn.SyncBatchNorm) == count and batchnorms(converted, torch.nn.BatchNorm2d) == 0
+    assert batchnorms(maybe_sync_batchnorm(small(), cuda, enabled=False), torch.nn.SyncBatchNorm) == 0
+    single = SimpleNamespace(num_processes=1, device=torch.device("cuda"), is_main_process=True)
+    assert batchnorms(maybe_sync_batchnorm(small(), single, enabled=True), torch.nn.SyncBatchNorm) == 0
+    assert capsys.readouterr().err == ""
+
+    cpu = SimpleNamespace(num_processes=2, device=torch.device("cpu"), is_main_process=True)
+    kept = maybe_sync_batchnorm(small(), cpu, enabled=True)
+    assert batchnorms(kept, torch.nn.SyncBatchNorm) == 0 and batchnorms(kept, torch.nn.BatchNorm2d) == count
+    assert capsys.readouterr().err.count("warning: train.sync_bn") == 1

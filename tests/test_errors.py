@@ -1,0 +1,244 @@
+"""Malformed inputs: each is one line on stderr naming the culprit, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fake_distribution import FakeDistribution
+from sandbox.cli import main
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train.rundir import RunDirectory
+
+SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
+
+
+@dataclass
+class Case:
+    """A malformed input: ``make(tmp_path, tiny_recipe)`` writes files and returns the CLI arguments."""
+
+    make: Callable[[Path, Path], list[str]]
+    expected: str
+    """Text the error line must hold (the file, key or plugin at fault)."""
+
+
+def write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def show(*extra: str) -> Callable[[Path, Path], list[str]]:
+    """``sandbox recipe show TINY --set ...``."""
+    return lambda tmp, tiny: ["recipe", "show", str(tiny), *extra]
+
+
+def recipe_text(text: str) -> Callable[[Path, Path], list[str]]:
+    """``sandbox recipe show`` of a recipe file holding ``text``."""
+    return lambda tmp, tiny: ["recipe", "show", write(tmp / "bad.toml", text)]
+
+
+def with_plugin(source: str, *extra: str) -> Callable[[Path, Path], list[str]]:
+    """``sandbox recipe show TINY --plugin FILE.py`` with a plugin file holding ``source``."""
+    return lambda tmp, tiny: ["recipe", "show", str(tiny), "--plugin", write(tmp / "bad_plugin.py", source), *extra]
+
+
+def folder_dataset(tmp: Path, images: list[str], masks: list[str]) -> Path:
+    """A ``folder`` dataset root with the given image and mask stems."""
+    root = tmp / "folder"
+    for sub, stems in (("images", images), ("masks", masks)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            pixels = np.zeros((8, 8, 3) if sub == "images" else (8, 8), np.uint8)
+            Image.fromarray(pixels).save(root / sub / f"{stem}.png")
+    return root
+
+
+def dataset_run(make_root: Callable[[Path], Path], *extra: str) -> Callable[[Path, Path], list[str]]:
+    """``sandbox bench --data`` (builds the dataset, trains nothing) on a ``folder`` dataset."""
+
+    def make(tmp: Path, tiny: Path) -> list[str]:
+        root = make_root(tmp)
+        return ["bench", str(tiny), "--data", "--set", "dataset.name=folder", "--set", f"dataset.root={root.as_posix()}",
+                "--set", 'dataset.class_names=["a","b"]', *extra]
+
+    return make
+
+
+def tiny_weights(tmp: Path, tiny: Path, *overrides: str, num_classes: int = 5) -> Path:
+    """A ``best.pt``-style weights file of the tiny recipe's model with ``overrides``."""
+    from sandbox.train.builder import build_model
+
+    recipe = resolve_components(load_recipe(tiny, list(overrides)), load_registry())
+    model = build_model(recipe, load_registry(), num_classes)
+    path = tmp / "other.pt"
+    torch.save({"model": model.state_dict(), "step": 0}, path)
+    return path
+
+
+def eval_of(make_checkpoint: Callable[[Path, Path], Path]) -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, tiny: ["eval", str(tiny), "--checkpoint", str(make_checkpoint(tmp, tiny)), *SHORT]
+
+
+def prepared_run(tmp: Path, tiny: Path) -> None:
+    """A run directory of the tiny recipe (resolved recipe written), as a started run leaves it."""
+    recipe = resolve_components(load_recipe(tiny, SHORT[1::2]), load_registry())
+    RunDirectory.for_recipe(recipe).prepare(recipe, resume=False, overwrite=False)
+
+
+def resume_changed(tmp: Path, tiny: Path) -> list[str]:
+    prepared_run(tmp, tiny)
+    return ["run", str(tiny), *SHORT, "--set", "train.lr=0.5", "--resume"]
+
+
+def existing_run(tmp: Path, tiny: Path) -> list[str]:
+    prepared_run(tmp, tiny)
+    return ["run", str(tiny), *SHORT]
+
+
+def base_cycle(tmp: Path, tiny: Path) -> list[str]:
+    write(tmp / "b.toml", 'base = "a.toml"\n')
+    return ["recipe", "show", write(tmp / "a.toml", 'base = "b.toml"\n[dataset]\nname = "shapes"\n')]
+
+
+PERTURBATION = "from sandbox.api import Perturbation, hookimpl\n"
+
+CASES: dict[str, Case] = {
+    # -- recipes ---------------------------------------------------------------------------------
+    "bad TOML": Case(recipe_text("[train\niters = 3\n"), "bad.toml: invalid TOML"),
+    "unknown top-level key": Case(recipe_text('colour = "red"\n[dataset]\nname = "shapes"\n'), "unknown key 'colour'"),
+    "unknown [train] key": Case(show("--set", "train.iterz=3"), "unknown key 'train.iterz'"),
+    "wrong type": Case(show("--set", "train.iters=many"), "train.iters = 'many'"),
+    "value out of range": Case(show("--set", "train.threshold=1.5"), "train.threshold = 1.5"),
+    "not a choice": Case(show("--set", "train.mixed_precision=fp8"), "train.mixed_precision = 'fp8'"),
+    "missing dataset table": Case(recipe_text("seed = 1\n"), "missing key 'dataset'"),
+    "unknown plugin name": Case(show("--set", "perturbation.name=shaky"), "[perturbation] name = 'shaky': unknown perturbation"),
+    "unknown plugin option": Case(show("--set", "perturbation.epsilon=2"), "unknown option 'epsilon' for perturbation 'ddfp'"),
+    "wrong plugin option type": Case(show("--set", "perturbation.eps=big"), "[perturbation]: eps = 'big'"),
+    "--set without =": Case(show("--set", "train.iters"), "--set 'train.iters': expected KEY=VALUE"),
+    "--set into a value": Case(show("--set", "seed.x=1"), "'seed' is a value, not a table"),
+    "missing recipe": Case(lambda tmp, tiny: ["recipe", "show", str(tmp / "nowhere.toml")], "nowhere.toml does not exist"),
+    "missing base": Case(recipe_text('base = "parent.toml"\n'), "parent.toml (base of"),
+    "base not a path": Case(recipe_text("base = 3\n"), "bad.toml: base = 3"),
+    "base cycle": Case(base_cycle, "base recipes form a cycle"),
+    "base is itself": Case(recipe_text('base = "bad.toml"\n'), "base recipes form a cycle"),
+    # -- datasets --------------------------------------------------------------------------------
+    "missing dataset folder": Case(dataset_run(lambda tmp: tmp / "absent"), "absent"),
+    "image without mask": Case(dataset_run(lambda tmp: folder_dataset(tmp, ["a", "b", "c"], ["a", "c"])), "b.png has no mask"),
+    "empty class_names": Case(dataset_run(lambda tmp: folder_dataset(tmp, ["a"], ["a"]), "--set", "dataset.class_names=[]"),
+                              "class_names is empty"),
+    "dataset option missing": Case(show("--set", "dataset.name=folder"), "dataset 'folder' needs option 'root'"),
+    # -- plugins ---------------------------------------------------------------------------------
+    "plugin file missing": Case(lambda tmp, tiny: ["plugins", "--plugin", str(tmp / "gone.py")], "gone.py does not exist"),
+    "plugin module missing": Case(lambda tmp, tiny: ["plugins", "--plugin", "no_such_plugin_xyz"], "'no_such_plugin_xyz' failed to import"),
+    "plugin fails to import": Case(with_plugin("import not_installed_dependency\n"), "bad_plugin.py failed to import: ModuleNotFoundError"),
+    "plugin syntax error": Case(with_plugin("def broken(:\n"), "bad_plugin.py failed to import: SyntaxError"),
+    "hook raises": Case(with_plugin(PERTURBATION + "@hookimpl\ndef sandbox_register_perturbations(register):\n    raise RuntimeError('boom')\n"),
+                        "plugin bad_plugin: sandbox_register_perturbations failed: RuntimeError: boom"),
+    "duplicate name": Case(with_plugin(PERTURBATION + "@hookimpl\ndef sandbox_register_perturbations(register):\n"
+                                       "    register('ddfp', lambda: None)\n"), "perturbation name 'ddfp' is registered twice"),
+    "factory not callable": Case(with_plugin(PERTURBATION + "@hookimpl\ndef sandbox_register_perturbations(register):\n"
+                                             "    register('odd', 42)\n"), "perturbation 'odd' factory is not callable"),
+    "factory returns wrong type": Case(
+        lambda tmp, tiny: ["bench", str(tiny), "--plugin", write(tmp / "bad_plugin.py", PERTURBATION +
+                           "def make() -> str:\n    '''Not a perturbation.'''\n    return 'oops'\n"
+                           "@hookimpl\ndef sandbox_register_perturbations(register):\n    register('wrong', make)\n"),
+                           "--set", "perturbation.name=wrong", "--steps", "1", "--warmup", "0", "--num-classes", "2"],
+        "perturbation plugin 'wrong' (from bad_plugin) returned str, expected a Perturbation"),
+    "factory TypeError for an option combination": Case(
+        lambda tmp, tiny: ["bench", str(tiny), "--plugin", write(tmp / "bad_plugin.py", PERTURBATION +
+                           "def make(a: int = 0, b: int = 0):\n    '''Needs a or b.'''\n"
+                           "    if a and b:\n        raise TypeError('give a or b, not both')\n"
+                           "@hookimpl\ndef sandbox_register_perturbations(register):\n    register('picky', make)\n"),
+                           "--set", "perturbation.name=picky", "--set", "perturbation.a=1", "--set", "perturbation.b=1",
+                           "--steps", "1", "--warmup", "0", "--num-classes", "2"],
+        "perturbation 'picky' (bad_plugin): TypeError: give a or b, not both"),
+    # -- checkpoints -----------------------------------------------------------------------------
+    "eval of a corrupt best.pt": Case(eval_of(lambda tmp, tiny: Path(write(tmp / "best.pt", "garbage"))), "best.pt could not be read"),
+    "eval of a missing checkpoint": Case(eval_of(lambda tmp, tiny: tmp / "absent.pt"), "absent.pt does not exist"),
+    "eval of a file without a state dict": Case(
+        eval_of(lambda tmp, tiny: (torch.save([1, 2], tmp / "list.pt"), tmp / "list.pt")[1]), "list.pt holds no state dict"),
+    "eval of weights with another number of classes": Case(
+        eval_of(lambda tmp, tiny: tiny_weights(tmp, tiny, num_classes=3)),
+        "other.pt does not fit recipe 'tiny' (mismatched parts: final): shape of final.weight"),
+    "eval of weights with other decoder channels": Case(
+        eval_of(lambda tmp, tiny: tiny_weights(tmp, tiny, "model.channels=16")), "(mismatched parts: aspp, "),
+    "eval of another backbone's weights": Case(
+        eval_of(lambda tmp, tiny: tiny_weights(tmp, tiny, "backbone.model=resnet10t")), "(mismatched parts: backbone)"),
+    "--resume of a missing run": Case(lambda tmp, tiny: ["run", str(tiny), *SHORT, "--resume"], "holds no run to resume"),
+    "--resume with a changed recipe": Case(resume_changed, "the recipe differs from"),
+    "existing run directory": Case(existing_run, "already exists; use --resume"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_malformed_input_is_one_line(name: str, tmp_path: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    case = CASES[name]
+    args = case.make(tmp_path, tiny_recipe)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+    finally:
+        sys.modules.pop("bad_plugin", None)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    lines = err.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    assert case.expected in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run"], "Missing argument 'recipe'"),
+        (["run", "r.toml", "--frobnicate"], "No such option: --frobnicate"),
+        (["eval", "r.toml"], "Missing option '--checkpoint'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["bench", "r.toml", "--steps", "many"], "Invalid value for '--steps'"),
+    ],
+)
+def test_a_command_line_mistake_is_one_usage_error(args: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err and err.count("Error") == 1
+    assert expected in " ".join(err.replace("│", " ").split())
+
+
+def test_a_broken_installed_plugin_never_breaks_the_others(
+    tmp_path: Path, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "broken_plugin_xyz.py").write_text("raise ImportError('needs libfoo')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = importlib.metadata.distributions
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [*real(), FakeDistribution("broken_plugin_xyz", name="broken-plugin", version="0.1")])
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plugins"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert " ddfp " in out and " glow " in out, "the other plugins are listed"
+    assert "broken-plugin 0.1" in out and "failed to import: ImportError: needs" in out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipe", "show", str(tiny_recipe)])
+    assert exit_info.value.code == 0, "a recipe naming working plugins is unaffected"
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipe", "show", str(tiny_recipe), "--set", "perturbation.name=shake"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "unknown perturbation" in err and "failed to import" in err and "needs libfoo" in err

@@ -1,0 +1,279 @@
+"""Reliability: kill -9 and resume, damaged checkpoints, non-finite values, overwriting a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sandbox.cli import main
+from sandbox.plugins import load_registry
+from sandbox.train.rundir import verify_checkpoint
+
+RUN = ("tiny", "seed3")
+
+
+def cli(*args: str) -> None:
+    """Run the CLI in this process; it must succeed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 0
+
+
+def fails(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """Run the CLI in this process; it must fail with status 2 and one ``error:`` line (returned), no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Equal metrics (all keys but ``images_per_s``) and equal ``last.pt`` weights."""
+    first, second = records(reference), records(resumed)
+    assert [r["step"] for r in first] == [r["step"] for r in second]
+    for a, b in zip(first, second):
+        assert set(a) == set(b), a["step"]
+        for key in a:
+            if key != "images_per_s":
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    expected = torch.load(reference / "last.pt", weights_only=True)["model"]
+    actual = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    assert expected.keys() == actual.keys()
+    assert all(torch.allclose(actual[k].float(), expected[k].float(), atol=1e-5) for k in expected)
+
+
+def forget_the_end(run_dir: Path) -> None:
+    """What a kill during the last iterations leaves out: the summary and the final weights."""
+    (run_dir / "summary.json").unlink()
+    (run_dir / "last.pt").unlink()
+
+
+# -- kill -9 at any moment, then --resume ---------------------------------------------------------
+
+
+def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tiny_recipe: Path, tmp_path: Path) -> None:
+    overrides = ["--set", "train.iters=8", "--set", "train.checkpoint_every=2", "--set", "train.threads=1"]
+    reference = tmp_path / "reference"
+    cli("run", str(tiny_recipe), *overrides, "--set", f"output_dir={reference.as_posix()}")
+
+    run_dir = tmp_path.joinpath("runs", *RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "run", str(tiny_recipe), *overrides],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        while not list(run_dir.glob("checkpoints/step_*/COMPLETE")):
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 1.0))  # a random-ish moment: mid-step, mid-eval or mid-checkpoint
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.stderr:
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, "the run finished before the kill: nothing was tested"
+    assert not (run_dir / "summary.json").exists()
+
+    cli("run", str(tiny_recipe), *overrides, "--resume")
+    assert_same_run(reference.joinpath(*RUN), run_dir)
+    assert all((folder / "COMPLETE").is_file() for folder in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_checkpoint_without_its_marker_is_ignored_and_removed(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cli("run", str(tiny_recipe))
+    run_dir = tmp_path.joinpath("runs", *RUN)
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    checkpoints = run_dir / "checkpoints"
+    # A kill during save_state: step 6's files are there (one half written), its marker is not.
+    (checkpoints / "step_00000006" / "COMPLETE").unlink()
+    model_file = checkpoints / "step_00000006" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    stray = checkpoints / "step_00000005"
+    stray.mkdir()
+    (stray / "optimizer.bin").write_bytes(b"half")
+    forget_the_end(run_dir)
+    capsys.readouterr()
+
+    cli("run", str(tiny_recipe), "--resume")
+    assert "warning" not in capsys.readouterr().err  # not a damaged checkpoint: never counted
+    assert not stray.exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003", "step_00000006"]
+    assert_same_run(reference, run_dir)
+
+
+class Payload:
+    """A pickle that would run code when loaded with ``weights_only=False``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (Path.write_text, (self.marker, "executed"))
+
+
+@pytest.mark.parametrize("damage", ["truncated model", "truncated custom state", "unsafe pickle"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
+    damage: str, tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cli("run", str(tiny_recipe))
+    run_dir = tmp_path.joinpath("runs", *RUN)
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    last = run_dir / "checkpoints" / "step_00000006"
+    marker = tmp_path / "executed.txt"
+    if damage == "truncated model":
+        data = (last / "model.safetensors").read_bytes()
+        (last / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "truncated custom state":
+        data = (last / "custom_checkpoint_1.pkl").read_bytes()
+        (last / "custom_checkpoint_1.pkl").write_bytes(data[: len(data) // 2])
+    else:
+        torch.save({"step": Payload(marker)}, last / "custom_checkpoint_1.pkl")
+    forget_the_end(run_dir)
+    capsys.readouterr()
+
+    cli("run", str(tiny_recipe), "--resume")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step_00000006 could not be loaded" in warnings[0]
+    assert "resuming from step_00000003" in warnings[0]
+    assert not marker.exists(), "a checkpoint file was unpickled with arbitrary objects allowed"
+    assert (run_dir / "checkpoints" / "corrupt-step_00000006").is_dir()
+    assert_same_run(reference, run_dir)
+
+
+# -- non-finite values ----------------------------------------------------------------------------
+
+NAN_PLUGIN = '''
+import torch
+from sandbox.api import Perturbation, hookimpl
+
+
+class NanOnCalls(Perturbation):
+    """Identity, but NaN features on the listed calls (0-based; -1: every call)."""
+
+    def __init__(self, calls: list[int] = [-1]) -> None:
+        super().__init__()
+        self.calls = calls
+        self.count = 0
+
+    def forward(self, features, context):
+        poisoned = -1 in self.calls or self.count in self.calls
+        self.count += 1
+        return features * float("nan") if poisoned else features * 1.0
+
+
+@hookimpl
+def sandbox_register_perturbations(register):
+    register("nan_on_calls", NanOnCalls)
+'''
+
+
+@pytest.fixture
+def nan_plugin(tmp_path: Path) -> Path:
+    path = tmp_path / "nan_perturbation.py"
+    path.write_text(NAN_PLUGIN)
+    yield path
+    sys.modules.pop("nan_perturbation", None)
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_non_finite_losses_skip_the_update_and_are_counted(tiny_recipe: Path, tmp_path: Path, nan_plugin: Path) -> None:
+    # Steps 2..5 perturb; calls 1 and 2 (steps 3 and 4) give NaN features, hence a NaN loss.
+    cli("run", str(tiny_recipe), "--plugin", str(nan_plugin), "--set", "perturbation.name=nan_on_calls",
+        "--set", "perturbation.calls=[1,2]")
+    run_dir = tmp_path.joinpath("runs", *RUN)
+    train = [r for r in records(run_dir) if "loss" in r or "skipped_updates" in r]
+    assert [r["skipped_updates"] for r in train] == [0, 1, 2]
+    assert all(r["loss"] == r["loss"] for r in train if "loss" in r), "a NaN reached the logged losses"
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_updates"] == 2
+    for name in ("last.pt", "best.pt"):
+        assert all_finite(torch.load(run_dir / name, weights_only=True)["model"]), name
+    student = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert all_finite(student), "the skipped steps' BatchNorm statistics must be forgotten"
+
+
+def test_consecutive_non_finite_losses_stop_the_run_with_a_usable_checkpoint(
+    tiny_recipe: Path, tmp_path: Path, nan_plugin: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = fails(capsys, "run", str(tiny_recipe), "--plugin", str(nan_plugin), "--set", "perturbation.name=nan_on_calls",
+                "--set", "train.max_consecutive_nonfinite=3", "--set", "train.checkpoint_every=100")
+    assert err.startswith("error: training stopped at step 5: 3 consecutive non-finite losses")
+    checkpoint = tmp_path.joinpath("runs", *RUN, "checkpoints", "step_00000005")
+    assert (checkpoint / "COMPLETE").is_file() and checkpoint.as_posix() in err
+    verify_checkpoint(checkpoint)
+    assert all_finite(load_file(checkpoint / "model.safetensors"))
+    teacher = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+    assert all_finite(teacher)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+def test_a_non_finite_density_nll_skips_the_estimator_update() -> None:
+    estimator = load_registry().get("density", "glow").build({"hidden": 8}, feature_dim=4, num_classes=2, total_steps=5)
+    before = {k: v.clone() for k, v in estimator.state_dict().items()}
+    features = torch.randn(16, 4)
+    features[3, 1] = float("inf")
+    stats = estimator.fit_step(features, torch.zeros(16, dtype=torch.long))
+    assert not math.isfinite(stats["nll"])
+    assert all(torch.equal(v, before[k]) for k, v in estimator.state_dict().items())
+    stats = estimator.fit_step(torch.randn(16, 4), torch.zeros(16, dtype=torch.long))  # a finite one still trains
+    assert any(not torch.equal(v, before[k]) for k, v in estimator.state_dict().items())
+
+
+def test_an_optimizer_step_skipped_by_amp_never_reaches_the_teacher(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate import Accelerator
+
+    import sandbox.train.loop as loop
+
+    decays: list[float] = []
+    real_update = loop.update_teacher
+    monkeypatch.setattr(loop, "update_teacher", lambda teacher, student, decay: (decays.append(decay), real_update(teacher, student, decay)))
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))  # as GradScaler on overflow
+    cli("run", str(tiny_recipe), "--set", "train.iters=4", "--set", "train.perturbation_start_iters=100")
+    assert decays == [0.0], "only the copy at the end of warm-up; no EMA update after a skipped step"
+    summary = json.loads(tiny_recipe.parent.joinpath("runs", *RUN, "summary.json").read_text())
+    assert summary["skipped_updates"] == 4
+
+
+# -- an existing run directory ----------------------------------------------------------------------
+
+
+def test_overwrite_keeps_nothing_stale(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    short = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
+    cli("run", str(tiny_recipe), *short)
+    run_dir = tmp_path.joinpath("runs", *RUN)
+    (run_dir / "stale.txt").write_text("old")
+    (run_dir / "checkpoints" / "step_00000099").mkdir()
+    err = fails(capsys, "run", str(tiny_recipe), *short)
+    assert "already exists" in err and str(run_dir) in err
+    assert (run_dir / "stale.txt").exists(), "refused: nothing may be touched"
+
+    cli("run", str(tiny_recipe), *short, "--overwrite")
+    assert not (run_dir / "stale.txt").exists() and not (run_dir / "checkpoints" / "step_00000099").exists()
+    assert [r["step"] for r in records(run_dir)] == [2, 2]  # one training record and one evaluation
