@@ -27,7 +27,6 @@ if "nflows" in REGISTRY.names("density"):
 CASE_IDS = [name + "".join(f"-{value}" for value in options.values()) for name, options in CASES]
 
 
-
 def build(name: str, dim: int, classes: int, total_steps: int, **options: Any) -> DensityEstimator:
     """Build estimator ``name`` through the registry with small options plus ``options``."""
     component = REGISTRY.get("density", name)
