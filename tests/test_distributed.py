@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -288,3 +289,22 @@ def test_sync_bn_converts_the_student_only_for_several_cuda_processes(capsys: py
     kept = maybe_sync_batchnorm(small(), cpu, enabled=True)
     assert batchnorms(kept, torch.nn.SyncBatchNorm) == 0 and batchnorms(kept, torch.nn.BatchNorm2d) == count
     assert capsys.readouterr().err.count("warning: train.sync_bn") == 1
+
+
+def test_a_one_process_checkpoint_resumes_with_two_processes(tiny_recipe: Path, tmp_path: Path) -> None:
+    from sandbox.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_recipe)])
+    assert exit_info.value.code == 0
+    run_dir = tmp_path / "runs" / "tiny" / "seed3"
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")  # as if killed after the step-3 checkpoint
+    (run_dir / "summary.json").unlink()
+    log = tmp_path / "resume.log"
+    command = accelerate_command("--num_processes", "2", "--main_process_port", str(free_port()),
+                                 "-m", "sandbox", "run", str(tiny_recipe), "--resume")
+    finish([start(command, launch_env(tmp_path), log)], [log])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iters"] == 6 and summary["processes"] == 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(6) == 2, "records after step 3 are written once, by rank 0"
