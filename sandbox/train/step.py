@@ -104,9 +104,10 @@ class SemiSupervisedStep:
         """One estimator update on the teacher's pixel features: labeled with GT, unlabeled as mixture."""
         assert self.method.density is not None
         size = embedding.shape[-2:]
-        labels = torch.cat([resize_mask(masks, size), torch.full_like(resize_mask(padding.long(), size), -1)])
+        padding = resize_mask(padding, size)
+        labels = torch.cat([resize_mask(masks, size), torch.full(padding.shape, -1, dtype=masks.dtype, device=masks.device)])
         keep = labels != self.ignore_index
-        keep[num_labeled:] &= ~resize_mask(padding, size)
+        keep[num_labeled:] &= ~padding
         pixels = embedding.detach().permute(0, 2, 3, 1)[keep].float()
         stats = self.method.density.fit_step(pixels, labels[keep])
         if not math.isfinite(stats.get("nll", 0.0)):
