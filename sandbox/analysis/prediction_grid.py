@@ -18,7 +18,8 @@ from matplotlib.patches import Patch
 from sandbox.analysis.colours import colourize
 from sandbox.analysis.curves import DPI
 from sandbox.analysis.inference import Predictor
-from sandbox.data.views import EvalSet, denormalize
+from sandbox.data.views import denormalize
+from sandbox.train.evaluate import build_val_view
 from sandbox.train.rundir import RunDirectory
 
 CELL_INCHES = 2.0
@@ -46,8 +47,7 @@ def run_weights(run_dir: Path) -> Path | None:
 def val_samples(predictor: Predictor, count: int) -> list[Sample]:
     """The first ``count`` val images with their masks and predictions, as evaluation sees them."""
     settings, source = predictor.recipe.eval, predictor.source
-    mode = "center_crop" if settings.mode == "center_crop" else "whole"
-    dataset = EvalSet(source.val, mode, settings.crop_size, source.ignore_index)
+    dataset = build_val_view(source, settings)
     samples = []
     for index in range(min(count, len(dataset))):
         image, mask = dataset[index]

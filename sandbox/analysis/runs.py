@@ -16,10 +16,8 @@ from typing import Any, Iterable, Literal
 
 from sandbox.errors import SandboxError
 from sandbox.recipe import flatten_keys
+from sandbox.train.rundir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
 
-RECIPE_FILE = "recipe.toml"
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 FAILED_MARKER = "FAILED"
 """Written into a run directory by ``sandbox ablate`` when the run raised; holds the error line."""
 

@@ -10,7 +10,8 @@ import typer
 from sandbox.analysis.curves import UNSAFE_FILE_CHARS, plot_curves, read_metrics, run_labels, series
 from sandbox.analysis.inference import load_predictor
 from sandbox.analysis.prediction_grid import plot_prediction_grid, run_weights, val_samples
-from sandbox.analysis.runs import RECIPE_FILE, find_run_dirs
+from sandbox.analysis.runs import find_run_dirs
+from sandbox.train.rundir import RECIPE_FILE
 from sandbox.cli.common import PluginOption, load_resolved_recipe
 
 CURVES_FOLDER = "curves"

@@ -42,6 +42,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+RECIPE_FILE = "recipe.toml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+"""The files of a run directory that tools reading runs (``sandbox compare``, ``plot``) look for."""
+
 COMPLETE_MARKER = "COMPLETE"
 """Written last (atomically) into a checkpoint folder: only folders holding it count."""
 
@@ -80,9 +85,9 @@ class RunDirectory:
         """The run directory a recipe trains into."""
         return cls(Path(recipe.output_dir) / recipe.name / f"seed{recipe.seed}")
 
-    recipe_file = property(lambda self: self.path / "recipe.toml")
-    metrics_file = property(lambda self: self.path / "metrics.jsonl")
-    summary_file = property(lambda self: self.path / "summary.json")
+    recipe_file = property(lambda self: self.path / RECIPE_FILE)
+    metrics_file = property(lambda self: self.path / METRICS_FILE)
+    summary_file = property(lambda self: self.path / SUMMARY_FILE)
     checkpoints = property(lambda self: self.path / "checkpoints")
     best_weights = property(lambda self: self.path / "best.pt")
     last_weights = property(lambda self: self.path / "last.pt")
