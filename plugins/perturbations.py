@@ -35,14 +35,21 @@ class DensityDescending(Perturbation):
         return features + (self.eps * direction).to(features.dtype)
 
     def gradient(self, features: Tensor, context: PerturbationContext) -> Tensor:
-        """Gradient (float32) of the mean NLL of the trusted pixels w.r.t. an additive noise at 0."""
+        """Gradient (float32) of the NLL of the trusted pixels w.r.t. an additive noise at 0.
+
+        The objective is the NLL summed over pixels, not the reference's mean: the step is
+        normalised per pixel, so only the direction matters, and with the sum each pixel's
+        gradient is that of its own NLL whatever the pixel count. With the mean it shrinks as
+        1 / pixels and, through an fp16 classifier, falls into fp16's subnormal range (about 1e-6
+        per element at 4 x 129 x 129 pixels), where the direction loses precision.
+        """
         noise = torch.zeros_like(features, requires_grad=True)
         with torch.enable_grad():
             embedding = context.classify(features + noise).embedding
             pixels = embedding.permute(0, 2, 3, 1)[context.valid]
             if pixels.shape[0] == 0:
                 return torch.zeros_like(features)
-            nll = -context.density.log_prob(pixels.float()).mean()
+            nll = -context.density.log_prob(pixels.float()).sum()
             (grad,) = torch.autograd.grad(nll, noise)
         return grad.float()
 

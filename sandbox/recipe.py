@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pydantic
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from sandbox.errors import SandboxError
 from sandbox.registry import Registry
@@ -73,10 +73,28 @@ class TrainSection(Section):
     poly_power: float = Field(0.9, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
     teacher_mode: Literal["train", "eval"] = "train"
+    teacher_statistics: Literal["own", "student"] = Field(
+        "own",
+        description=(
+            "where the teacher's BatchNorm running statistics come from: 'own' (the reference: the EMA "
+            "touches parameters only and the teacher's train-mode forward passes collect statistics of "
+            "clean images, on the labeled images during warm-up) or 'student' (copied from the student "
+            "at every EMA update: statistics of strong, CutMixed images)"
+        ),
+    )
     threshold: float = Field(0.95, ge=0, le=1)
     cutmix_p: float = Field(0.5, ge=0, le=1)
     unsupervised_weight: float = Field(0.5, ge=0)
     perturbed_weight: float = Field(0.5, ge=0)
+    strong_weight_alone: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "the strong view's loss weight on steps without a perturbed view (before "
+            "perturbation_start_iters, or a perturbation that makes none); None = unsupervised_weight + "
+            "perturbed_weight, as the reference (loss = sup + unsup before its perturbation starts)"
+        ),
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
@@ -95,6 +113,23 @@ class TrainSection(Section):
     sync_bn: bool = Field(
         False, description="SyncBatchNorm in the student when several processes run on CUDA devices"
     )
+
+    @model_validator(mode="after")
+    def _teacher_statistics_need_train_mode(self) -> "TrainSection":
+        if self.teacher_statistics == "own" and self.teacher_mode == "eval":
+            raise ValueError(
+                "train.teacher_statistics = 'own' needs train.teacher_mode = 'train' (an eval-mode teacher "
+                "collects no statistics); set teacher_statistics = 'student' to run the teacher in eval mode"
+            )
+        return self
+
+    def strong_weight(self, perturbed_view: bool) -> float:
+        """The strong view's loss weight on a step with or without a perturbed view."""
+        if perturbed_view:
+            return self.unsupervised_weight
+        if self.strong_weight_alone is None:
+            return self.unsupervised_weight + self.perturbed_weight
+        return self.strong_weight_alone
 
 
 class EvalSection(Section):
@@ -227,6 +262,8 @@ def describe_validation_error(error: pydantic.ValidationError, source: str) -> s
         return f"{source}: unknown key {key!r}"
     if first["type"] == "missing":
         return f"{source}: missing key {key!r}"
+    if first["type"] == "value_error" and isinstance(first.get("input"), dict):  # a check across keys
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     return f"{source}: {key} = {first.get('input')!r}: {first['msg'].lower()}"
 
 

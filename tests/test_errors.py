@@ -120,6 +120,9 @@ CASES: dict[str, Case] = {
     "wrong type": Case(show("--set", "train.iters=many"), "train.iters = 'many'"),
     "value out of range": Case(show("--set", "train.threshold=1.5"), "train.threshold = 1.5"),
     "not a choice": Case(show("--set", "train.mixed_precision=fp8"), "train.mixed_precision = 'fp8'"),
+    "keys that contradict each other": Case(
+        show("--set", "train.teacher_mode=eval"), "train.teacher_statistics = 'own' needs train.teacher_mode = 'train'"
+    ),
     "missing dataset table": Case(recipe_text("seed = 1\n"), "missing key 'dataset'"),
     "unknown plugin name": Case(show("--set", "perturbation.name=shaky"), "[perturbation] name = 'shaky': unknown perturbation"),
     "unknown plugin option": Case(show("--set", "perturbation.epsilon=2"), "unknown option 'epsilon' for perturbation 'ddfp'"),

@@ -253,7 +253,9 @@ def test_an_optimizer_step_skipped_by_amp_never_reaches_the_teacher(tiny_recipe:
 
     decays: list[float] = []
     real_update = loop.update_teacher
-    monkeypatch.setattr(loop, "update_teacher", lambda teacher, student, decay: (decays.append(decay), real_update(teacher, student, decay)))
+    monkeypatch.setattr(
+        loop, "update_teacher", lambda teacher, student, decay, copy: (decays.append(decay), real_update(teacher, student, decay, copy))
+    )
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))  # as GradScaler on overflow
     cli("run", str(tiny_recipe), "--set", "train.iters=4", "--set", "train.perturbation_start_iters=100")
     assert decays == [0.0], "only the copy at the end of warm-up; no EMA update after a skipped step"

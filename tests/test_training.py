@@ -175,3 +175,18 @@ def test_tensorboard_tracker_from_the_recipe(tiny_recipe: Path) -> None:
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()
     assert {"loss", "val_miou"} <= set(accumulator.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("statistics", ["own", "student"])
+def test_teacher_batchnorm_statistics_are_its_own_or_copied_from_the_student(tiny_recipe: Path, statistics: str) -> None:
+    registry = load_registry()
+    overrides = [f"train.teacher_statistics={statistics}", "perturbation.name=none"]
+    recipe = resolve_components(load_recipe(tiny_recipe, overrides), registry)
+    run_dir = RunDirectory.for_recipe(recipe)
+    trainer = Trainer(recipe, registry, run_dir)
+    run_dir.prepare(recipe, resume=False, overwrite=False)
+    trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    pairs = [(t, s) for (name, t), s in zip(trainer.teacher.named_buffers(), student.buffers()) if name.endswith("running_mean") and ".auxiliary." not in name]  # the auxiliary ones stay unused without a view
+    same = [torch.equal(t, s) for t, s in pairs]
+    assert all(same) if statistics == "student" else not any(same)

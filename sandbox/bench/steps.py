@@ -90,7 +90,7 @@ def time_training_steps(
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        update_teacher(teacher, accelerator.unwrap_model(model), settings.ema_decay)
+        update_teacher(teacher, accelerator.unwrap_model(model), settings.ema_decay, settings.teacher_statistics == "student")
         synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)

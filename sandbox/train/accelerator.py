@@ -1,7 +1,7 @@
 """The Accelerator every command uses, and what training on several processes needs.
 
 Devices, processes and mixed precision come from the recipe; the learning-rate scaling rule,
-SyncBatchNorm and the teacher's buffer broadcast are for multi-process runs.
+SyncBatchNorm and the teacher's buffer averaging are for multi-process runs.
 """
 
 from __future__ import annotations
@@ -76,21 +76,27 @@ def maybe_sync_batchnorm(model: nn.Module, accelerator: Accelerator, enabled: bo
 
 
 @torch.no_grad()
-def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
-    """Overwrite ``module``'s buffers (BatchNorm statistics) with the main process's.
+def average_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Make ``module``'s buffers identical on every process: floating ones averaged, others the main process's.
 
-    DistributedDataParallel broadcasts the student's buffers at the start of each forward, so
-    after a forward every process holds statistics of its own shard; a teacher copying them
-    would drift apart across processes. One collective per buffer dtype.
+    After a forward pass every process holds BatchNorm statistics of its own shard (the teacher's
+    own passes, or a student's copied by the EMA); the mean over processes is what a SyncBatchNorm
+    teacher (the reference) would collect, and keeps one teacher on every process. Integer
+    buffers (``num_batches_tracked``) are equal anyway and taken from the main process. One
+    collective per buffer dtype.
     """
     if accelerator.num_processes == 1:
         return
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
         groups.setdefault(buffer.dtype, []).append(buffer)
-    for buffers in groups.values():
+    for dtype, buffers in groups.items():
         flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
-        torch.distributed.broadcast(flat, src=0)
+        if dtype.is_floating_point:
+            torch.distributed.all_reduce(flat)
+            flat /= accelerator.num_processes
+        else:
+            torch.distributed.broadcast(flat, src=0)
         offset = 0
         for buffer in buffers:
             buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))

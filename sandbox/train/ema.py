@@ -7,19 +7,26 @@ from torch import nn
 
 
 def ema_decay(step: int, warmup_iters: int, max_decay: float) -> float:
-    """DDFP's warm-started decay ``min(1 - 1 / (step - warmup_iters + 1), max_decay)``."""
+    """DDFP's warm-started decay ``min(1 - 1 / (step - warmup_iters + 1), max_decay)``.
+
+    The first semi-supervised step (``step == warmup_iters``) gives 0 (the teacher becomes the
+    student); until ``1 / (1 - max_decay)`` steps later the teacher is the uniform average of
+    every student since the warm-up, after that an exponential average with ``max_decay``.
+    """
     return min(1.0 - 1.0 / max(step - warmup_iters + 1, 1), max_decay)
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """``teacher = decay * teacher + (1 - decay) * student`` for parameters; buffers are copied.
+def update_teacher(teacher: nn.Module, student: nn.Module, decay: float, copy_buffers: bool) -> None:
+    """``teacher = decay * teacher + (1 - decay) * student`` for parameters.
 
-    Floating-point parameters only; the update is the same on every process, so teachers stay
-    identical across ranks when students are.
+    ``copy_buffers`` also copies the student's buffers (BatchNorm statistics); without it the
+    teacher keeps its own, as in the reference. Floating-point parameters only; the update is the
+    same on every process, so teachers stay identical across ranks when students are.
     """
     teacher_params = [p for p in teacher.parameters()]
     student_params = [p.detach() for p in student.parameters()]
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
-        teacher_buffer.copy_(student_buffer)
+    if copy_buffers:
+        for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+            teacher_buffer.copy_(student_buffer)

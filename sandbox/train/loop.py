@@ -22,7 +22,7 @@ from sandbox.data.views import StreamSampler
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
-from sandbox.train.accelerator import broadcast_buffers, make_accelerator, maybe_sync_batchnorm, scaled_lr
+from sandbox.train.accelerator import average_buffers, make_accelerator, maybe_sync_batchnorm, scaled_lr
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
@@ -282,6 +282,7 @@ class Trainer:
         sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
         window_start, window_steps, window_updates = time.perf_counter(), self.state.log_steps, self.state.log_updates
         segment_start = time.perf_counter()
+        copy_buffers = settings.teacher_statistics == "student"
         result: EvalResult | None = None
         with reporter:
             while self.state.step < settings.iters:
@@ -291,12 +292,11 @@ class Trainer:
                 batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))
                 with self.accelerator.autocast():
                     if step < settings.warmup_iters:
-                        loss, logs = self.step_fn.supervised(self.model, batch_l)
+                        loss, logs = self.step_fn.supervised(self.model, self.teacher, batch_l)
                     else:
                         weak, strong, padding = (t.to(self.accelerator.device) for t in next(unlabeled))
-                        if step == settings.warmup_iters:
-                            update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), 0.0)
-                            broadcast_buffers(self.teacher, self.accelerator)  # one teacher on every process
+                        if step == settings.warmup_iters:  # the teacher starts as the student
+                            update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), 0.0, copy_buffers)
                         loss, logs = self.step_fn.semi_supervised(
                             step, self.model, self.teacher, batch_l, UnlabeledBatch(weak, strong, padding)
                         )
@@ -312,8 +312,9 @@ class Trainer:
                 self.scheduler.step()
                 if stepped and step >= settings.warmup_iters:
                     decay = ema_decay(step, settings.warmup_iters, settings.ema_decay)
-                    update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), decay)
-                    broadcast_buffers(self.teacher, self.accelerator)  # the student's were this shard's
+                    update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), decay, copy_buffers)
+                if step >= settings.warmup_iters or not copy_buffers:  # statistics of this process's shard
+                    average_buffers(self.teacher, self.accelerator)
                 self.state.step += 1
                 window_steps += 1
                 self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()

@@ -59,8 +59,15 @@ class SemiSupervisedStep:
         count, self.skipped_density_updates = self.skipped_density_updates, 0
         return count
 
-    def supervised(self, student: nn.Module, labeled: LabeledBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Warm-up: cross-entropy on labeled images only."""
+    def supervised(self, student: nn.Module, teacher: nn.Module, labeled: LabeledBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Warm-up: cross-entropy on labeled images only.
+
+        With ``teacher_statistics = "own"`` the teacher also predicts the labeled images (no
+        gradient), so that its BatchNorm running statistics are of clean images, as the reference.
+        """
+        if self.settings.teacher_statistics == "own":
+            with torch.no_grad():
+                teacher(labeled.images)
         logits = student(labeled.images).logits
         loss = F.cross_entropy(logits.float(), labeled.masks, ignore_index=self.ignore_index)
         return loss, {"loss": loss.detach(), "loss_sup": loss.detach()}
@@ -91,9 +98,10 @@ class SemiSupervisedStep:
         out = student(torch.cat([labeled.images, strong]), perturb=perturb if perturbing else None, num_perturbed=num_unlabeled)
         loss_sup = F.cross_entropy(out.logits[:num_labeled].float(), labeled.masks, ignore_index=self.ignore_index)
         loss_unsup = method.strong_loss(out.logits[num_labeled:], probs, valid)
-        loss = loss_sup + settings.unsupervised_weight * loss_unsup
+        perturbed_view = out.perturbed_logits is not None
+        loss = loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
         logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valid.float().mean())
-        if out.perturbed_logits is not None:
+        if perturbed_view:
             loss_perturbed = method.perturbed_loss(out.perturbed_logits, probs, valid)
             loss = loss + settings.perturbed_weight * loss_perturbed
             logs["loss_perturbed"] = loss_perturbed.detach()
