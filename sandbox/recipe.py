@@ -84,6 +84,16 @@ class TrainSection(Section):
     )
     threshold: float = Field(0.95, ge=0, le=1)
     cutmix_p: float = Field(0.5, ge=0, le=1)
+    cutmix_box: Literal["unimatch", "half"] = Field(
+        "unimatch",
+        description=(
+            "'unimatch': a box of area 2-40% and aspect 0.3-3.3; 'half': half the image, width uniform "
+            "in (W/2, W) (DDFP's reference code, from U2PL)"
+        ),
+    )
+    cutmix_decision: Literal["sample", "batch"] = Field(
+        "sample", description="cutmix_p decides for each sample, or once for the whole batch (the reference)"
+    )
     unsupervised_weight: float = Field(0.5, ge=0)
     perturbed_weight: float = Field(0.5, ge=0)
     strong_weight_alone: float | None = Field(
@@ -139,7 +149,13 @@ class EvalSection(Section):
     crop_size: PositiveInt | None = None
     stride: PositiveInt | None = None
     batch_size: PositiveInt = 1
-    model: Literal["teacher", "student"] = "teacher"
+    model: Literal["teacher", "student", "both"] = Field(
+        "teacher",
+        description=(
+            "the model evaluated after warm-up; 'both' evaluates the student and the teacher and counts "
+            "the better, as the reference (max(prec_s, prec_t): a selection on val)"
+        ),
+    )
 
 
 class Recipe(Section):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from sandbox.cli import main
 from sandbox.plugins import load_registry
+from run_records import assert_same_records, records
 from sandbox.train.rundir import verify_checkpoint
 
 RUN = ("tiny", "seed3")
@@ -42,19 +43,9 @@ def fails(capsys: pytest.CaptureFixture, *args: str) -> str:
     return errors[0]
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def assert_same_run(reference: Path, resumed: Path) -> None:
     """Equal metrics (all keys but ``images_per_s``) and equal ``last.pt`` weights."""
-    first, second = records(reference), records(resumed)
-    assert [r["step"] for r in first] == [r["step"] for r in second]
-    for a, b in zip(first, second):
-        assert set(a) == set(b), a["step"]
-        for key in a:
-            if key != "images_per_s":
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert_same_records(records(reference), records(resumed))
     expected = torch.load(reference / "last.pt", weights_only=True)["model"]
     actual = torch.load(resumed / "last.pt", weights_only=True)["model"]
     assert expected.keys() == actual.keys()

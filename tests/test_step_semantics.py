@@ -245,3 +245,31 @@ def test_own_teacher_statistics_need_a_train_mode_teacher() -> None:
         TrainSection(teacher_mode="eval")
     assert TrainSection(teacher_mode="eval", teacher_statistics="student").teacher_mode == "eval"
 
+
+
+def test_the_perturbation_size_relative_to_the_features_is_logged() -> None:
+    step, *_ = make_step()
+    labeled, unlabeled = batches()
+    unlabeled.strong[:] = 0.0
+    unlabeled.strong[:, 0] = 4.0  # norm 4 everywhere; the stub perturbation adds 1 to each of 3 channels
+    _, logs = step.semi_supervised(5, StubModel(), StubModel(), labeled, unlabeled)
+    assert logs["perturbation_relative_norm"].item() == pytest.approx(3**0.5 / 4)
+    _, logs = make_step()[0].semi_supervised(4, StubModel(), StubModel(), labeled, unlabeled)
+    assert "perturbation_relative_norm" not in logs, "no perturbed view before perturbation_start_iters"
+
+
+def test_reference_cutmix_box_is_half_the_image_with_width_over_half() -> None:
+    boxes = cutmix_boxes(100, 64, 48, 1.0, torch.Generator().manual_seed(4), box="half")
+    for box in boxes:
+        rows, cols = box.any(dim=1).nonzero()[:, 0], box.any(dim=0).nonzero()[:, 0]
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert box.sum() == height * width
+        assert 48 // 2 < width < 48
+        assert abs(height * width / (64 * 48) - 0.5) < 0.03
+
+
+def test_batch_decision_mixes_all_samples_or_none() -> None:
+    generator = torch.Generator().manual_seed(5)
+    mixed = [cutmix_boxes(4, 16, 16, 0.5, generator, decision="batch").flatten(1).any(dim=1) for _ in range(200)]
+    assert all(m.all() or not m.any() for m in mixed)
+    assert 60 < sum(bool(m.all()) for m in mixed) < 140

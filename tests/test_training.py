@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_records import assert_same_records, records
 from sandbox.cli import main
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
@@ -26,10 +27,6 @@ def cli(*args: str) -> None:
 def run_dir_of(recipe_path: Path, *overrides: str) -> Path:
     recipe = load_recipe(recipe_path, list(overrides))
     return RunDirectory.for_recipe(recipe).path
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ddfp_run_trains_model_and_flow_and_writes_every_output(tiny_recipe: Path) -> None:
@@ -79,12 +76,7 @@ def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(tin
     (first / "summary.json").unlink()
     (first / "last.pt").unlink()
     cli("run", str(tiny_recipe), "--resume")
-    resumed = records(first)
-    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    for a, b in zip(reference, resumed):
-        for key in a:
-            if key != "images_per_s":
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert_same_records(reference, records(first))
     weights = torch.load(first / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(weights[k].float(), reference_weights[k].float(), atol=1e-5) for k in weights)
     assert json.loads((first / "summary.json").read_text())["iters"] == 6
@@ -190,3 +182,16 @@ def test_teacher_batchnorm_statistics_are_its_own_or_copied_from_the_student(tin
     pairs = [(t, s) for (name, t), s in zip(trainer.teacher.named_buffers(), student.buffers()) if name.endswith("running_mean") and ".auxiliary." not in name]  # the auxiliary ones stay unused without a view
     same = [torch.equal(t, s) for t, s in pairs]
     assert all(same) if statistics == "student" else not any(same)
+
+
+def test_eval_both_scores_student_and_teacher_and_counts_the_better(tiny_recipe: Path) -> None:
+    cli("run", str(tiny_recipe), "--set", "eval.model=both", "--set", "perturbation.name=none")
+    run_dir = run_dir_of(tiny_recipe)
+    evaluations = [r for r in records(run_dir) if "val_miou" in r]
+    assert [r["step"] for r in evaluations] == [3, 6], "both after warm-up (2 steps)"
+    for record in evaluations:
+        assert record["val_miou"] == max(record["val_miou_student"], record["val_miou_teacher"])
+        assert record["val_miou"] == record[f"val_miou_{record['val_model']}"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_model"] == evaluations[-1]["val_model"]
+    assert summary["best_miou"] == max(r["val_miou"] for r in evaluations)

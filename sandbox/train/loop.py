@@ -63,6 +63,15 @@ class TrainingState:
             setattr(self, key, value)
 
 
+@dataclass
+class Evaluation:
+    """One evaluation: which model counted (``student`` or ``teacher``), the model, its result."""
+
+    model_name: str
+    model: torch.nn.Module
+    result: EvalResult
+
+
 class DensityCheckpoint:
     """Adapts a density estimator's full state (optimizer included) to Accelerate's checkpointing."""
 
@@ -230,29 +239,45 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _eval_model(self) -> torch.nn.Module:
-        use_teacher = self.recipe.eval.model == "teacher" and self.state.step > self.recipe.train.warmup_iters
-        return self.teacher if use_teacher else self.accelerator.unwrap_model(self.model)
+    def _eval_models(self) -> dict[str, torch.nn.Module]:
+        """The models ``eval.model`` asks for by name; the student alone until the teacher exists."""
+        student = self.accelerator.unwrap_model(self.model)
+        choice = self.recipe.eval.model
+        if self.state.step <= self.recipe.train.warmup_iters or choice == "student":
+            return {"student": student}
+        if choice == "teacher":
+            return {"teacher": self.teacher}
+        return {"student": student, "teacher": self.teacher}
 
-    def _evaluate(self, reporter: ProgressReporter, log: bool = True) -> EvalResult:
-        """Evaluate, keep the best weights; ``log=False`` writes no metrics record (already written)."""
-        model = self._eval_model()
-        result = evaluate(
-            model, val_loader(self.source, self.recipe.eval, self.accelerator), self.source.class_names,
-            self.accelerator, self.recipe.eval, self.source.ignore_index,
-        )
-        improved = result.miou > self.state.best_miou  # the same on every process: the matrix is reduced
+    def _evaluate(self, reporter: ProgressReporter, log: bool = True) -> Evaluation:
+        """Evaluate, keep the best weights; ``log=False`` writes no metrics record (already written).
+
+        With ``eval.model = "both"`` the student and the teacher are evaluated and the better one
+        counts (the reference's ``max(prec_s, prec_t)``); both mIoUs are logged.
+        """
+        models = self._eval_models()
+        loader = val_loader(self.source, self.recipe.eval, self.accelerator)
+        results = {
+            name: evaluate(model, loader, self.source.class_names, self.accelerator, self.recipe.eval, self.source.ignore_index)
+            for name, model in models.items()
+        }
+        name = max(results, key=lambda key: results[key].miou)  # the same on every process: matrices are reduced
+        evaluation = Evaluation(name, models[name], results[name])
+        result = evaluation.result
+        improved = result.miou > self.state.best_miou
         if improved:
             self.state.best_miou, self.state.best_step = result.miou, self.state.step
             self.state.best_per_class = result.per_class
+        scores = {f"val_miou_{key}": value.miou for key, value in results.items()} if len(results) > 1 else {}
         if self.accelerator.is_main_process and log:
-            self.run_dir.append_metrics({"step": self.state.step, "val_miou": result.miou, "val_per_class_iou": result.per_class})
+            record = {"step": self.state.step, "val_miou": result.miou, **scores, "val_model": name}
+            self.run_dir.append_metrics({**record, "val_per_class_iou": result.per_class})
             if improved:
-                self._save_weights(model, self.run_dir.best_weights, result.miou)
-        scalars = {f"val_iou/{name}": iou for name, iou in result.per_class.items() if iou is not None}
-        self.accelerator.log({"val_miou": result.miou, **scalars}, step=self.state.step)
+                self._save_weights(evaluation.model, self.run_dir.best_weights, result.miou)
+        scalars = {f"val_iou/{key}": iou for key, iou in result.per_class.items() if iou is not None}
+        self.accelerator.log({"val_miou": result.miou, **scores, **scalars}, step=self.state.step)
         reporter.evaluated(self.state.step, result.miou)
-        return result
+        return evaluation
 
     def _save_weights(self, model: torch.nn.Module, path: Any, miou: float) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -283,7 +308,7 @@ class Trainer:
         window_start, window_steps, window_updates = time.perf_counter(), self.state.log_steps, self.state.log_updates
         segment_start = time.perf_counter()
         copy_buffers = settings.teacher_statistics == "student"
-        result: EvalResult | None = None
+        result: Evaluation | None = None
         with reporter:
             while self.state.step < settings.iters:
                 step = self.state.step
@@ -355,13 +380,15 @@ class Trainer:
             result = self._evaluate(reporter, log=False)
         return self._finish(result)
 
-    def _finish(self, result: EvalResult) -> dict[str, Any]:
+    def _finish(self, evaluation: Evaluation) -> dict[str, Any]:
+        result = evaluation.result
         summary = {
             "recipe": self.recipe.name,
             "seed": self.recipe.seed,
             "iters": self.state.step,
             "final_miou": result.miou,
             "final_per_class_iou": result.per_class,
+            "final_model": evaluation.model_name,
             "best_miou": self.state.best_miou,
             "best_step": self.state.best_step,
             "best_per_class_iou": self.state.best_per_class,
@@ -375,7 +402,7 @@ class Trainer:
             "run_dir": str(self.run_dir.path),
         }
         if self.accelerator.is_main_process:
-            self._save_weights(self._eval_model(), self.run_dir.last_weights, result.miou)
+            self._save_weights(evaluation.model, self.run_dir.last_weights, result.miou)
             self.run_dir.write_summary(summary)
         self.accelerator.wait_for_everyone()
         for tracker in self.accelerator.trackers:  # not end_training(): it destroys the process group,

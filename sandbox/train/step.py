@@ -43,6 +43,17 @@ def resize_mask(mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
     return resized.to(mask.dtype)
 
 
+@torch.no_grad()
+def relative_step(features: Tensor, perturbed: Tensor, valid: Tensor) -> Tensor:
+    """Mean over trusted pixels (all pixels when none is) of ``||perturbed - features|| / ||features||``.
+
+    How far a perturbation moves the classifier input relative to the features' own size: the
+    scale on which a fixed ``eps`` has to be judged.
+    """
+    ratio = (perturbed - features).float().norm(dim=1) / features.float().norm(dim=1).clamp(min=1e-12)
+    return ratio[valid].mean() if valid.any() else ratio.mean()
+
+
 class SemiSupervisedStep:
     """Computes the loss of one step: supervised warm-up, then mean teacher with a perturbed view."""
 
@@ -86,13 +97,18 @@ class SemiSupervisedStep:
             logs.update(self.fit_density(teacher_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
 
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        boxes = cutmix_boxes(num_unlabeled, *unlabeled.strong.shape[-2:], settings.cutmix_p, generator)
+        boxes = cutmix_boxes(
+            num_unlabeled, *unlabeled.strong.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision
+        )
         strong, probs, padding = apply_cutmix(boxes, unlabeled.strong, probs, unlabeled.padding)
         valid = (probs.max(dim=1).values > settings.threshold) & ~padding
 
         def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput]) -> Tensor | None:
             context = PerturbationContext(classify, resize_mask(valid, features.shape[-2:]), method.density)
-            return method.perturbation(features, context)
+            perturbed = method.perturbation(features, context)
+            if perturbed is not None:
+                logs["perturbation_relative_norm"] = relative_step(features, perturbed, context.valid)
+            return perturbed
 
         perturbing = step >= settings.perturbation_start_iters
         out = student(torch.cat([labeled.images, strong]), perturb=perturb if perturbing else None, num_perturbed=num_unlabeled)
