@@ -195,3 +195,19 @@ def test_eval_both_scores_student_and_teacher_and_counts_the_better(tiny_recipe:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_model"] == evaluations[-1]["val_model"]
     assert summary["best_miou"] == max(r["val_miou"] for r in evaluations)
+
+
+def test_logged_values_are_means_over_the_steps_that_produced_them(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.train.step import SemiSupervisedStep
+
+    real = SemiSupervisedStep.semi_supervised
+
+    def constant_unsup(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        loss, logs = real(self, *args, **kwargs)
+        return loss, {**logs, "loss_unsup": torch.tensor(1.0)}
+
+    monkeypatch.setattr(SemiSupervisedStep, "semi_supervised", constant_unsup)
+    cli("run", str(tiny_recipe), "--set", "train.log_every=4", "--set", "train.iters=4")
+    window = [r for r in records(run_dir_of(tiny_recipe)) if "loss" in r]
+    assert [r["step"] for r in window] == [4], "one window: 2 warm-up steps and 2 semi-supervised ones"
+    assert window[0]["loss_unsup"] == pytest.approx(1.0), "a mean over the 2 steps that have it, not over 4"

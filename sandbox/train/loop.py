@@ -45,8 +45,11 @@ class TrainingState:
     log_sums: dict[str, float] = field(default_factory=dict)
     """Sums of the logged values since the last metrics record (a resume continues the window)."""
     log_steps: int = 0
-    log_updates: int = 0
-    """Steps of the current metrics window whose update was applied (the divisor of the means)."""
+    log_counts: dict[str, int] = field(default_factory=dict)
+    """For each logged value, the applied steps of the current window that produced it (its divisor).
+
+    Values such as ``loss_unsup``, ``loss_perturbed`` or ``density_*`` exist only on some steps
+    (after warm-up, once the perturbation starts): each is the mean over the steps that made it."""
     skipped_updates: int = 0
     """Steps whose loss was not finite: no optimizer step, no EMA update (or an AMP overflow)."""
     skipped_density_updates: int = 0
@@ -224,11 +227,11 @@ class Trainer:
             for buffer, saved in zip(self.accelerator.unwrap_model(self.model).buffers(), snapshot):
                 buffer.copy_(saved)
 
-    def _stop_nonfinite(self, sums: dict[str, Any], window_steps: int, window_updates: int, segment_start: float) -> None:
+    def _stop_nonfinite(self, sums: dict[str, Any], window_steps: int, counts: dict[str, int], segment_start: float) -> None:
         """Checkpoint the last good state and stop with a one-line error."""
         self.state.wall_time += time.perf_counter() - segment_start
         self.state.log_sums = {key: float(value) for key, value in sums.items()}
-        self.state.log_steps, self.state.log_updates = window_steps, window_updates
+        self.state.log_steps, self.state.log_counts = window_steps, dict(counts)
         self._save_checkpoint()
         count = self.state.consecutive_nonfinite
         raise SandboxError(
@@ -305,7 +308,7 @@ class Trainer:
         self.model.train()
         self.teacher.train(settings.teacher_mode == "train")  # the reference predicts in train mode
         sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
-        window_start, window_steps, window_updates = time.perf_counter(), self.state.log_steps, self.state.log_updates
+        window_start, window_steps, counts = time.perf_counter(), self.state.log_steps, dict(self.state.log_counts)
         segment_start = time.perf_counter()
         copy_buffers = settings.teacher_statistics == "student"
         result: Evaluation | None = None
@@ -345,15 +348,15 @@ class Trainer:
                 self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
                 if stepped:
                     self.state.consecutive_nonfinite = 0
-                    window_updates += 1
                     for key, value in logs.items():
                         sums[key] = sums.get(key, 0.0) + value.float()
+                        counts[key] = counts.get(key, 0) + 1
                 else:
                     self.state.skipped_updates += 1
                     self.state.consecutive_nonfinite += 0 if finite else 1
                 if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
                     elapsed = time.perf_counter() - window_start
-                    record = {"step": self.state.step, **{k: float(v) / max(window_updates, 1) for k, v in sums.items()}}
+                    record = {"step": self.state.step, **{k: float(v) / counts[k] for k, v in sums.items()}}
                     record["lr"] = self.scheduler.get_last_lr()[0]
                     record["skipped_updates"] = self.state.skipped_updates
                     if self.method.density is not None:
@@ -364,16 +367,16 @@ class Trainer:
                         self.run_dir.append_metrics(record)
                     self.accelerator.log(record, step=self.state.step)
                     reporter.logged(record)
-                    sums, window_start, window_steps, window_updates = {}, time.perf_counter(), 0, 0
+                    sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
                 if self.state.consecutive_nonfinite >= settings.max_consecutive_nonfinite:
-                    self._stop_nonfinite(sums, window_steps, window_updates, segment_start)
+                    self._stop_nonfinite(sums, window_steps, counts, segment_start)
                 if self.state.step % settings.eval_every == 0 or self.state.step == settings.iters:
                     result = self._evaluate(reporter)
                 if self.state.step % settings.checkpoint_every == 0 or self.state.step == settings.iters:
                     self.state.wall_time += time.perf_counter() - segment_start
                     self.state.log_sums = {key: float(value) for key, value in sums.items()}
                     self.state.log_steps = window_steps
-                    self.state.log_updates = window_updates
+                    self.state.log_counts = dict(counts)
                     segment_start = time.perf_counter()
                     self._save_checkpoint()
         if result is None:  # resumed a finished run: evaluate the final model again (logged already)
