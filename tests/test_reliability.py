@@ -270,3 +270,29 @@ def test_overwrite_keeps_nothing_stale(tiny_recipe: Path, tmp_path: Path, capsys
     cli("run", str(tiny_recipe), *short, "--overwrite")
     assert not (run_dir / "stale.txt").exists() and not (run_dir / "checkpoints" / "step_00000099").exists()
     assert [r["step"] for r in records(run_dir)] == [2, 2]  # one training record and one evaluation
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(5, "Input/output error"), MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")]
+)
+def test_an_error_that_is_not_the_files_content_leaves_the_checkpoint_alone(
+    error: Exception, tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from accelerate.utils import other
+
+    cli("run", str(tiny_recipe))
+    run_dir = tmp_path.joinpath("runs", *RUN)
+    forget_the_end(run_dir)
+    real_load = other.load
+
+    def failing_load(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if "custom_checkpoint_1" in str(path):
+            raise error
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(other, "load", failing_load)
+    capsys.readouterr()
+    err = fails(capsys, "run", str(tiny_recipe), "--resume")
+    assert "step_00000006" in err and "left as it is" in err and type(error).__name__ in err
+    assert (run_dir / "checkpoints" / "step_00000006").is_dir(), "a good checkpoint is never renamed corrupt-*"
+    assert not list((run_dir / "checkpoints").glob("corrupt-*"))

@@ -27,7 +27,14 @@ from sandbox.train.builder import build_dataset, build_method, build_model, buil
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.progress import ProgressReporter
-from sandbox.train.rundir import COMPLETE_MARKER, RunDirectory, atomic_torch_save, atomic_write_bytes, verify_checkpoint
+from sandbox.train.rundir import (
+    COMPLETE_MARKER,
+    CorruptCheckpointError,
+    RunDirectory,
+    atomic_torch_save,
+    atomic_write_bytes,
+    verify_checkpoint,
+)
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
 CHECKPOINTS_KEPT = 2
@@ -182,7 +189,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
-        """Load the newest checkpoint that loads; a damaged one is set aside with a one-line warning."""
+        """Load the newest checkpoint that loads; a damaged one is set aside with a one-line warning.
+
+        Only a file that fails to decode or is refused as unsafe makes a checkpoint ``corrupt-*``;
+        any other error (I/O, out of memory) stops with one line and leaves the checkpoint alone.
+        """
         if self.accelerator.is_main_process:
             self.run_dir.remove_incomplete_checkpoints()  # a kill during save_state left them
         self.accelerator.wait_for_everyone()
@@ -193,14 +204,17 @@ class Trainer:
             try:
                 verify_checkpoint(checkpoint)
                 self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-            except Exception as error:
-                problem = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+            except CorruptCheckpointError as error:
+                problem = " ".join(str(error).split())[:300]
                 following = candidates[index + 1] if index + 1 < len(candidates) else None
                 fallback = f"resuming from {following.name}" if following else "no other checkpoint"
                 if self.accelerator.is_main_process:
                     print(f"warning: checkpoint {checkpoint} could not be loaded ({problem}); {fallback}", file=sys.stderr)
                     checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
                 continue
+            except Exception as error:  # not the files' content (I/O, memory, a mismatch): leave it as it is
+                problem = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                raise SandboxError(f"--resume: loading {checkpoint} failed ({problem}); the checkpoint is left as it is") from None
             break
         else:
             raise SandboxError(

@@ -51,6 +51,30 @@ COMPLETE_MARKER = "COMPLETE"
 """Written last (atomically) into a checkpoint folder: only folders holding it count."""
 
 
+class CorruptCheckpointError(Exception):
+    """A checkpoint file failed to decode (truncated, garbled) or holds objects that are refused as unsafe."""
+
+
+def _is_decoding_failure(error: BaseException) -> bool:
+    """Whether reading a file failed because of its content, not the machine (I/O, memory).
+
+    Truncated or garbled pickles raise ``UnpicklingError``/``EOFError``/``ValueError``; a file
+    holding other objects than plain data is refused with ``UnpicklingError``; a damaged zip
+    archive (torch's format) raises a ``RuntimeError`` from its ``PytorchStreamReader``.
+    ``OSError`` and ``MemoryError`` (or a RuntimeError about allocating memory) are not about the
+    file and never count.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(error, (pickle.UnpicklingError, EOFError, SafetensorError)):
+        return True
+    if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError):
+        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
+    return isinstance(error, ValueError)
+
+
 def verify_checkpoint(folder: Path) -> None:
     """Read every file of a checkpoint folder as plain data; raise if one is damaged or unsafe.
 
@@ -58,7 +82,8 @@ def verify_checkpoint(folder: Path) -> None:
     ``weights_only=True`` but unpickles the registered objects (``custom_checkpoint_*.pkl``) with
     ``weights_only=False``. Reading each file first with ``weights_only=True`` (tensors, containers
     and primitives only; numpy's RNG state as Accelerate allows) makes a file that holds any other
-    object, or a truncated one, fail here before anything is loaded.
+    object, or a truncated one, fail here before anything is loaded: that failure is a
+    :class:`CorruptCheckpointError`; any other error (I/O, memory) propagates as it is.
     """
     from accelerate.utils.other import load as accelerate_load
     from safetensors import safe_open
@@ -66,12 +91,17 @@ def verify_checkpoint(folder: Path) -> None:
     for path in sorted(folder.iterdir()):
         if path.name == COMPLETE_MARKER or path.is_dir():
             continue
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    handle.get_tensor(key)
-        elif path.suffix in (".bin", ".pkl", ".pt"):
-            accelerate_load(path, map_location="cpu", weights_only=True)
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():
+                        handle.get_tensor(key)
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                accelerate_load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            if _is_decoding_failure(error):
+                raise CorruptCheckpointError(f"{path.name}: {type(error).__name__}: {error}") from error
+            raise
 
 
 class RunDirectory:
