@@ -273,3 +273,13 @@ def test_batch_decision_mixes_all_samples_or_none() -> None:
     mixed = [cutmix_boxes(4, 16, 16, 0.5, generator, decision="batch").flatten(1).any(dim=1) for _ in range(200)]
     assert all(m.all() or not m.any() for m in mixed)
     assert 60 < sum(bool(m.all()) for m in mixed) < 140
+
+
+def test_a_single_unlabeled_image_is_not_mixed_with_itself() -> None:
+    step, strong, *_ = make_step(cutmix_p=1.0)
+    labeled, unlabeled = batches()
+    single = UnlabeledBatch(unlabeled.weak[:1], unlabeled.strong[:1], unlabeled.padding[:1])
+    student = StubModel()
+    step.semi_supervised(5, student, StubModel(), labeled, single)
+    assert torch.equal(student.inputs[0][2:], single.strong), "the strong image reaches the student as it is"
+    assert torch.equal(strong.calls[0][1], single.weak.softmax(dim=1))

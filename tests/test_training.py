@@ -211,3 +211,9 @@ def test_logged_values_are_means_over_the_steps_that_produced_them(tiny_recipe: 
     window = [r for r in records(run_dir_of(tiny_recipe)) if "loss" in r]
     assert [r["step"] for r in window] == [4], "one window: 2 warm-up steps and 2 semi-supervised ones"
     assert window[0]["loss_unsup"] == pytest.approx(1.0), "a mean over the 2 steps that have it, not over 4"
+
+
+def test_one_unlabeled_image_per_process_warns_that_cutmix_is_skipped(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    cli("run", str(tiny_recipe), "--set", "train.unlabeled_batch_size=1", "--set", "train.iters=3")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "unlabeled_batch_size = 1" in warnings[0] and "CutMix" in warnings[0]

@@ -152,6 +152,12 @@ class Trainer:
             self.method.density.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(DensityCheckpoint(self.method.density))
         self.step_fn = SemiSupervisedStep(settings, self.method, self.source.ignore_index, recipe.seed)
+        if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and self.accelerator.is_main_process:
+            print(
+                f"warning: train.unlabeled_batch_size = 1: CutMix pairs images within a process's batch, so with "
+                f"one image it has no partner and is skipped (train.cutmix_p = {settings.cutmix_p} has no effect)",
+                file=sys.stderr,
+            )
 
     # -- data ------------------------------------------------------------------------------------
 

@@ -96,11 +96,13 @@ class SemiSupervisedStep:
         if method.density is not None:
             logs.update(self.fit_density(teacher_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
 
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        boxes = cutmix_boxes(
-            num_unlabeled, *unlabeled.strong.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision
-        )
-        strong, probs, padding = apply_cutmix(boxes, unlabeled.strong, probs, unlabeled.padding)
+        strong, padding = unlabeled.strong, unlabeled.padding
+        if num_unlabeled > 1:  # one image has no partner to mix with (the loop warns at start)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            boxes = cutmix_boxes(
+                num_unlabeled, *strong.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision
+            )
+            strong, probs, padding = apply_cutmix(boxes, strong, probs, padding)
         valid = (probs.max(dim=1).values > settings.threshold) & ~padding
 
         def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput]) -> Tensor | None:
