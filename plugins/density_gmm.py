@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from plugins.mixture_prior import GaussianMixturePrior
-from plugins.online_density import OnlineMixtureDensity, require_positive
+from plugins.online_density import OnlineMixtureDensity, process_count, process_rank, require_positive
 from sandbox.api import Register, hookimpl
 
 
@@ -54,31 +54,67 @@ class DiagonalGaussianMixture(GaussianMixturePrior):
         return -0.5 * quadratic
 
     @torch.no_grad()
-    def initialize_from(self, features: Tensor, labels: Tensor) -> None:
+    def initialize_from(self, features: Tensor, labels: Tensor) -> bool:
         """Moment initialisation from a batch: class means and the pooled within-class variance.
 
         A class without labeled features gets a randomly drawn feature of the batch as its mean.
         The per-dimension variance, shared by all components, is the pooled within-class
         variance of the labeled features, or the batch's variance when no class has two
         labeled features. Variances are floored at 1e-6.
+
+        On several processes every process calls this at the same step with its own pixels: the
+        moments are summed over all processes' pixels and the drawn means come from the first
+        process that has pixels, so every process ends with the same parameters. Returns False
+        (and changes nothing) when no process has a pixel.
         """
         features = features.to(self.means.dtype)
         count, num_components = features.shape[0], self.num_components
         labeled = labels >= 0
         classes, labeled_features = labels[labeled], features[labeled]
         sums = features.new_zeros(num_components, self.dim).index_add_(0, classes, labeled_features)
-        counts = torch.bincount(classes, minlength=num_components).to(features.dtype).unsqueeze(1)
-        fallback = features[torch.randint(count, (num_components,), device=features.device)]
-        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), fallback)
-        degrees_of_freedom = classes.numel() - int((counts > 0).sum())
+        counts = torch.bincount(classes, minlength=num_components).to(features.dtype)
+        totals = torch.stack([features.sum(dim=0), features.pow(2).sum(dim=0)])
+        moments = sum_over_processes(torch.cat([sums.reshape(-1), counts, totals.reshape(-1), features.new_tensor([count])]))
+        sums, counts, totals, total = moments.split([num_components * self.dim, num_components, 2 * self.dim, 1])
+        sums, counts, totals, total = sums.view(num_components, self.dim), counts.unsqueeze(1), totals.view(2, self.dim), int(total)
+        if total == 0:
+            return False
+        if count > 0:
+            fallback = features[torch.randint(count, (num_components,), device=features.device)]
+        else:
+            fallback = features.new_zeros(num_components, self.dim)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), from_first_process_with_data(fallback, count > 0))
+        degrees_of_freedom = int(counts.sum()) - int((counts > 0).sum())
         if degrees_of_freedom > 0:
-            variance = (labeled_features - means[classes]).pow(2).sum(dim=0) / degrees_of_freedom
-        elif count > 1:
-            variance = features.var(dim=0)
+            deviations = sum_over_processes((labeled_features - means[classes]).pow(2).sum(dim=0))
+            variance = deviations / degrees_of_freedom
+        elif total > 1:
+            variance = (totals[1] - totals[0].pow(2) / total) / (total - 1)
         else:
             variance = torch.ones_like(means[0])
         self.means.copy_(means)
         self.log_vars.copy_(variance.clamp(min=1e-6).log().expand_as(self.log_vars))
+        return True
+
+
+def sum_over_processes(values: Tensor) -> Tensor:
+    """``values`` summed over the processes of an initialised torch.distributed group (as is without one)."""
+    if process_count() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def from_first_process_with_data(values: Tensor, has_data: bool) -> Tensor:
+    """``values`` of the lowest-ranked process whose ``has_data`` is true (``values`` itself on one process)."""
+    processes = process_count()
+    if processes == 1:
+        return values
+    source = torch.tensor([process_rank() if has_data else processes], device=values.device)
+    torch.distributed.all_reduce(source, op=torch.distributed.ReduceOp.MIN)
+    values = values.clone()
+    torch.distributed.broadcast(values, src=int(source))
+    return values
 
 
 class GaussianMixtureDensity(OnlineMixtureDensity):
@@ -87,7 +123,7 @@ class GaussianMixtureDensity(OnlineMixtureDensity):
     ``log p(x | y) = log N(x; mu_y, diag sigma_y^2)`` for a labeled feature; the equal-weight
     mixture ``logsumexp_k(log N(x; mu_k, diag sigma_k^2) + log(1/K))`` for an unlabeled one.
     Means start N(0, ``init_scale``^2 I) and log-variances 0; with ``data_init`` the first
-    :meth:`fit_step` with pixels first sets them from that batch
+    :meth:`fit_step` with pixels (on any process) first sets them from that batch
     (:meth:`DiagonalGaussianMixture.initialize_from`), then updates. Training by gradient
     descent as "glow": at most ``sampled_pixels`` pixels per step with N(0, ``input_noise``^2)
     noise, Adam (``lr``, ``betas``), gradient norm clipped to ``grad_clip``, learning rate
@@ -123,7 +159,6 @@ class GaussianMixtureDensity(OnlineMixtureDensity):
 
     def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, float]:
         """As :meth:`OnlineMixtureDensity.fit_step`, after the data initialisation if still due."""
-        if not bool(self.initialized) and features.shape[0] > 0:
-            self.prior.initialize_from(features.detach(), labels.detach())
+        if not bool(self.initialized) and self.prior.initialize_from(features.detach(), labels.detach()):
             self.initialized.fill_(True)
         return super().fit_step(features, labels)

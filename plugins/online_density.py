@@ -37,19 +37,29 @@ def process_count() -> int:
     return 1
 
 
-def average_gradients_and_sum(parameters: list[nn.Parameter], summary: Tensor, processes: int) -> Tensor:
-    """Average the gradients over processes (missing ones count as 0) and sum ``summary``.
+def process_rank() -> int:
+    """This process's rank in an initialised torch.distributed group (0 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
-    One all-reduce of one flat buffer: every process then makes the same Adam update, so the
-    estimator stays identical across processes although each sees only its own shard's pixels.
+
+def pool_gradients_and_sum(parameters: list[nn.Parameter], weight: float, summary: Tensor) -> Tensor:
+    """Gradients weighted by ``weight`` (this process's pixel count) summed over processes, and ``summary`` summed.
+
+    One all-reduce of one flat buffer. ``summary``'s last element must be the pixel count: the
+    pooled gradients are divided by the total, so they are those of the mean loss over every
+    process's pixels, and a process without pixels contributes nothing. Every process then makes
+    the same Adam update, so the estimator stays identical across processes.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [summary.float()])
+    flat = torch.cat([g.reshape(-1).float() * weight for g in grads] + [summary.float()])
     torch.distributed.all_reduce(flat)
+    total = float(flat[-1])
     offset = 0
     for parameter, grad in zip(parameters, grads):
         size = grad.numel()
-        parameter.grad = (flat[offset : offset + size] / processes).view_as(grad).to(grad.dtype)
+        parameter.grad = (flat[offset : offset + size] / max(total, 1.0)).view_as(grad).to(grad.dtype)
         offset += size
     return flat[offset:]
 
@@ -117,7 +127,9 @@ class OnlineMixtureDensity(DensityEstimator):
 
         ``accuracy`` is the FlowGMM posterior classification accuracy on the labeled sampled
         pixels (absent when none is labeled). With no pixels at all, no update is made (the
-        schedule still advances) and ``nll`` is NaN.
+        schedule still advances) and ``nll`` is NaN. On several processes ``nll``, the accuracy
+        and the gradients are pooled over every process's pixels (weighted by their counts): a
+        process without pixels contributes nothing.
         """
         lr = float(self.optimizer.param_groups[0]["lr"])
         features, labels = features.detach(), labels.detach()
@@ -127,6 +139,7 @@ class OnlineMixtureDensity(DensityEstimator):
             self.scheduler.step()
             return {"nll": math.nan, "lr": lr}
         self.optimizer.zero_grad(set_to_none=True)
+        pixels = min(count, self.sampled_pixels)
         if count > 0:
             if count > self.sampled_pixels:
                 index = torch.randperm(count, device=features.device)[: self.sampled_pixels]
@@ -140,13 +153,13 @@ class OnlineMixtureDensity(DensityEstimator):
             with torch.no_grad():
                 labeled = labels >= 0
                 correct = ((components.argmax(dim=1) == labels) & labeled).sum()
-                summary = torch.stack([loss.detach(), correct.float(), labeled.sum().float()])
-        else:  # this process has no pixels but must join the others' reduction
-            summary = torch.tensor([math.nan, 0.0, 0.0], device=self.prior.means.device)
+                summary = torch.stack([loss.detach() * pixels, correct.float(), labeled.sum().float(), loss.new_tensor(pixels)])
+        else:  # this process has no pixels but must join the others' reduction, contributing nothing
+            summary = torch.zeros(4, device=self.prior.means.device)
         if processes > 1:
-            summary = average_gradients_and_sum(list(self.parameters()), summary, processes)
-            summary[0] /= processes
-        nll, num_correct, num_labeled = summary.tolist()  # the one host synchronisation
+            summary = pool_gradients_and_sum(list(self.parameters()), pixels, summary)
+        nll_sum, num_correct, num_labeled, total = summary.tolist()  # the one host synchronisation
+        nll = nll_sum / total if total > 0 else math.nan
         if math.isfinite(nll):  # a non-finite NLL (on any process) skips the update everywhere
             torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
             self.optimizer.step()
