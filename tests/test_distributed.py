@@ -81,6 +81,8 @@ torch.save(
         "initial_lr": [group["initial_lr"] for group in trainer.optimizer.param_groups],
         "sync_bn_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in student.modules()),
         "writes": writes,
+        "step_seed": trainer.step_fn.seed,
+        "next_draw": torch.rand(8),
     },
     out / f"rank{accelerator.process_index}.pt",
 )
@@ -180,6 +182,11 @@ def test_two_processes_train_one_teacher_reduce_every_val_image_and_only_rank0_w
     states = rank_states(out, 2)
     assert [s["num_processes"] for s in states] == [2, 2]
     assert_identical_teachers(states)
+
+    # Built alike, then each process draws its own noise (dropout, VAT, CutMix boxes ...).
+    recipe_seed = load_recipe(tiny_recipe).seed
+    assert states[0]["step_seed"] == recipe_seed != states[1]["step_seed"]
+    assert not torch.equal(states[0]["next_draw"], states[1]["next_draw"])
 
     # The confusion matrix is reduced over both shards, every val image counted once.
     assert sorted(s["shard_images"] for s in states) == [2, 3]
@@ -308,3 +315,11 @@ def test_a_one_process_checkpoint_resumes_with_two_processes(tiny_recipe: Path, 
     assert summary["iters"] == 6 and summary["processes"] == 2
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(6) == 2, "records after step 3 are written once, by rank 0"
+
+
+def test_process_seeds_keep_the_main_process_stream_and_differ_elsewhere() -> None:
+    from sandbox.train.accelerator import process_seed
+
+    assert process_seed(7, 0) == 7
+    seeds = {process_seed(7, rank) for rank in range(16)} | {process_seed(8, rank) for rank in range(16)}
+    assert len(seeds) == 32, "no two (seed, rank) pairs share a stream"

@@ -101,3 +101,14 @@ def average_buffers(module: nn.Module, accelerator: Accelerator) -> None:
         for buffer in buffers:
             buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
             offset += buffer.numel()
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s own random streams (dropout, noise, VAT's start, CutMix boxes).
+
+    The main process keeps ``seed``; every other process gets a different one derived from
+    ``(seed, rank)``, so stochastic parts of the step draw independent noise on each process
+    (the reference seeds every rank alike) while a run stays reproducible from its seed.
+    """
+    return seed if rank == 0 else (seed + 1_000_003 * rank) % 2**63
+

@@ -22,7 +22,7 @@ from sandbox.data.views import StreamSampler
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
-from sandbox.train.accelerator import average_buffers, make_accelerator, maybe_sync_batchnorm, scaled_lr
+from sandbox.train.accelerator import average_buffers, make_accelerator, maybe_sync_batchnorm, process_seed, scaled_lr
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
@@ -151,7 +151,10 @@ class Trainer:
         if self.method.density is not None:
             self.method.density.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(DensityCheckpoint(self.method.density))
-        self.step_fn = SemiSupervisedStep(settings, self.method, self.source.ignore_index, recipe.seed)
+        rank_seed = process_seed(recipe.seed, self.accelerator.process_index)
+        if rank_seed != recipe.seed:  # built identically on every process; from here on, independent noise
+            set_seed(rank_seed)
+        self.step_fn = SemiSupervisedStep(settings, self.method, self.source.ignore_index, rank_seed)
         if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and self.accelerator.is_main_process:
             print(
                 f"warning: train.unlabeled_batch_size = 1: CutMix pairs images within a process's batch, so with "
