@@ -75,6 +75,24 @@ def test_bench_prints_step_times_for_the_perturbation_and_none(tiny_recipe: Path
     assert rows[-1].rstrip(" │").endswith("1.00")
 
 
+def test_bench_times_the_training_loops_own_iteration(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox.train.iteration import TrainingIteration
+
+    calls: list[tuple[int, bool]] = []
+    real = TrainingIteration.__call__
+
+    def counting(self, step, labeled, unlabeled):  # noqa: ANN001, ANN202
+        calls.append((step, unlabeled is not None))
+        return real(self, step, labeled, unlabeled)
+
+    monkeypatch.setattr(TrainingIteration, "__call__", counting)
+    code, _, _ = run_cli(["bench", str(tiny_recipe), "--steps", "2", "--warmup", "1"], capsys)
+    assert code == 0
+    assert calls == [(0, True), (1, True), (2, True)] * 2, "3 semi-supervised iterations for ddfp, then for none"
+
+
 def test_bench_data_prints_samples_per_second(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["bench", str(tiny_recipe), "--data", "--workers", "0", "--batches", "2"], capsys)
     assert code == 0

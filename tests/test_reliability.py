@@ -240,12 +240,14 @@ def test_a_non_finite_density_nll_skips_the_estimator_update() -> None:
 def test_an_optimizer_step_skipped_by_amp_never_reaches_the_teacher(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from accelerate import Accelerator
 
-    import sandbox.train.loop as loop
+    import sandbox.train.iteration as iteration
 
     decays: list[float] = []
-    real_update = loop.update_teacher
+    real_update = iteration.update_teacher
     monkeypatch.setattr(
-        loop, "update_teacher", lambda teacher, student, decay, copy: (decays.append(decay), real_update(teacher, student, decay, copy))
+        iteration,
+        "update_teacher",
+        lambda teacher, student, decay, copy: (decays.append(decay), real_update(teacher, student, decay, copy)),
     )
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))  # as GradScaler on overflow
     cli("run", str(tiny_recipe), "--set", "train.iters=4", "--set", "train.perturbation_start_iters=100")

@@ -1,6 +1,9 @@
 """Timing of whole training steps on synthetic data at a recipe's crop and batch (``sandbox bench``).
 
-Every pixel is trusted (threshold 0) so that a perturbation's cost is measured at its worst.
+Each timed step is the training loop's own :class:`~sandbox.train.iteration.TrainingIteration`
+(the step, backward, optimizer, schedule, non-finite check, EMA teacher and its buffers), with
+the recipe's optimizer and schedule. Every pixel is trusted (threshold 0) so that a
+perturbation's cost is measured at its worst.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sandbox.api import IGNORE_INDEX
 from sandbox.recipe import ComponentSpec, Recipe
 from sandbox.registry import Registry
 from sandbox.train.accelerator import make_accelerator
 from sandbox.train.builder import build_method, build_model
-from sandbox.train.ema import update_teacher
+from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
 
@@ -63,12 +67,12 @@ def time_training_steps(
     model = build_model(recipe, registry, num_classes)
     method = build_method(recipe, registry, num_classes, model.embedding_channels)
     teacher = copy.deepcopy(model).requires_grad_(False).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, *build_optimizer(model, settings, settings.lr))
     method.perturbation.to(device)
     if method.density is not None:
         method.density.to(device)
-    step_fn = SemiSupervisedStep(settings, method, 255, recipe.seed)
+    step_fn = SemiSupervisedStep(settings, method, IGNORE_INDEX, recipe.seed)
+    iteration = TrainingIteration(accelerator, model, teacher, optimizer, scheduler, step_fn, settings)
     crop, labeled_count, unlabeled_count = settings.crop_size, settings.batch_size, settings.unlabeled_batch_size
     labeled = LabeledBatch(
         torch.randn(labeled_count, 3, crop, crop, device=device),
@@ -85,12 +89,7 @@ def time_training_steps(
     for index in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        with accelerator.autocast():
-            loss, _ = step_fn.semi_supervised(index, model, teacher, labeled, unlabeled)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        update_teacher(teacher, accelerator.unwrap_model(model), settings.ema_decay, settings.teacher_statistics == "student")
+        iteration(index, labeled, unlabeled)  # the training loop's own iteration code
         synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)

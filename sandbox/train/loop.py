@@ -22,10 +22,10 @@ from sandbox.data.views import StreamSampler
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
-from sandbox.train.accelerator import average_buffers, make_accelerator, maybe_sync_batchnorm, process_seed, scaled_lr
+from sandbox.train.accelerator import make_accelerator, maybe_sync_batchnorm, process_seed, scaled_lr
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
-from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
+from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
     COMPLETE_MARKER,
@@ -134,17 +134,7 @@ class Trainer:
         model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)  # the teacher stays plain
         self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
         """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
-        head_lr = self.lr * settings.head_lr_multiplier
-        optimizer = torch.optim.SGD(
-            [{"params": model.encoder_parameters(), "lr": self.lr}, {"params": model.decoder_parameters(), "lr": head_lr}],
-            lr=self.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(1.0 - step / settings.iters, 0.0) ** settings.poly_power
-        )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, schedule)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, *build_optimizer(model, settings, self.lr))
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.teacher, self.state)
@@ -155,6 +145,9 @@ class Trainer:
         if rank_seed != recipe.seed:  # built identically on every process; from here on, independent noise
             set_seed(rank_seed)
         self.step_fn = SemiSupervisedStep(settings, self.method, self.source.ignore_index, rank_seed)
+        self.iteration = TrainingIteration(
+            self.accelerator, self.model, self.teacher, self.optimizer, self.scheduler, self.step_fn, settings
+        )
         if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and self.accelerator.is_main_process:
             print(
                 f"warning: train.unlabeled_batch_size = 1: CutMix pairs images within a process's batch, so with "
@@ -233,22 +226,6 @@ class Trainer:
             self.run_dir.truncate_metrics(self.state.step)
 
     # -- non-finite values ------------------------------------------------------------------------
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every process (all skip the update together)."""
-        flag = torch.isfinite(loss.detach().float()).all().float().reshape(1)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.gather(flag).min().reshape(1)
-        return bool(flag.item())
-
-    def _buffer_snapshot(self) -> list[torch.Tensor]:
-        """Copies of the student's buffers (BatchNorm statistics), restored when a step is skipped."""
-        return [buffer.detach().clone() for buffer in self.accelerator.unwrap_model(self.model).buffers()]
-
-    def _restore_buffers(self, snapshot: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for buffer, saved in zip(self.accelerator.unwrap_model(self.model).buffers(), snapshot):
-                buffer.copy_(saved)
 
     def _stop_nonfinite(self, sums: dict[str, Any], window_steps: int, counts: dict[str, int], segment_start: float) -> None:
         """Checkpoint the last good state and stop with a one-line error."""
@@ -333,39 +310,17 @@ class Trainer:
         sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
         window_start, window_steps, counts = time.perf_counter(), self.state.log_steps, dict(self.state.log_counts)
         segment_start = time.perf_counter()
-        copy_buffers = settings.teacher_statistics == "student"
         result: Evaluation | None = None
         with reporter:
             while self.state.step < settings.iters:
                 step = self.state.step
-                buffers = self._buffer_snapshot()
                 images, masks = next(labeled)
                 batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))
-                with self.accelerator.autocast():
-                    if step < settings.warmup_iters:
-                        loss, logs = self.step_fn.supervised(self.model, self.teacher, batch_l)
-                    else:
-                        weak, strong, padding = (t.to(self.accelerator.device) for t in next(unlabeled))
-                        if step == settings.warmup_iters:  # the teacher starts as the student
-                            update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), 0.0, copy_buffers)
-                        loss, logs = self.step_fn.semi_supervised(
-                            step, self.model, self.teacher, batch_l, UnlabeledBatch(weak, strong, padding)
-                        )
-                self.optimizer.zero_grad(set_to_none=True)
-                finite = self._all_finite(loss)
-                if finite:
-                    self.accelerator.backward(loss)
-                    self.optimizer.step()
-                    stepped = not self.accelerator.optimizer_step_was_skipped  # an fp16 overflow skips it
-                else:  # no update; forget the BatchNorm statistics the bad forward pass collected
-                    self._restore_buffers(buffers)
-                    stepped = False
-                self.scheduler.step()
-                if stepped and step >= settings.warmup_iters:
-                    decay = ema_decay(step, settings.warmup_iters, settings.ema_decay)
-                    update_teacher(self.teacher, self.accelerator.unwrap_model(self.model), decay, copy_buffers)
-                if step >= settings.warmup_iters or not copy_buffers:  # statistics of this process's shard
-                    average_buffers(self.teacher, self.accelerator)
+                batch_u = None
+                if step >= settings.warmup_iters:
+                    batch_u = UnlabeledBatch(*(t.to(self.accelerator.device) for t in next(unlabeled)))
+                outcome = self.iteration(step, batch_l, batch_u)
+                logs, finite, stepped = outcome.logs, outcome.finite, outcome.stepped
                 self.state.step += 1
                 window_steps += 1
                 self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
