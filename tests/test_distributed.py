@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -323,3 +324,40 @@ def test_process_seeds_keep_the_main_process_stream_and_differ_elsewhere() -> No
     assert process_seed(7, 0) == 7
     seeds = {process_seed(7, rank) for rank in range(16)} | {process_seed(8, rank) for rank in range(16)}
     assert len(seeds) == 32, "no two (seed, rank) pairs share a stream"
+
+
+def test_gmm_run_killed_on_two_processes_resumes_to_the_uninterrupted_result(tiny_recipe: Path, tmp_path: Path) -> None:
+    """``gmm`` initialises from data: a resumed two-process run must still equal an uninterrupted one."""
+    from run_records import assert_same_records, records
+
+    overrides = ["density.name=gmm", "train.iters=12", "train.checkpoint_every=3", "train.eval_every=6", "train.threads=1"]
+    sets = [item for override in overrides for item in ("--set", override)]
+    run_dir = tmp_path / "runs" / "tiny" / "seed3"
+
+    def launch(log: Path, *extra: str) -> subprocess.Popen:
+        command = accelerate_command("--num_processes", "2", "--main_process_port", str(free_port()),
+                                     "-m", "sandbox", "run", str(tiny_recipe), *sets, *extra)
+        return start(command, launch_env(tmp_path), log)
+
+    log = tmp_path / "reference.log"
+    finish([launch(log)], [log])
+    reference = tmp_path / "reference"
+    shutil.move(run_dir, reference)
+
+    log = tmp_path / "killed.log"
+    process = launch(log)
+    first_checkpoint = run_dir / "checkpoints" / "step_00000003" / "COMPLETE"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first_checkpoint.exists(), log.read_text()[-2000:]
+    assert not (run_dir / "summary.json").exists(), "killed before the end"
+
+    log = tmp_path / "resumed.log"
+    finish([launch(log, "--resume")], [log])
+    assert_same_records(records(reference), records(run_dir))
+    expected = torch.load(reference / "last.pt", weights_only=True)["model"]
+    actual = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
