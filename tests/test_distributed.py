@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -361,3 +362,91 @@ def test_gmm_run_killed_on_two_processes_resumes_to_the_uninterrupted_result(tin
     expected = torch.load(reference / "last.pt", weights_only=True)["model"]
     actual = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+OUR_FRAME = re.compile(r'File "(?![^"]*site-packages)[^"]*[/\\](sandbox|plugins)[/\\][^"]*\.py"')
+"""A traceback frame in this project's code (not in an installed library)."""
+
+
+def two_machines_fail(tiny_recipe: Path, tmp_path: Path, extra: dict[int, list[str]]) -> list[str]:
+    """Launch ``sandbox run`` as two one-process machines on one host (``extra[m]``: machine m's
+    arguments); on both the process must exit 2 with one ``error:`` line and no traceback of ours,
+    bounded by a timeout. Their ``error:`` lines.
+
+    The launcher itself then reports the failed child (exit 1 and its own ``ChildFailedError``).
+    """
+    port, env = free_port(), launch_env(tmp_path)
+    processes, logs = [], []
+    started = time.monotonic()
+    try:
+        for machine in (0, 1):
+            command = accelerate_command(
+                "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                "-m", "sandbox", "run", str(tiny_recipe), "--set", "train.threads=1", *extra.get(machine, []),
+            )
+            logs.append(tmp_path / f"machine{machine}.log")
+            processes.append(start(command, env, logs[-1]))
+        for process in processes:
+            process.wait(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert time.monotonic() - started < LAUNCH_TIMEOUT_S, "a process waited for its failed peer"
+    lines = []
+    for process, log in zip(processes, logs):
+        text = log.read_text()
+        assert process.returncode != 0 and "exitcode  : 2" in text, text[-3000:]
+        assert not OUR_FRAME.search(text), "no traceback through our code:\n" + text[-3000:]
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, text[-3000:]
+        lines.append(errors[0])
+    return lines
+
+
+def test_a_dataset_missing_on_one_machine_ends_both_with_the_same_line(tiny_recipe: Path, tmp_path: Path) -> None:
+    from test_dataset_folder import CLASSES, make_tree
+
+    root = make_tree(tmp_path / "data", unlabeled=4)
+    dataset = ["--set", "dataset.name=folder", "--set", f"dataset.class_names={CLASSES!r}".replace("'", '"'),
+               "--set", "dataset.labeled=4"]
+    lines = two_machines_fail(tiny_recipe, tmp_path, {
+        0: [*dataset, "--set", f"dataset.root={root.as_posix()}"],
+        1: [*dataset, "--set", f"dataset.root={(tmp_path / 'not-mounted').as_posix()}"],
+    })
+    assert lines[0] == lines[1]
+    assert "not-mounted" in lines[0] and "(on process 1)" in lines[0]
+
+
+def test_a_run_directory_conflict_ends_both_machines_with_the_same_line(tiny_recipe: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "tiny" / "seed3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    lines = two_machines_fail(tiny_recipe, tmp_path, {})
+    assert lines[0] == lines[1] and "already exists" in lines[0] and str(run_dir) in lines[0]
+    assert (run_dir / "metrics.jsonl").read_text() == "{}\n", "nothing already written is lost"
+
+
+def test_ablate_on_two_processes_agrees_on_a_failed_run_and_goes_on(tiny_recipe: Path, tmp_path: Path) -> None:
+    """``num_unlabeled = 0`` fails while building the run, the same way on both processes."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "ablate.log"
+    command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+                                 "-m", "sandbox", "ablate", str(tiny_recipe), "--grid", "dataset.num_unlabeled=0,16",
+                                 "--set", "train.threads=1", "--output", str(out))
+    process = start(command, launch_env(tmp_path), log)
+    try:
+        process.wait(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = log.read_text()
+    assert "exitcode  : 1" in text, text[-3000:]  # a failed run makes the sweep exit 1 after the others
+    failed = out / "tiny" / "dataset.num_unlabeled=0" / "seed3" / "FAILED"
+    assert failed.read_text().count("\n") == 1 and "no unlabeled images" in failed.read_text()
+    assert (out / "tiny" / "dataset.num_unlabeled=16" / "seed3" / "summary.json").is_file(), "the sweep went on"
+    assert text.count("dataset.num_unlabeled=0 seed3: FAILED") == 2, "each process reports the same outcome"
+    assert not OUR_FRAME.search(text), text[-3000:]

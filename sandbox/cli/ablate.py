@@ -1,7 +1,7 @@
 """``sandbox ablate``: train every combination of a grid and seeds, then compare them.
 
 Runs go in this process, one after the other, through the same functions as ``sandbox run``
-(``load_resolved_recipe``, ``Trainer``, ``RunDirectory``): no re-import of torch and the plugins
+(``load_resolved_recipe``, ``start_run``, ``Trainer.train``): no re-import of torch and the plugins
 per run, errors arrive as exceptions (a ``SandboxError`` keeps its one-line message), and
 ``accelerate launch ... -m sandbox ablate`` trains each run on every process. Each run builds its
 own model, data and optimizer, seeds every RNG, and gets a fresh Accelerate state (so runs may
@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 
 import torch
 import typer
+from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from rich.console import Console
 
@@ -30,7 +31,8 @@ from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
 from sandbox.recipe import Recipe, load_recipe
 from sandbox.registry import Registry
-from sandbox.train.loop import Trainer
+from sandbox.train.agreement import describe
+from sandbox.train.loop import start_run
 from sandbox.train.rundir import RunDirectory, differing_keys
 
 ABLATIONS_FOLDER = "ablations"
@@ -55,11 +57,7 @@ def combination_recipe(
 def train_one(recipe: Recipe, registry: Registry, resume: bool) -> dict[str, Any]:
     """Train (or resume) one run exactly as ``sandbox run`` does; return its summary."""
     AcceleratorState._reset_state()  # each run may use its own mixed precision
-    run_dir = RunDirectory.for_recipe(recipe)
-    trainer = Trainer(recipe, registry, run_dir)
-    if trainer.accelerator.is_main_process:
-        run_dir.prepare(recipe, resume=resume, overwrite=not resume)
-    trainer.accelerator.wait_for_everyone()
+    trainer = start_run(recipe, registry, resume=resume, overwrite=not resume)
     try:
         return trainer.train(resume=resume)
     finally:
@@ -75,12 +73,6 @@ def stale_note(run_dir: RunDirectory, recipe: Recipe) -> str:
     if saved == recipe.to_toml():
         return ""
     return f" (NOTE: trained with a different recipe: {differing_keys(saved, recipe)}; kept; use another --output to retrain)"
-
-
-def describe(error: BaseException) -> str:
-    """One line: a ``SandboxError``'s message, else the exception type and message."""
-    text = str(error) if isinstance(error, SandboxError) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split()) or type(error).__name__
 
 
 def debug_enabled(context: typer.Context) -> bool:
@@ -131,7 +123,8 @@ def ablate(
         except Exception as error:  # recorded; the sweep goes on (KeyboardInterrupt stops it)
             if debug_enabled(context):
                 traceback.print_exc()
-            write_failure(run_dir.path, describe(error))
+            if PartialState().is_main_process:  # every process has the same error (agreed_errors)
+                write_failure(run_dir.path, describe(error))
             failures += 1
             console.print(f"{prefix}: FAILED: {describe(error)}")
             continue

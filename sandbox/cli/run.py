@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
-from sandbox.train.loop import Trainer
-from sandbox.train.rundir import RunDirectory
+from sandbox.train.loop import start_run
 
 
 def run(
@@ -22,13 +21,11 @@ def run(
 ) -> None:
     """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
-    run_dir = RunDirectory.for_recipe(resolved)
-    trainer = Trainer(resolved, registry, run_dir)
+    trainer = start_run(resolved, registry, resume=resume, overwrite=overwrite)
+    run_dir = trainer.run_dir
     console = Console(stderr=True)
     if trainer.accelerator.is_main_process:
-        run_dir.prepare(resolved, resume=resume, overwrite=overwrite)
         console.print(f"run directory: {run_dir.path}", highlight=False, soft_wrap=True)
-    trainer.accelerator.wait_for_everyone()
     summary = trainer.train(resume=resume)
     if trainer.accelerator.is_main_process:
         console.print(

@@ -23,6 +23,7 @@ from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
 from sandbox.train.accelerator import make_accelerator, maybe_sync_batchnorm, process_seed, scaled_lr
+from sandbox.train.agreement import agreed_errors
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.iteration import TrainingIteration, build_optimizer
@@ -110,6 +111,19 @@ def package_versions(registry: Registry) -> dict[str, str]:
     return versions
 
 
+def start_run(recipe: Recipe, registry: Registry, resume: bool, overwrite: bool) -> "Trainer":
+    """Build the trainer and prepare its run directory (main process); an error on any process ends all.
+
+    What ``sandbox run`` and ``sandbox ablate`` do before :meth:`Trainer.train`.
+    """
+    run_dir = RunDirectory.for_recipe(recipe)
+    trainer = Trainer(recipe, registry, run_dir)
+    with agreed_errors(trainer.accelerator):  # e.g. a run-directory conflict seen by the main process
+        if trainer.accelerator.is_main_process:
+            run_dir.prepare(recipe, resume=resume, overwrite=overwrite)
+    return trainer
+
+
 class Trainer:
     """Trains one recipe into one run directory."""
 
@@ -122,14 +136,15 @@ class Trainer:
             torch.set_num_threads(settings.threads)
         self.accelerator = make_accelerator(settings.mixed_precision, settings.trackers, run_dir.path)
         set_seed(recipe.seed)
-        self.source = build_dataset(recipe, registry)
-        if settings.warmup_iters < settings.iters and len(self.source.unlabeled) == 0:
-            raise SandboxError(
-                f"[dataset] {recipe.dataset.name!r} has no unlabeled images, but train.warmup_iters "
-                f"({settings.warmup_iters}) < train.iters ({settings.iters}) asks for semi-supervised steps"
-            )
-        model = build_model(recipe, registry, self.source.num_classes)
-        self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
+        with agreed_errors(self.accelerator):  # a dataset missing on one node ends every process
+            self.source = build_dataset(recipe, registry)
+            if settings.warmup_iters < settings.iters and len(self.source.unlabeled) == 0:
+                raise SandboxError(
+                    f"[dataset] {recipe.dataset.name!r} has no unlabeled images, but train.warmup_iters "
+                    f"({settings.warmup_iters}) < train.iters ({settings.iters}) asks for semi-supervised steps"
+                )
+            model = build_model(recipe, registry, self.source.num_classes)
+            self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
         self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
         model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)  # the teacher stays plain
         self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
