@@ -164,3 +164,22 @@ def test_latex_is_a_booktabs_tabular(ablation: Path, capsys: pytest.CaptureFixtu
     assert "\\toprule" in out and "\\end{tabular}" in out and "best\\_miou (\\%)" in out
     assert body[1].startswith("\\textbf{ddfp}") and "$^\\dagger$" in body[2]
     assert "% failed:" in out
+
+
+def test_columns_show_only_the_chosen_keys_and_must_tell_groups_apart(ablation: Path, capsys: pytest.CaptureFixture) -> None:
+    full = compare_runs(find_runs([ablation]))
+    assert full.keys == ["perturbation.name", "perturbation.eps"]
+    shown = compare_runs(find_runs([ablation]), columns=["perturbation.eps"])
+    assert shown.keys == ["perturbation.eps"] and all(list(group.values) == ["perturbation.eps"] for group in shown.groups)
+    assert [group.mean for group in shown.groups] == [group.mean for group in full.groups]
+    assert [group.baseline for group in shown.groups] == [group.baseline for group in full.groups]
+    code, out, _ = run_cli(["compare", str(ablation), "--format", "md", "--columns", "perturbation.eps"], capsys)
+    assert code == 0 and out.splitlines()[0].startswith("| perturbation.eps | best_miou (%)")
+    code, _, err = run_cli(["compare", str(ablation), "--columns", "train.lr"], capsys)
+    assert code == 2 and "--columns train.lr: not a key that differs" in err and "perturbation.eps" in err
+
+
+def test_columns_that_hide_what_separates_two_groups_are_refused(ablation: Path) -> None:
+    write_run(ablation, "ddfp-4.0-l1", 0, {"name": "ddfp", "eps": 4.0, "norm": "linf"}, 0.5)
+    with pytest.raises(Exception, match="two groups look alike; add one of perturbation.norm"):
+        compare_runs(find_runs([ablation]), columns=["perturbation.name", "perturbation.eps"])

@@ -167,8 +167,14 @@ def choose_baseline(groups: list[Group], keys: list[str], baseline: list[str]) -
     raise SandboxError(f"--baseline {' '.join(baseline)}: no group matches; {key} takes the values {seen}")
 
 
-def compare_runs(records: list[RunRecord], metric: str = "best_miou", baseline: list[str] | None = None) -> Comparison:
-    """Group the finished runs of ``records`` and rank them by ``metric`` (see the module docstring)."""
+def compare_runs(
+    records: list[RunRecord], metric: str = "best_miou", baseline: list[str] | None = None, columns: list[str] | None = None
+) -> Comparison:
+    """Group the finished runs of ``records`` and rank them by ``metric`` (see the module docstring).
+
+    ``columns`` (differing keys) limits the key columns shown; groups are still formed by every
+    differing key, so the columns must tell every group apart.
+    """
     if metric not in METRICS:
         raise SandboxError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
     finished: list[tuple[RunRecord, float]] = []
@@ -201,4 +207,23 @@ def compare_runs(records: list[RunRecord], metric: str = "best_miou", baseline: 
             group.unequal_seeds = group.n < largest
     elif baseline:
         raise SandboxError(f"--baseline {' '.join(baseline)}: no run has finished")
+    if columns:
+        keys = show_only(groups, keys, columns)
     return Comparison(metric, keys, groups, excluded)
+
+
+def show_only(groups: list[Group], keys: list[str], columns: list[str]) -> list[str]:
+    """Keep only ``columns`` of every group's values; they must be differing keys that tell the groups apart."""
+    unknown = [column for column in columns if column not in keys]
+    if unknown:
+        raise SandboxError(f"--columns {','.join(unknown)}: not a key that differs between the runs; they are: {', '.join(keys)}")
+    seen: dict[tuple[str, ...], Group] = {}
+    for group in groups:
+        shown = tuple(_identity(group.values[column]) for column in columns)
+        if shown in seen:
+            hidden = [key for key in keys if key not in columns and _identity(group.values[key]) != _identity(seen[shown].values[key])]
+            raise SandboxError(f"--columns {','.join(columns)}: two groups look alike; add one of {', '.join(hidden)}")
+        seen[shown] = group
+    for group in groups:
+        group.values = {column: group.values[column] for column in columns}
+    return list(columns)

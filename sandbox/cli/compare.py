@@ -39,6 +39,9 @@ BaselineOption = typer.Option(
 )
 MetricOption = typer.Option(Metric.best_miou, "--metric", help="Summary value to compare.")
 FormatOption = typer.Option(Format.table, "--format", help="table (rich), md, csv, latex or json.")
+ColumnsOption = typer.Option(
+    None, "--columns", help="KEY,KEY,...: show only these differing keys (they must still tell the groups apart)."
+)
 
 
 def emit(comparison: Comparison, output: str) -> None:
@@ -58,7 +61,9 @@ def compare(
     baseline: Optional[List[str]] = BaselineOption,
     metric: Metric = MetricOption,
     output: Format = FormatOption,
+    columns: Optional[str] = ColumnsOption,
 ) -> None:
     """Group runs by the recipe keys that differ; mean ± std over seeds, n, Δ vs a baseline."""
-    comparison = compare_runs(find_runs(runs), metric.value, list(baseline or []))
+    shown = [key.strip() for key in columns.split(",") if key.strip()] if columns else None
+    comparison = compare_runs(find_runs(runs), metric.value, list(baseline or []), shown)
     emit(comparison, output.value)
