@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -43,16 +44,16 @@ def main(argv: list[str] | None = None) -> None:
             raise
         message = " ".join(str(error).split())  # one line, whatever the message holds
         print(f"error: {message}", file=sys.stderr)
-        leave_process_group()
+        if in_process_group():
+            # With a peer gone, the interpreter's shutdown of the process group's threads can
+            # abort ("terminate called without an active exception", exit -6) after the line.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(error.exit_code)
         sys.exit(error.exit_code)
 
 
-def leave_process_group() -> None:
-    """Destroy this process's torch.distributed group, if any, before exiting on an error.
-
-    Exiting with the group alive while a peer is gone can abort the interpreter at shutdown
-    (``terminate called without an active exception``, exit -6) after the one-line error.
-    """
-    torch = sys.modules.get("torch")  # never import torch just for this
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def in_process_group() -> bool:
+    """Whether this process belongs to an initialised torch.distributed group (never imports torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
