@@ -23,7 +23,7 @@ from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
 from sandbox.train.accelerator import make_accelerator, maybe_sync_batchnorm, process_seed, scaled_lr
-from sandbox.train.agreement import agreed_errors
+from sandbox.train.agreement import agreed_errors, describe
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.iteration import TrainingIteration, build_optimizer
@@ -230,7 +230,7 @@ class Trainer:
                     checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
                 continue
             except Exception as error:  # not the files' content (I/O, memory, a mismatch): leave it as it is
-                problem = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                problem = describe(error)[:300]
                 raise SandboxError(f"--resume: loading {checkpoint} failed ({problem}); the checkpoint is left as it is") from None
             break
         else:
