@@ -15,7 +15,7 @@ import torch
 from test_distributed import finish, free_port, launch_env, start
 
 WORKER = '''
-import math, sys
+import math, os, sys
 import torch
 import torch.distributed as dist
 from sandbox.plugins import load_registry
@@ -39,7 +39,9 @@ for step in range(5):
     dist.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1]), f"step {step}: the estimators differ across processes"
 torch.save({"nll": nlls, "state": estimator.state_dict()}, f"{out}/rank{rank}.pt")
+dist.barrier()  # both are done before either tears the group down
 dist.destroy_process_group()
+os._exit(0)  # skip the interpreter's teardown, where gloo's threads can still abort (exit -6)
 '''
 
 
