@@ -120,8 +120,8 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
         handle.close()
 
 
-def finish(processes: list[subprocess.Popen], logs: list[Path]) -> None:
-    """Wait for every process (bounded); kill every process group that is left; all must succeed."""
+def wait_bounded(processes: list[subprocess.Popen]) -> None:
+    """Wait for every process (at most ``LAUNCH_TIMEOUT_S`` each); kill every process group that is left."""
     try:
         for process in processes:
             process.wait(timeout=LAUNCH_TIMEOUT_S)
@@ -132,6 +132,11 @@ def finish(processes: list[subprocess.Popen], logs: list[Path]) -> None:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def finish(processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Wait for every process (bounded); kill every process group that is left; all must succeed."""
+    wait_bounded(processes)
     for process, log in zip(processes, logs):
         assert process.returncode == 0, f"exit status {process.returncode}:\n{log.read_text()[-4000:]}"
 
@@ -387,13 +392,8 @@ def two_machines_fail(tiny_recipe: Path, tmp_path: Path, extra: dict[int, list[s
             )
             logs.append(tmp_path / f"machine{machine}.log")
             processes.append(start(command, env, logs[-1]))
-        for process in processes:
-            process.wait(timeout=LAUNCH_TIMEOUT_S)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        wait_bounded(processes)
     assert time.monotonic() - started < LAUNCH_TIMEOUT_S, "a process waited for its failed peer"
     lines = []
     for process, log in zip(processes, logs):
@@ -436,13 +436,7 @@ def test_ablate_on_two_processes_agrees_on_a_failed_run_and_goes_on(tiny_recipe:
     command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
                                  "-m", "sandbox", "ablate", str(tiny_recipe), "--grid", "dataset.num_unlabeled=0,16",
                                  "--set", "train.threads=1", "--output", str(out))
-    process = start(command, launch_env(tmp_path), log)
-    try:
-        process.wait(timeout=LAUNCH_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    wait_bounded([start(command, launch_env(tmp_path), log)])
     text = log.read_text()
     assert "exitcode  : 1" in text, text[-3000:]  # a failed run makes the sweep exit 1 after the others
     failed = out / "tiny" / "dataset.num_unlabeled=0" / "seed3" / "FAILED"
