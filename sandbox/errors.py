@@ -10,3 +10,8 @@ class SandboxError(Exception):
     """
 
     exit_code = 2
+
+
+def error_line(message: str) -> str:
+    """The line the command line prints for an error: ``error: `` and the message on one line."""
+    return "error: " + " ".join(message.split())

@@ -444,3 +444,45 @@ def test_ablate_on_two_processes_agrees_on_a_failed_run_and_goes_on(tiny_recipe:
     assert (out / "tiny" / "dataset.num_unlabeled=16" / "seed3" / "summary.json").is_file(), "the sweep went on"
     assert text.count("dataset.num_unlabeled=0 seed3: FAILED") == 2, "each process reports the same outcome"
     assert not OUR_FRAME.search(text), text[-3000:]
+
+
+RAISING_PLUGIN = Path(__file__).with_name("raising_perturbation.py")
+
+
+def raising(only_rank: int) -> list[str]:
+    """Arguments that make the perturbation raise on its second call (step 4 of 6) on ``only_rank`` (-1: all)."""
+    return ["--plugin", str(RAISING_PLUGIN), "--set", "perturbation.name=raise_on_call",
+            "--set", f"perturbation.only_rank={only_rank}"]
+
+
+def test_a_plugin_raising_on_one_machine_mid_training_ends_both_with_the_same_line(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    """Process 0 is then inside a collective (the finite-loss check) that process 1 never reaches."""
+    lines = two_machines_fail(tiny_recipe, tmp_path, {0: raising(1), 1: raising(1)})
+    assert lines[0] == lines[1]
+    assert lines[0] == "error: training failed after 3 of 6 steps: RuntimeError: planted failure on process 1 (on process 1)"
+
+
+def test_ablate_goes_on_after_a_run_failing_everywhere_and_ends_after_one_failing_on_one_process(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    log = tmp_path / "ablate.log"
+    command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+                                 "-m", "sandbox", "ablate", str(tiny_recipe), *raising(-1),
+                                 "--grid", "perturbation.only_rank=-1,1,7", "--set", "train.threads=1", "--output", str(out))
+    started = time.monotonic()
+    wait_bounded([start(command, launch_env(tmp_path), log)])
+    assert time.monotonic() - started < LAUNCH_TIMEOUT_S
+    text = log.read_text()
+    assert "exitcode  : 2" in text, text[-3000:]
+    runs = out / "tiny"
+    everywhere = (runs / "perturbation.only_rank=-1" / "seed3" / "FAILED").read_text()
+    assert everywhere == "training failed after 3 of 6 steps: RuntimeError: planted failure on process 0\n"
+    assert text.count("perturbation.only_rank=-1 seed3: FAILED") == 2, "both processes record it and go on"
+    one = (runs / "perturbation.only_rank=1" / "seed3" / "FAILED").read_text()
+    assert one == "training failed after 3 of 6 steps: RuntimeError: planted failure on process 1 (on process 1)\n"
+    assert not (runs / "perturbation.only_rank=7").exists(), "the sweep ended: the processes are out of step"
+    assert sum(line.startswith("error:") for line in text.splitlines()) == 2, text[-3000:]
+    assert not OUR_FRAME.search(text), text[-3000:]

@@ -111,6 +111,7 @@ def base_cycle(tmp: Path, tiny: Path) -> list[str]:
 
 
 PERTURBATION = "from sandbox.api import Perturbation, hookimpl\n"
+RAISING_PLUGIN = Path(__file__).with_name("raising_perturbation.py")
 
 CASES: dict[str, Case] = {
     # -- recipes ---------------------------------------------------------------------------------
@@ -180,6 +181,9 @@ CASES: dict[str, Case] = {
     "--resume of a missing run": Case(lambda tmp, tiny: ["run", str(tiny), *SHORT, "--resume"], "holds no run to resume"),
     "--resume with a changed recipe": Case(resume_changed, "the recipe differs from"),
     "existing run directory": Case(existing_run, "already exists; use --resume"),
+    "a plugin raising during training": Case(
+        lambda tmp, tiny: ["run", str(tiny), "--plugin", str(RAISING_PLUGIN), "--set", "perturbation.name=raise_on_call"],
+        "training failed after 3 of 6 steps: RuntimeError: planted failure on process 0"),
 }
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
 
 from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, recipe, run
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, error_line
 
 app = typer.Typer(
     help="A plugin-architecture research sandbox for semi-supervised semantic segmentation (DDFP).",
@@ -42,14 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     except SandboxError as error:
         if "--debug" in args:
             raise
-        message = " ".join(str(error).split())  # one line, whatever the message holds
-        print(f"error: {message}", file=sys.stderr)
-        if in_process_group():
-            # With a peer gone, the interpreter's shutdown of the process group's threads can
-            # abort ("terminate called without an active exception", exit -6) after the line.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(error.exit_code)
+        print(error_line(str(error)), file=sys.stderr)
+        if in_process_group():  # every process prints its line before any of them exits
+            from sandbox.train.failures import exit_together
+
+            exit_together(error.exit_code)
         sys.exit(error.exit_code)
 
 

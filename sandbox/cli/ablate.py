@@ -32,6 +32,7 @@ from sandbox.plugins import load_registry
 from sandbox.recipe import Recipe, load_recipe
 from sandbox.registry import Registry
 from sandbox.train.agreement import describe
+from sandbox.train.failures import ProcessGroupLost
 from sandbox.train.loop import start_run
 from sandbox.train.rundir import RunDirectory, differing_keys
 
@@ -55,11 +56,21 @@ def combination_recipe(
 
 
 def train_one(recipe: Recipe, registry: Registry, resume: bool) -> dict[str, Any]:
-    """Train (or resume) one run exactly as ``sandbox run`` does; return its summary."""
+    """Train (or resume) one run exactly as ``sandbox run`` does; return its summary.
+
+    When a failure on another process ends this one (the sweep cannot go on), the main process
+    records the run as failed first.
+    """
     AcceleratorState._reset_state()  # each run may use its own mixed precision
     trainer = start_run(recipe, registry, resume=resume, overwrite=not resume)
+    main, run_path = trainer.accelerator.is_main_process, trainer.run_dir.path
+
+    def record_failure(message: str) -> None:
+        if main:
+            write_failure(run_path, message)
+
     try:
-        return trainer.train(resume=resume)
+        return trainer.train(resume=resume, on_stop=record_failure)
     finally:
         del trainer
         gc.collect()
@@ -91,7 +102,8 @@ def ablate(
 ) -> None:
     """Train every grid combination x seed into <output>/<recipe name>/<key=value,...>/seed<k>/ and compare.
 
-    Finished runs are skipped, unfinished ones resumed; a failing run is recorded and the sweep goes on (exit 1).
+    Finished runs are skipped, unfinished ones resumed; a failing run is recorded and the sweep goes on (exit 1),
+    unless it failed on some processes only: then the sweep ends on every process (exit 2).
     """
     overrides, plugins = list(set_ or []), list(plugin or [])
     axes = [parse_grid(text) for text in grid or []]
@@ -127,6 +139,8 @@ def ablate(
                 write_failure(run_dir.path, describe(error))
             failures += 1
             console.print(f"{prefix}: FAILED: {describe(error)}")
+            if isinstance(error, ProcessGroupLost):  # a peer process has ended: no further run can train
+                raise
             continue
         console.print(
             f"{prefix}: done, best mIoU {100 * summary['best_miou']:.2f}, final mIoU {100 * summary['final_miou']:.2f} "

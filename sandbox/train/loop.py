@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate.utils import set_seed
@@ -26,6 +26,7 @@ from sandbox.train.accelerator import make_accelerator, maybe_sync_batchnorm, pr
 from sandbox.train.agreement import agreed_errors, describe
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
+from sandbox.train.failures import shared_failures
 from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
@@ -303,8 +304,23 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def train(self, resume: bool = False) -> dict[str, Any]:
-        """Train to ``train.iters``, evaluating and checkpointing on schedule; return the summary."""
+    def train(self, resume: bool = False, on_stop: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Train to ``train.iters``, evaluating and checkpointing on schedule; return the summary.
+
+        Any error (a plugin raising, a full disk) becomes a one-line :class:`SandboxError`, and on
+        several processes every process ends with that same line (:func:`shared_failures`);
+        ``on_stop(message)`` runs on a process that a peer's failure ends.
+        """
+        with shared_failures(self.accelerator.process_index, self.accelerator.num_processes, on_stop):
+            try:
+                return self._train(resume)
+            except SandboxError:
+                raise
+            except Exception as error:
+                steps = f"{self.state.step} of {self.recipe.train.iters} steps"
+                raise SandboxError(f"training failed after {steps}: {describe(error)}") from error
+
+    def _train(self, resume: bool) -> dict[str, Any]:
         settings = self.recipe.train
         if resume:
             self._resume()
