@@ -8,23 +8,28 @@ Layout under ``root``::
 ``labelIds`` masks are mapped to the 19 ``trainIds`` with the official table (7 road -> 0, ...,
 33 bicycle -> 18; every other id, and 255, -> 255 ignore) by one vectorised lookup; ids above 33
 are an error. Trees preprocessed to ``labelTrainIds`` (as UniMatch distributes them) are read
-as they are: values 0..18 or 255. When both files exist, ``labelIds`` is used.
+as they are: values 0..18 or 255. The decoding follows the name of the file actually read. For a
+name (one-field line or listed folder), ``labelIds`` is used when it exists, else
+``labelTrainIds``. A two-path line's mask is used as listed when it exists, else the other kind:
+UniMatch's lists name ``..._gtFine_labelTrainIds.png``, which an official tree lacks, so its
+``..._gtFine_labelIds.png`` is read (through the table) instead.
 
 Splits: ``labeled`` a float = that fraction of the 2975 training images (1/16 -> 186, 1/8 -> 372,
 1/4 -> 744, 1/2 -> 1488, rounded up as in UniMatch), an int = that many; drawn with ``seed``;
 unlabeled = the other training images; val = all of ``leftImg8bit/val``. ``split_file`` (and
 ``unlabeled_split_file``) in the UniMatch format (``leftImg8bit/train/... gtFine/train/...``
 per line) or one name per line (``aachen_000000_000019``) override the drawing.
-See :mod:`plugins.segmentation_files` for the errors and when files are decoded.
+See :mod:`sandbox_builtins.segmentation_files` for the errors and when files are decoded.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from torch import Tensor
 
-from plugins.segmentation_files import (
+from sandbox_builtins.segmentation_files import (
     ImageFiles,
     LabeledFiles,
     MaskDecoder,
@@ -82,6 +87,14 @@ class CityscapesMask:
         return (self.train_ids if path.name.endswith(TRAIN_IDS_SUFFIX) else self.label_ids)(path)
 
 
+def other_mask(image: Path, mask: Path) -> list[Path]:
+    """The fallback of a missing gtFine ``mask``: labelTrainIds for labelIds and the reverse (none for other names)."""
+    for missing, other in ((LABEL_IDS_SUFFIX, TRAIN_IDS_SUFFIX), (TRAIN_IDS_SUFFIX, LABEL_IDS_SUFFIX)):
+        if mask.name.endswith(missing):
+            return [mask.with_name(mask.name.removesuffix(missing) + other)]
+    return []
+
+
 class _Layout:
     """Paths of a Cityscapes tree and the name -> file conventions."""
 
@@ -92,12 +105,10 @@ class _Layout:
             require_dir(root / "gtFine" / part, f"the {part} masks <city>/<name>{LABEL_IDS_SUFFIX}")
 
     def pair(self, name: str, part: str = "train", city: str = "") -> tuple[Path, Path]:
-        """Image and mask of sample ``name`` (``<city>_<seq>_<frame>``): labelIds if present, else labelTrainIds."""
+        """Image and labelIds mask of sample ``name`` (``<city>_<seq>_<frame>``); see :func:`other_mask`."""
         city = city or name.split("_")[0]
         image = self.root / "leftImg8bit" / part / city / f"{name}{IMAGE_SUFFIX}"
-        mask = self.root / "gtFine" / part / city / f"{name}{LABEL_IDS_SUFFIX}"
-        train_ids = mask.with_name(f"{name}{TRAIN_IDS_SUFFIX}")
-        return image, (train_ids if not mask.is_file() and train_ids.is_file() else mask)
+        return image, self.root / "gtFine" / part / city / f"{name}{LABEL_IDS_SUFFIX}"
 
     def by_id(self, token: str, part: str = "train") -> tuple[Path, Path]:
         """Image and mask of a split-file name (``x``, ``<city>/x`` or ``.../<city>/x_leftImg8bit.png``)."""
@@ -131,7 +142,7 @@ def make_cityscapes(
     """
     layout = _Layout(Path(root))
     check_seed(seed)
-    val = resolve_entries(layout.part("val"), layout.root, lambda token: layout.by_id(token, "val"))
+    val = resolve_entries(layout.part("val"), layout.root, partial(layout.by_id, part="val"), fallbacks=other_mask)
     train_entries: list[SplitEntry] = []
 
     def train() -> list[SplitEntry]:
@@ -142,9 +153,9 @@ def make_cityscapes(
 
     if split_file is not None:
         entries = read_split_file(find_split_file(split_file, layout.root))
-        labeled_pairs = resolve_entries(entries, layout.root, layout.by_id)
+        labeled_pairs = resolve_entries(entries, layout.root, layout.by_id, fallbacks=other_mask)
     else:
-        candidates = resolve_entries(train(), layout.root, layout.by_id)
+        candidates = resolve_entries(train(), layout.root, layout.by_id, fallbacks=other_mask)
         where = str(layout.root / "leftImg8bit" / "train")
         labeled_pairs, _ = draw_labeled(candidates, labeled_count(labeled, len(candidates), where), seed)
 

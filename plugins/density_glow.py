@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from plugins.mixture_prior import GaussianMixturePrior
-from plugins.online_density import OnlineMixtureDensity, require_positive
+from sandbox.density import GaussianMixturePrior, OnlineMixtureDensity, require_positive
 from sandbox.api import Register, hookimpl
 
 

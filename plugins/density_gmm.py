@@ -2,7 +2,7 @@
 
 No flow: class ``k`` is ``N(x; mu_k, diag sigma_k^2)`` directly in feature space, with learnable
 means and log-variances and equal weights. Labeled/unlabeled semantics, the training protocol
-(gradient descent with Adam, see :mod:`plugins.online_density`) and the posterior-accuracy
+(gradient descent with Adam, see :mod:`sandbox.density.online`) and the posterior-accuracy
 diagnostic are those of "glow", so it is a drop-in baseline for the flow.
 """
 
@@ -13,8 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from plugins.mixture_prior import GaussianMixturePrior
-from plugins.online_density import OnlineMixtureDensity, process_count, process_rank, require_positive
+from sandbox.density import GaussianMixturePrior, OnlineMixtureDensity, process_count, process_rank, require_positive
 from sandbox.api import Register, hookimpl
 
 

@@ -1,7 +1,7 @@
 """Density estimator plugin "nflows": a flow built from nflows transforms, Gaussian-mixture prior.
 
 The same model and training protocol as "glow" (FlowGMM-style prior, online Adam updates; see
-:mod:`plugins.online_density`), with the flow assembled from nflows' transforms into a
+:mod:`sandbox.density.online`), with the flow assembled from nflows' transforms into a
 ``CompositeTransform`` whose ``forward(x)`` returns ``(z, log|det dz/dx|)``. The prior is ours:
 nflows' distributions have no labeled/unlabeled mixture.
 """
@@ -22,8 +22,7 @@ from nflows.transforms import (
 )
 from torch import Tensor, nn
 
-from plugins.mixture_prior import GaussianMixturePrior
-from plugins.online_density import OnlineMixtureDensity, require_positive
+from sandbox.density import GaussianMixturePrior, OnlineMixtureDensity, require_positive
 from sandbox.api import Register, hookimpl
 
 TransformKind = Literal["affine_coupling", "autoregressive"]

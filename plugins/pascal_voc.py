@@ -18,20 +18,32 @@ Protocols (as in UniMatch / U2PL / DDFP):
 - blended: ``labeled`` a float fraction (1/16, 1/8, 1/4, 1/2) of the training pool (the
   augmented pool with ``aug=True``), rounded up.
 - explicit: ``split_file`` (and optionally ``unlabeled_split_file``) in the UniMatch format
-  (``JPEGImages/x.jpg SegmentationClass/x.png`` per line) or one id per line; ``labeled`` and
-  ``seed`` are then unused, and unlabeled defaults to the pool minus the labeled images.
+  (``JPEGImages/x.jpg SegmentationClass/x.png`` per line; a leading ``/`` as in the DeepLab
+  ``train_aug.txt`` is fine) or one id per line; ``labeled`` and ``seed`` are then unused, and
+  unlabeled defaults to the pool minus the labeled images.
+
+``val_split_file`` (same format and lookup as ``split_file``) replaces
+``ImageSets/Segmentation/val.txt`` as the val list. A tree without ``ImageSets/`` (UniMatch's
+layout: ``JPEGImages/`` and ``SegmentationClass/`` under the root, the lists in its
+``splits/pascal/``) works when ``split_file``, ``unlabeled_split_file`` and ``val_split_file``
+are all given; otherwise the error names the missing list.
 
 A labeled image's mask is ``SegmentationClass/<id>.png`` when it exists, else
-``SegmentationClassAug/<id>.png``. Mask values 0..20 are classes, 255 is kept as ignore; an RGB
-(colourised) mask is decoded with the VOC palette, the boundary colour (224, 224, 192) as ignore.
-See :mod:`plugins.segmentation_files` for the errors and when files are decoded.
+``SegmentationClassAug/<id>.png``; a val image's is ``SegmentationClass/<id>.png``. A two-path
+line's mask is taken as listed when that file exists, else by the same rule: UniMatch's lists name
+``SegmentationClass/x.png`` for every image because their ``SegmentationClass`` holds the augmented
+masks, and on a standard tree the SBD-only images have theirs in ``SegmentationClassAug/``.
+Mask values 0..20 are classes, 255 is kept as ignore; an RGB (colourised) mask is decoded with
+the VOC palette, the boundary colour (224, 224, 192) as ignore.
+See :mod:`sandbox_builtins.segmentation_files` for the errors and when files are decoded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from plugins.segmentation_files import (
+from sandbox_builtins.segmentation_files import (
+    IMAGE_SUFFIXES,
     ImageFiles,
     LabeledFiles,
     MaskDecoder,
@@ -73,11 +85,21 @@ def voc_mask_decoder() -> MaskDecoder:
     return MaskDecoder(len(CLASS_NAMES), palette=PALETTE, ignore_colours=[BOUNDARY_COLOUR])
 
 
+ID_LIST_HINTS = {
+    "val": "the VOC val ids; on a tree without ImageSets/, as UniMatch's, give val_split_file",
+    "train": "the classic training ids; on a tree without ImageSets/ give split_file and unlabeled_split_file",
+}
+"""What each ``ImageSets/Segmentation`` list is for, in the error for a missing one."""
+
+
 class _Layout:
     """Paths of a VOC tree and the id -> file conventions; checks only what a part needs."""
 
     def __init__(self, root: Path) -> None:
-        expected = "the VOC2012 folder holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/"
+        expected = (
+            "the VOC2012 folder holding JPEGImages/, SegmentationClass/ "
+            "and ImageSets/Segmentation/ unless split files are given"
+        )
         self.root = require_dir(root, expected)
         self.images = require_dir(root / "JPEGImages", "the VOC images <id>.jpg")
         self.masks = require_dir(root / "SegmentationClass", "the VOC palette masks <id>.png")
@@ -87,20 +109,25 @@ class _Layout:
         """The image file of ``sample_id``."""
         return self.images / f"{sample_id}.jpg"
 
-    def labeled_pair(self, sample_id: str) -> tuple[Path, Path]:
-        """Image and mask of ``sample_id``: the classic mask if present, else the augmented one."""
-        mask = self.masks / f"{sample_id}.png"
-        if not mask.is_file() and (self.aug_masks / f"{sample_id}.png").is_file():
-            mask = self.aug_masks / f"{sample_id}.png"
-        return self.image(sample_id), mask
-
-    def val_pair(self, sample_id: str) -> tuple[Path, Path]:
-        """Image and classic mask of ``sample_id``."""
+    def pair(self, token: str) -> tuple[Path, Path]:
+        """Image and classic mask of a one-field line (``x`` or ``JPEGImages/x.jpg``); see :meth:`labeled_masks`."""
+        sample_id = _token_id(token)
         return self.image(sample_id), self.masks / f"{sample_id}.png"
 
+    def labeled_masks(self, image: Path, mask: Path) -> list[Path]:
+        """Masks tried for a labeled image whose listed ``mask`` is missing: classic, then augmented."""
+        return [self.masks / f"{image.stem}.png", self.aug_masks / f"{image.stem}.png"]
+
+    def val_masks(self, image: Path, mask: Path) -> list[Path]:
+        """Masks tried for a val image whose listed ``mask`` is missing: the classic one."""
+        return [self.masks / f"{image.stem}.png"]
+
     def id_list(self, name: str) -> list[SplitEntry]:
-        """Entries of ``ImageSets/Segmentation/<name>.txt``."""
-        return read_split_file(self.root / SEGMENTATION_SETS / f"{name}.txt")
+        """Entries of ``ImageSets/Segmentation/<name>.txt``; a missing list names what it is for."""
+        path = self.root / SEGMENTATION_SETS / f"{name}.txt"
+        if not path.exists():
+            raise FileNotFoundError(f"split file {path} does not exist ({ID_LIST_HINTS[name]})")
+        return read_split_file(path)
 
     def aug_pool(self, val_ids: set[str]) -> list[SplitEntry]:
         """Entries of the augmented training pool: ``train_aug.txt``, else the augmented masks minus val."""
@@ -118,9 +145,20 @@ class _Layout:
         return [SplitEntry("", (stem,)) for stem in pool]
 
 
+def _token_id(token: str) -> str:
+    """The VOC id of a one-field line: ``x``, or the stem of an image path ``JPEGImages/x.jpg``."""
+    path = Path(token)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+
+
 def _sample_id(entry: SplitEntry) -> str:
     """The VOC id of a split-file entry: ``x``, ``JPEGImages/x.jpg`` or ``JPEGImages/x.jpg SegmentationClass/x.png``."""
-    return Path(entry.fields[0]).stem
+    return _token_id(entry.fields[0])
+
+
+def _split_entries(name: str | None, layout: _Layout, default: str) -> list[SplitEntry]:
+    """Entries of split file ``name`` (see :func:`find_split_file`), else of ``ImageSets/Segmentation/<default>``."""
+    return layout.id_list(default) if name is None else read_split_file(find_split_file(name, layout.root))
 
 
 def make_pascal_voc(
@@ -129,6 +167,7 @@ def make_pascal_voc(
     aug: bool = False,
     split_file: str | None = None,
     unlabeled_split_file: str | None = None,
+    val_split_file: str | None = None,
     seed: int = 0,
     check_files: bool = True,
 ) -> SegmentationSource:
@@ -136,14 +175,16 @@ def make_pascal_voc(
 
     ``labeled``: an int = that many of the 1464 classic images (classic protocol), a float = that
     fraction of the training pool (blended protocol); drawn with ``seed``. ``split_file`` /
-    ``unlabeled_split_file``: UniMatch-format lists overriding the drawing. ``check_files``:
-    decode every file at construction when there are at most 2000. See the module docstring.
+    ``unlabeled_split_file``: UniMatch-format lists overriding the drawing. ``val_split_file``:
+    the val list (default ``ImageSets/Segmentation/val.txt``), e.g. UniMatch's
+    ``splits/pascal/val.txt``. ``check_files``: decode every file at construction when there are
+    at most 2000. See the module docstring.
     """
     layout = _Layout(Path(root))
     check_seed(seed)
     decoder = voc_mask_decoder()
-    val_entries = layout.id_list("val")
-    val = resolve_entries(val_entries, layout.root, layout.val_pair)
+    val_entries = _split_entries(val_split_file, layout, "val")
+    val = resolve_entries(val_entries, layout.root, layout.pair, fallbacks=layout.val_masks)
     val_ids = {_sample_id(entry) for entry in val_entries}
 
     train_txt = layout.root / SEGMENTATION_SETS / "train.txt"
@@ -157,7 +198,7 @@ def make_pascal_voc(
 
     if split_file is not None:
         entries = read_split_file(find_split_file(split_file, layout.root))
-        labeled_pairs = resolve_entries(entries, layout.root, layout.labeled_pair)
+        labeled_pairs = resolve_entries(entries, layout.root, layout.pair, fallbacks=layout.labeled_masks)
     else:
         blended = isinstance(labeled, float)
         if blended and aug:
@@ -166,7 +207,7 @@ def make_pascal_voc(
             entries, where = layout.id_list("train"), str(train_txt)
             if aug:
                 where += " (an int is a count of classic images; a float is a fraction of the augmented pool)"
-        candidates = resolve_entries(entries, layout.root, layout.labeled_pair)
+        candidates = resolve_entries(entries, layout.root, layout.pair, fallbacks=layout.labeled_masks)
         labeled_pairs, _ = draw_labeled(candidates, labeled_count(labeled, len(candidates), where), seed)
 
     if unlabeled_split_file is not None:
@@ -174,7 +215,7 @@ def make_pascal_voc(
     else:
         taken = {image.stem for image, _ in labeled_pairs}
         entries = [entry for entry in pool() if _sample_id(entry) not in taken]
-    unlabeled_pairs = resolve_entries(entries, layout.root, layout.labeled_pair, need_mask=False)
+    unlabeled_pairs = resolve_entries(entries, layout.root, layout.pair, need_mask=False)
     unlabeled_images = [image for image, _ in unlabeled_pairs]
 
     source = SegmentationSource(

@@ -11,6 +11,13 @@ from torch import Tensor, nn
 from sandbox.api import Perturbation, PerturbationContext, Register, hookimpl
 
 
+def require_non_negative(**values: float) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` that is negative (a step size, a noise scale)."""
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (the size of the perturbation), got {value}")
+
+
 class DensityDescending(Perturbation):
     """Move features along the gradient of the flow NLL, towards lower density (DDFP)."""
 
@@ -18,6 +25,7 @@ class DensityDescending(Perturbation):
 
     def __init__(self, eps: float = 4.0, norm: Literal["l2", "linf"] = "l2") -> None:
         super().__init__()
+        require_non_negative(eps=eps)
         self.eps, self.norm = eps, norm
 
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
@@ -75,6 +83,9 @@ class VirtualAdversarial(Perturbation):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"vat iterations must be >= 1, got {iterations}")
+        require_non_negative(eps=eps)
+        if xi <= 0:
+            raise ValueError(f"xi must be > 0 (the power iteration's finite-difference step), got {xi}")
         self.eps, self.xi, self.iterations = eps, xi, iterations
 
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
@@ -109,6 +120,7 @@ class FeatureNoise(Perturbation):
         self, distribution: Literal["gaussian", "uniform"] = "gaussian", scale: float = 4.0, fixed_norm: bool = True
     ) -> None:
         super().__init__()
+        require_non_negative(scale=scale)
         self.distribution, self.scale, self.fixed_norm = distribution, scale, fixed_norm
 
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:

@@ -5,8 +5,10 @@ an ``(image, mask)`` pair or an image on ``__getitem__`` (image -> RGB ``uint8``
 mask -> ``int64`` ``(H, W)``); they pickle cheaply, for DataLoader workers. :class:`MaskDecoder`
 turns a mask PNG into class ids (through a lookup table or a palette). :func:`read_split_file`
 and :func:`resolve_entries` read split files in the UniMatch / U2PL format (``image_path
-mask_path`` relative to the root per line, or one id per line as in VOC's ``ImageSets``).
-:func:`labeled_count` and :func:`draw_labeled` make deterministic splits.
+mask_path`` relative to the root per line, or one id per line as in VOC's ``ImageSets``; UTF-8,
+with or without a byte-order mark, or UTF-16 with one); a listed mask that does not exist falls
+back to the dataset's layout conventions. :func:`labeled_count` and :func:`draw_labeled` make
+deterministic splits.
 
 Errors are one line naming the file at fault and what was expected: ``FileNotFoundError`` for
 missing files and folders, ``ValueError`` otherwise (the host reports either as ``error: dataset
@@ -251,13 +253,62 @@ class SplitEntry:
     fields: tuple[str, ...]
 
 
-def read_split_file(path: Path) -> list[SplitEntry]:
-    """Lines of a split file: ``image_path mask_path`` or a single id; blank and ``#`` lines skipped."""
+UTF8_BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte-order mark some editors (Notepad, Excel) write at the start of a text file."""
+
+UTF16_BOMS = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}
+"""UTF-16 byte-order marks (Notepad's "Unicode", Windows PowerShell's ``>``) and their encodings."""
+
+TEXT_EXPECTED = "expected a UTF-8 text file (UTF-16 only with a byte-order mark)"
+"""What a split file must be, for the encoding errors."""
+
+
+def _text_encoding(data: bytes) -> tuple[str, int]:
+    """Encoding of split-file bytes ``data`` and the length of its byte-order mark (0 if none)."""
+    if data.startswith(UTF8_BOM):
+        return "utf-8", len(UTF8_BOM)
+    for bom, encoding in UTF16_BOMS.items():
+        if data.startswith(bom):
+            return encoding, len(bom)
+    return "utf-8", 0
+
+
+def read_split_text(path: Path) -> str:
+    """Text of split file ``path``: UTF-8 or UTF-16 with a byte-order mark (the mark dropped).
+
+    Anything else (Latin-1 bytes, UTF-16 without a mark, a binary file) is a one-line
+    ``ValueError`` naming the file, never a bare ``UnicodeDecodeError``.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist")
+        what = "is a folder, not a split file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"split file {path} {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read split file {path}: {error.strerror or error}") from None
+    encoding, start = _text_encoding(data)
+    try:
+        text = data[start:].decode(encoding)
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        raise ValueError(
+            f"split file {path} is not {encoding.upper()} text (byte {data[offset]:#04x} at offset {offset}); "
+            f"{TEXT_EXPECTED}"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"split file {path} holds NUL characters, so it is not a text file; {TEXT_EXPECTED}")
+    return text
+
+
+def read_split_file(path: Path) -> list[SplitEntry]:
+    """Lines of a split file: ``image_path mask_path`` or a single id; blank and ``#`` lines skipped.
+
+    The file is UTF-8 (with or without a byte-order mark) or UTF-16 with a byte-order mark (see
+    :func:`read_split_text`); Windows line ends are fine.
+    """
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = tuple(line.split())
+    for number, line in enumerate(read_split_text(path).splitlines(), start=1):
+        fields = tuple(line.lstrip("\ufeff").split())  # a mark left inside by concatenating files
         if not fields or fields[0].startswith("#"):
             continue
         if len(fields) > 2:
@@ -277,26 +328,58 @@ def find_split_file(name: str, root: Path) -> Path:
     return root / path if (root / path).is_file() else path
 
 
+def split_path(root: Path, field: str) -> Path:
+    """Where a path field of a split file points: relative to ``root``.
+
+    An absolute path is taken as it is when it exists; otherwise it is read relative to ``root``
+    too (the DeepLab ``train_aug.txt`` writes ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``).
+    """
+    path = Path(field)
+    if path.is_absolute() and not path.exists():
+        return root / path.relative_to(path.anchor)
+    return root / path
+
+
+MaskFallbacks = Callable[[Path, Path], Sequence[Path]]
+"""``(image, listed mask) -> masks to try, in order, when the listed mask does not exist``."""
+
+
+def existing_mask(image: Path, mask: Path, fallbacks: MaskFallbacks | None, where: str = "") -> Path:
+    """``mask`` if it exists, else the first existing fallback; else a ``FileNotFoundError`` naming all tried."""
+    if mask.is_file():
+        return mask
+    tried = [path for path in dict.fromkeys(fallbacks(image, mask) if fallbacks else ()) if path != mask]
+    for path in tried:
+        if path.is_file():
+            return path
+    nor = f", nor the fallback {' or '.join(str(path) for path in tried)}" if tried else ""
+    raise FileNotFoundError(f"{where}image {image} has no mask ({mask} does not exist{nor})")
+
+
 def resolve_entries(
-    entries: Iterable[SplitEntry], root: Path, by_id: Callable[[str], tuple[Path, Path]], need_mask: bool = True
+    entries: Iterable[SplitEntry],
+    root: Path,
+    by_id: Callable[[str], tuple[Path, Path]],
+    need_mask: bool = True,
+    fallbacks: MaskFallbacks | None = None,
 ) -> list[tuple[Path, Path]]:
     """``(image, mask)`` paths of split-file ``entries``; every image (and mask if ``need_mask``) must exist.
 
-    Two-field lines are paths relative to ``root``; a one-field line is an id that ``by_id``
-    turns into candidate paths.
+    Two-field lines are paths relative to ``root`` (see :func:`split_path`); a one-field line is
+    an id that ``by_id`` turns into paths. A mask that does not exist is replaced by the first
+    existing one of ``fallbacks(image, mask)`` (the dataset's layout conventions), for both kinds
+    of line: a listed path is used as it is whenever it exists.
     """
     pairs = []
     for entry in entries:
         if len(entry.fields) == 2:
-            image, mask = root / entry.fields[0], root / entry.fields[1]
+            image, mask = split_path(root, entry.fields[0]), split_path(root, entry.fields[1])
         else:
             image, mask = by_id(entry.fields[0])
         where = f"{entry.where}: " if entry.where else ""
         if not image.is_file():
             raise FileNotFoundError(f"{where}image {image} does not exist")
-        if need_mask and not mask.is_file():
-            raise FileNotFoundError(f"{where}image {image} has no mask ({mask} does not exist)")
-        pairs.append((image, mask))
+        pairs.append((image, existing_mask(image, mask, fallbacks, where) if need_mask else mask))
     return pairs
 
 

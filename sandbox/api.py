@@ -1,7 +1,7 @@
 """The public API that plugins build on: the hook marker and the component types.
 
-A plugin module imports only this module (and torch); built-in plugins in ``plugins/`` do
-exactly the same. See ``sandbox.hookspecs`` for the hooks themselves.
+A plugin module imports only this module and torch (a density estimator may build on
+``sandbox.density``); the built-in plugins in ``plugins/`` do exactly the same. See ``sandbox.hookspecs`` for the hooks themselves.
 """
 
 from __future__ import annotations

@@ -15,3 +15,16 @@ class SandboxError(Exception):
 def error_line(message: str) -> str:
     """The line the command line prints for an error: ``error: `` and the message on one line."""
     return "error: " + " ".join(message.split())
+
+
+def describe_exception(error: BaseException) -> str:
+    """One line: a ``SandboxError``'s message, else the exception's type and message."""
+    text = str(error) if isinstance(error, SandboxError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split()) or type(error).__name__
+
+
+class PluginError(SandboxError):
+    """A plugin failed while the host ran it (it raised, or returned what its contract forbids).
+
+    The message names the plugin (kind, name, provider) and what was wrong.
+    """

@@ -58,7 +58,8 @@ def import_plugin_module(spec: str) -> ModuleType:
     if spec.endswith(".py"):
         path = Path(spec)
         if not path.is_file():
-            raise SandboxError(f"plugin file {spec} does not exist")
+            looked = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+            raise SandboxError(f"plugin file {spec} does not exist{looked}")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)

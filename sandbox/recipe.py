@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from sandbox.errors import SandboxError
 from sandbox.registry import Registry
+from sandbox.run_files import flatten_keys
 
 
 class Section(BaseModel):
@@ -133,6 +134,15 @@ class TrainSection(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _warmup_within_iters(self) -> "TrainSection":
+        if self.warmup_iters > self.iters:
+            raise ValueError(
+                f"train.warmup_iters ({self.warmup_iters}) > train.iters ({self.iters}): the run would end inside "
+                "its warm-up; for supervised-only training set warmup_iters = iters"
+            )
+        return self
+
     def strong_weight(self, perturbed_view: bool) -> float:
         """The strong view's loss weight on a step with or without a perturbed view."""
         if perturbed_view:
@@ -156,6 +166,13 @@ class EvalSection(Section):
             "the better, as the reference (max(prec_s, prec_t): a selection on val)"
         ),
     )
+
+
+    @model_validator(mode="after")
+    def _center_crop_needs_a_size(self) -> "EvalSection":
+        if self.mode == "center_crop" and self.crop_size is None:
+            raise ValueError("eval.mode = 'center_crop' needs eval.crop_size (the side of the centre crop)")
+        return self
 
 
 class Recipe(Section):
@@ -199,19 +216,35 @@ def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if resolved in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(resolved):], resolved))
         raise SandboxError(f"{path}: base recipes form a cycle: {cycle}")
+    where = f" (base of {_chain[-1]})" if _chain else ""
+    if path.is_dir():
+        raise SandboxError(f"recipe {path}{where} is a directory; expected a TOML file")
     if not path.is_file():
-        where = f" (base of {_chain[-1]})" if _chain else ""
         raise SandboxError(f"recipe {path}{where} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise SandboxError(f"recipe {path}{where} is not UTF-8 text (byte {error.start}); expected a TOML file") from None
+    except OSError as error:
+        raise SandboxError(f"recipe {path}{where} cannot be read: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise SandboxError(f"{path}: invalid TOML: {error}") from None
+    if isinstance(data.get("plugins"), list):
+        data["plugins"] = [plugin_beside(path, entry) for entry in data["plugins"]]
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str):
         raise SandboxError(f"{path}: base = {base!r}: expected a path to another recipe")
     return merge(read_toml(path.parent / base, (*_chain, resolved)), data)
+
+
+def plugin_beside(recipe_path: Path, entry: Any) -> Any:
+    """A recipe's ``plugins`` entry as an absolute path when it is a ``.py`` file (relative to the
+    recipe's folder, as ``base``); module names are kept as they are."""
+    if isinstance(entry, str) and entry.endswith(".py"):
+        return str((recipe_path.parent / entry).resolve())
+    return entry
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -228,17 +261,6 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def flatten_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables to dotted keys: ``{"train": {"iters": 5}}`` -> ``{"train.iters": 5}``."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten_keys(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

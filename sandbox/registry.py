@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import pydantic
 
 from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationSource
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, describe_exception
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,11 @@ class Component:
         config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False)
         return pydantic.create_model(f"{self.kind.name}.{self.name}", __config__=config, **fields)
 
+    @property
+    def label(self) -> str:
+        """How messages name this component: ``perturbation 'ddfp' (from sandbox-ssl 0.1.0)``."""
+        return f"{self.kind.name} {self.name!r} (from {self.provider})"
+
     def option_names(self) -> list[str]:
         """Names of the options a recipe may set for this component."""
         return list(self._options_model.model_fields)
@@ -96,15 +101,14 @@ class Component:
         resolved = self.resolve_options(options, f"[{self.kind.name}]")
         try:
             product = self.factory(**context, **resolved)
-        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-            # A factory refusing a combination of options (ValueError, or TypeError as many do).
-            detail = f"TypeError: {error}" if isinstance(error, TypeError) else str(error)
-            raise SandboxError(f"{self.kind.name} {self.name!r} ({self.provider}): {detail}") from error
+        except SandboxError:
+            raise
+        except (ValueError, FileNotFoundError, KeyError) as error:  # a factory refusing its options or files
+            raise SandboxError(f"{self.kind.name} {self.name!r} ({self.provider}): {error}") from error
+        except Exception as error:  # noqa: BLE001 - any other failure of a plugin's factory is the plugin's
+            raise SandboxError(f"{self.kind.name} {self.name!r} ({self.provider}): {describe_exception(error)}") from error
         if not isinstance(product, self.kind.product):
-            raise SandboxError(
-                f"{self.kind.name} plugin {self.name!r} (from {self.provider}) returned "
-                f"{type(product).__name__}, expected a {self.kind.product.__name__}"
-            )
+            raise SandboxError(f"{self.label} returned {type(product).__name__}, expected a {self.kind.product.__name__}")
         return product
 
 

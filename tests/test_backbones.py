@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from plugins.backbones import TimmBackbone
+from sandbox_builtins.backbones import TimmBackbone
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
 

@@ -18,6 +18,22 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
     return exit_info.value.code, captured.out, captured.err
 
 
+COMMANDS = ["run", "eval", "plugins", "bench", "recipe", "compare", "ablate", "plot", "predict"]
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "Usage: sandbox" in out
+    for command in COMMANDS:
+        assert f" {command} " in out, command
+
+
+@pytest.mark.parametrize("command", [[name] for name in COMMANDS if name != "recipe"] + [["recipe", "show"]], ids=" ".join)
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_cli([*command, "--help"], capsys)
+    assert code == 0 and f"Usage: sandbox {' '.join(command)}" in out and not err
+
+
 def test_plugins_lists_builtins(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["plugins"], capsys)
     assert code == 0
@@ -98,3 +114,45 @@ def test_bench_data_prints_samples_per_second(tiny_recipe: Path, capsys: pytest.
     assert code == 0
     for view in ("labeled (weak)", "unlabeled (weak + strong)", "val"):
         assert view in out
+
+
+RAISING_PLUGIN = Path(__file__).with_name("raising_perturbation.py")
+
+
+def test_the_saved_recipe_names_the_plugin_files_so_it_reproduces_the_run(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--plugin FILE`` lands in ``recipe.toml`` by absolute path: the run's recipe needs no ``--plugin``."""
+    import shutil
+    import tomllib
+
+    shutil.copy(RAISING_PLUGIN, tmp_path / "identity_plugin.py")
+    monkeypatch.chdir(tmp_path)
+    short = ["--set", "train.iters=3", "--set", "train.eval_every=3", "--set", "perturbation.name=raise_on_call",
+             "--set", "perturbation.call=99"]  # never raises: an identity perturbation
+    code, _, err = run_cli(["run", str(tiny_recipe), "--plugin", "identity_plugin.py", *short], capsys)
+    assert code in (0, None), err
+    run_dir = tmp_path / "runs" / "tiny" / "seed3"
+    saved = tomllib.loads((run_dir / "recipe.toml").read_text())
+    assert saved["plugins"] == [str(tmp_path / "identity_plugin.py")]
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere: the relative --plugin path would no longer resolve
+    sys.modules.pop("identity_plugin", None)
+    code, out, err = run_cli(["eval", str(run_dir / "recipe.toml"), "--checkpoint", str(run_dir / "best.pt")], capsys)
+    assert code in (0, None) and "mIoU" in out, err
+    code, _, err = run_cli(["run", str(run_dir / "recipe.toml"), "--set", "name=again"], capsys)
+    assert code in (0, None), err
+    sys.modules.pop("identity_plugin", None)
+
+
+def test_a_recipes_plugin_file_is_found_beside_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """As ``base``, a recipe's ``plugins`` paths are relative to the recipe's folder, not the working directory."""
+    import shutil
+
+    (tmp_path / "recipes" / "mine").mkdir(parents=True)
+    shutil.copy(RAISING_PLUGIN, tmp_path / "recipes" / "mine" / "beside_plugin.py")
+    recipe = tmp_path / "recipes" / "r.toml"
+    recipe.write_text('plugins = ["mine/beside_plugin.py"]\n[dataset]\nname = "shapes"\n[perturbation]\nname = "raise_on_call"\n')
+    code, out, err = run_cli(["recipe", "show", str(recipe)], capsys)
+    sys.modules.pop("beside_plugin", None)
+    assert code in (0, None), err
+    assert str(tmp_path / "recipes" / "mine" / "beside_plugin.py") in out

@@ -6,16 +6,25 @@ import csv
 import io
 import json
 import re
+import shutil
 import statistics
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from sandbox.run_files import flatten_keys
 from sandbox.analysis.compare import compare_runs
+from sandbox.analysis.report import print_table
 from sandbox.analysis.runs import FAILED_MARKER, find_runs
 from sandbox.cli import main
 from sandbox.recipe import Recipe
+
+ROOT = Path(__file__).parent.parent
 
 SCORES = {
     ("ddfp", 2.0): [0.61, 0.64, 0.60],
@@ -183,3 +192,114 @@ def test_columns_that_hide_what_separates_two_groups_are_refused(ablation: Path)
     write_run(ablation, "ddfp-4.0-l1", 0, {"name": "ddfp", "eps": 4.0, "norm": "linf"}, 0.5)
     with pytest.raises(Exception, match="two groups look alike; add one of perturbation.norm"):
         compare_runs(find_runs([ablation]), columns=["perturbation.name", "perturbation.eps"])
+
+
+@pytest.fixture
+def repeated(tmp_path: Path) -> Path:
+    """Seeds 0 and 1 of ddfp, seed 0 copied to a second folder and trained again into a third one; none seed 0."""
+    root = tmp_path / "runs"
+    original = write_run(root / "a", "ddfp", 0, {"name": "ddfp"}, 0.60)
+    write_run(root / "a", "ddfp", 1, {"name": "ddfp"}, 0.64)
+    shutil.copytree(original, root / "b" / "ddfp" / "seed0")  # the same run, copied
+    write_run(root / "c", "ddfp", 0, {"name": "ddfp"}, 0.70)  # trained again: another result
+    write_run(root / "a", "none", 0, {"name": "none"}, 0.50)
+    return root
+
+
+def test_a_seed_counts_once_per_group_keeping_the_first_path(repeated: Path) -> None:
+    comparison = compare_runs(find_runs([repeated]))
+    ddfp, none = comparison.groups
+    assert ddfp.n == 2 and ddfp.seeds == [0, 1] and ddfp.scores == [0.60, 0.64]
+    assert ddfp.mean == pytest.approx(0.62) and ddfp.std == pytest.approx(statistics.stdev([0.60, 0.64]))
+    assert [run.path for run in ddfp.runs] == [repeated / "a/ddfp/seed0", repeated / "a/ddfp/seed1"]
+    assert none.n == 1 and none.unequal_seeds  # 1 of 2 seeds once the repeats are left out
+    [duplicate] = comparison.duplicates
+    assert duplicate.group is ddfp and duplicate.seed == 0 and duplicate.kept.path == repeated / "a/ddfp/seed0"
+    assert [run.path for run in duplicate.dropped] == [repeated / "b/ddfp/seed0", repeated / "c/ddfp/seed0"]
+    assert duplicate.differing_results() == {"best_miou": [0.60, 0.60, 0.70], "final_miou": [0.60, 0.60, 0.70]}
+
+
+def test_the_kept_run_follows_the_order_of_the_records(repeated: Path) -> None:
+    records = find_runs([repeated])
+    comparison = compare_runs(list(reversed(records)))
+    assert comparison.duplicates[0].kept.path == repeated / "c/ddfp/seed0"
+    assert comparison.groups[0].scores == [0.70, 0.64]  # the runs of a group keep the records' order
+
+
+def test_one_seed_in_two_groups_counts_in_each(tmp_path: Path) -> None:
+    write_run(tmp_path, "ddfp", 0, {"name": "ddfp"}, 0.6)
+    write_run(tmp_path, "none", 0, {"name": "none"}, 0.5)
+    comparison = compare_runs(find_runs([tmp_path]))
+    assert [group.n for group in comparison.groups] == [1, 1] and comparison.duplicates == []
+
+
+def test_identical_copies_are_noted_as_identical(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    original = write_run(tmp_path / "x", "solo", 3, {"name": "ddfp"}, 0.55)
+    shutil.copytree(original, tmp_path / "y" / "solo" / "seed3")
+    code, out, err = run_cli(["compare", str(tmp_path), "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)[0]["n"] == 1
+    assert err.splitlines() == [
+        f"note: seed 3 counted once in group all runs: kept {original}; left out {tmp_path / 'y/solo/seed3'} (identical results)"
+    ]
+
+
+@pytest.mark.parametrize("output", ["table", "md", "csv", "latex", "json"])
+def test_every_format_shows_the_deduplicated_n_and_notes_the_repeats_on_stderr(
+    repeated: Path, output: str, capsys: pytest.CaptureFixture
+) -> None:
+    code, out, err = run_cli(["compare", str(repeated), "--format", output], capsys)
+    assert code == 0
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "seed 0" in notes[0] and "perturbation.name=ddfp" in notes[0]
+    kept, copied, retrained = (repeated / folder / "ddfp" / "seed0" for folder in "abc")
+    assert f"kept {kept};" in notes[0] and f"left out {copied}, {retrained}" in notes[0]
+    assert "results differ" in notes[0] and "best_miou 0.6 vs 0.6 vs 0.7" in notes[0]
+    if output == "json":
+        rows = json.loads(out)
+        assert [row["n"] for row in rows] == [2, 1] and rows[0]["seeds"] == [0, 1] and rows[0]["scores"] == [0.60, 0.64]
+        assert rows[0]["runs"] == [str(kept), str(repeated / "a/ddfp/seed1")]
+    elif output == "csv":
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert [row["n"] for row in rows] == ["2", "1"] and rows[0]["seeds"] == "0 1"
+        assert float(rows[0]["mean"]) == pytest.approx(0.62)
+    elif output == "latex":
+        body = out.split("\\midrule\n")[1].split("\\bottomrule")[0].splitlines()
+        assert "{62.00 $\\pm$ 2.83} & \\textbf{2} &" in body[0] and "& 1$^\\dagger$ &" in body[1]
+    else:
+        assert re.search(r"62\.00 ± 2\.83\W*[|│]\W*2\W*[|│]", out), out
+        assert "unequal seeds (1 of 2)" in out
+    if output == "table":
+        assert "3 finished runs (2 runs repeating a seed not counted)" in out
+
+
+def test_print_table_notes_repeats_on_stderr_as_ablate_shows_them(repeated: Path, capsys: pytest.CaptureFixture) -> None:
+    table = io.StringIO()
+    print_table(compare_runs(find_runs([repeated])), Console(file=table, width=200))  # as ``sandbox ablate`` ends
+    err = capsys.readouterr().err
+    assert "62.00 ± 2.83 │ 2 │" in table.getvalue()
+    assert len(err.splitlines()) == 1 and err.startswith("note: seed 0 counted once")
+
+
+def test_recipe_keys_flatten_to_dotted_names() -> None:
+    nested = {"seed": 0, "train": {"iters": 5, "lr": {"base": 0.1}}, "model": {"aspp_dilations": [6, 12]}, "empty": {}}
+    assert flatten_keys(nested) == {"seed": 0, "train.iters": 5, "train.lr.base": 0.1, "model.aspp_dilations": [6, 12]}
+
+
+def test_compare_imports_no_torch_accelerate_or_matplotlib(ablation: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from sandbox.cli import main
+
+        for output in ("table", "md", "csv", "latex", "json"):
+            try:
+                main(["compare", {str(ablation)!r}, "--format", output])
+            except SystemExit as exit:
+                assert not exit.code, exit.code
+        heavy = {{"torch", "accelerate", "matplotlib"}} & {{name.split(".")[0] for name in sys.modules}}
+        assert not heavy, sorted(heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ddfp" in result.stdout and "\\begin{tabular}" in result.stdout

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from plugins.shapes_dataset import make_shapes_dataset
+from sandbox_builtins.shapes_dataset import make_shapes_dataset
 from sandbox.data.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from plugins.cityscapes import LABEL_ID_LOOKUP, PALETTE, make_cityscapes
-from plugins.segmentation_files import LabeledFiles
+from sandbox_builtins.cityscapes import LABEL_ID_LOOKUP, PALETTE, make_cityscapes
+from sandbox_builtins.segmentation_files import LabeledFiles
 from sandbox.api import IGNORE_INDEX, SegmentationSource
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
@@ -131,6 +131,58 @@ def test_split_files(cityscapes: Path, tmp_path: Path) -> None:
     missing = cityscapes / "leftImg8bit/train/aachen" / f"{name('aachen', 99)}_leftImg8bit.png"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{split}:1: image {missing} does not exist")):
         make_cityscapes(root=str(cityscapes), split_file=str(split))
+
+
+def unimatch_line(city: str, number: int, suffix: str = "labelTrainIds") -> str:
+    """A UniMatch-format Cityscapes split line (UniMatch names ``_gtFine_labelTrainIds.png`` masks)."""
+    sample = name(city, number)
+    return f"leftImg8bit/train/{city}/{sample}_leftImg8bit.png gtFine/train/{city}/{sample}_gtFine_{suffix}.png"
+
+
+def train_seed(city: str, number: int) -> int:
+    """The seed :func:`make_tree` drew the train sample ``city``/``number`` with."""
+    cities = list(TRAIN_CITIES)
+    return sum(TRAIN_CITIES[c] for c in cities[: cities.index(city)]) + number + 1
+
+
+def test_unimatch_lists_on_an_official_tree(cityscapes: Path, tmp_path: Path) -> None:
+    split = tmp_path / "labeled.txt"
+    split.write_text(f"{unimatch_line('aachen', 3)}\n{unimatch_line('bremen', 1)}\n", encoding="utf-8-sig")
+    source = make_cityscapes(root=str(cityscapes), split_file=str(split))
+    assert names(source.labeled) == [name("aachen", 3), name("bremen", 1)]
+    assert [mask.name for _, mask in source.labeled.samples] == [
+        f"{name('aachen', 3)}_gtFine_labelIds.png", f"{name('bremen', 1)}_gtFine_labelIds.png",
+    ]  # fmt: skip
+    expected = np.array(LABEL_ID_LOOKUP)[label_ids(train_seed("aachen", 3))]
+    assert torch.equal(source.labeled[0][1], torch.from_numpy(expected.astype(np.int64))), "labelIds -> trainIds"
+    gt = cityscapes / "gtFine/train/bremen"
+    (gt / f"{name('bremen', 1)}_gtFine_labelIds.png").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        make_cityscapes(root=str(cityscapes), split_file=str(split))
+    message = str(error.value)
+    sample = name("bremen", 1)
+    listed, fallback = gt / f"{sample}_gtFine_labelTrainIds.png", gt / f"{sample}_gtFine_labelIds.png"
+    assert "\n" not in message and f"{split}:2: image " in message
+    assert f"({listed} does not exist, nor the fallback {fallback})" in message
+
+
+def test_the_decoder_follows_the_file_read(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "cs", train_ids=True)
+    split = tmp_path / "labeled.txt"
+    split.write_text(f"{unimatch_line('aachen', 1, 'labelIds')}\n{unimatch_line('aachen', 2)}\n")
+    source = make_cityscapes(root=str(root), split_file=str(split))
+    assert all(mask.name.endswith("_gtFine_labelTrainIds.png") for _, mask in source.labeled.samples)
+    expected = np.array(LABEL_ID_LOOKUP)[label_ids(train_seed("aachen", 1))]
+    assert torch.equal(source.labeled[0][1], torch.from_numpy(expected.astype(np.int64))), "read as they are"
+    gt = root / "gtFine/train/aachen"  # both files: each line reads the one it names, each decoded its way
+    for number in (1, 2):
+        raw = label_ids(train_seed("aachen", number))
+        Image.fromarray(raw).save(gt / f"{name('aachen', number)}_gtFine_labelIds.png")
+    both = make_cityscapes(root=str(root), split_file=str(split))
+    assert [mask.name.split("_gtFine_")[1] for _, mask in both.labeled.samples] == ["labelIds.png", "labelTrainIds.png"]
+    for index, number in enumerate((1, 2)):
+        expected = np.array(LABEL_ID_LOOKUP)[label_ids(train_seed("aachen", number))]
+        assert torch.equal(both.labeled[index][1], torch.from_numpy(expected.astype(np.int64)))
 
 
 def test_missing_folder_and_image_without_mask(cityscapes: Path, tmp_path: Path) -> None:

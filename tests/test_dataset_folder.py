@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from plugins.folder_dataset import make_folder_dataset
-from plugins.segmentation_files import FULL_CHECK_LIMIT, LabeledFiles, color_map
+from sandbox_builtins.folder_dataset import make_folder_dataset
+from sandbox_builtins.segmentation_files import FULL_CHECK_LIMIT, LabeledFiles, color_map
 from sandbox.api import IGNORE_INDEX, SegmentationSource
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
@@ -149,6 +149,20 @@ def test_split_files(folder: Path) -> None:
         make_folder_dataset(root=str(folder), class_names=CLASSES)
 
 
+def test_split_files_with_a_byte_order_mark_or_not_text(folder: Path) -> None:
+    (folder / "splits").mkdir()
+    labeled = folder / "splits" / "labeled.txt"
+    labeled.write_text("img03\r\nimg04\r\n", encoding="utf-8-sig")
+    (folder / "splits" / "val.txt").write_bytes(b"\xff\xfe" + "img05\r\n".encode("utf-16-le"))
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES)
+    assert stems(source.labeled) == ["img03", "img04"] and stems(source.val) == ["img05"]
+    labeled.write_bytes((folder / "masks" / "img03.png").read_bytes())
+    with pytest.raises(ValueError) as error:
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"split file {labeled} is not UTF-8 text (byte 0x89 at offset 0)")
+
+
 def test_errors_name_the_file(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"folder .*absent does not exist \(expected a dataset folder"):
         make_folder_dataset(root=str(tmp_path / "absent"), class_names=CLASSES)
@@ -177,7 +191,7 @@ def test_errors_name_the_file(folder: Path, tmp_path: Path) -> None:
 def test_full_check_is_skipped_for_large_datasets(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (folder / "unlabeled" / "extra2.jpg").write_bytes(b"garbage")
     assert FULL_CHECK_LIMIT == 2000
-    monkeypatch.setattr("plugins.segmentation_files.FULL_CHECK_LIMIT", 10)
+    monkeypatch.setattr("sandbox_builtins.segmentation_files.FULL_CHECK_LIMIT", 10)
     source = make_folder_dataset(root=str(folder), class_names=CLASSES)  # 23 samples > 10: nothing decoded
     with pytest.raises(ValueError, match="cannot decode image"):
         source.unlabeled[2]

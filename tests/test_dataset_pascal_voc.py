@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from plugins.pascal_voc import BOUNDARY_COLOUR, CLASS_NAMES, PALETTE, make_pascal_voc
-from plugins.segmentation_files import LabeledFiles, color_map
+from sandbox_builtins.pascal_voc import BOUNDARY_COLOUR, CLASS_NAMES, PALETTE, make_pascal_voc
+from sandbox_builtins.segmentation_files import LabeledFiles, color_map
 from sandbox.api import IGNORE_INDEX, SegmentationSource
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
@@ -84,7 +84,7 @@ def stems(part: LabeledFiles) -> list[str]:
 def test_registry_builds_and_validates_options(voc: Path) -> None:
     component = load_registry().get("dataset", "pascal_voc")
     assert component.option_names() == [
-        "root", "labeled", "aug", "split_file", "unlabeled_split_file", "seed", "check_files",
+        "root", "labeled", "aug", "split_file", "unlabeled_split_file", "val_split_file", "seed", "check_files",
     ]  # fmt: skip
     source = component.build({"root": str(voc), "labeled": 4})
     assert isinstance(source, SegmentationSource)
@@ -235,6 +235,132 @@ def test_split_file_errors(voc: Path, tmp_path: Path) -> None:
         make_pascal_voc(root=str(voc), split_file=str(split))
     with pytest.raises(FileNotFoundError, match=r"split file .*absent\.txt does not exist"):
         make_pascal_voc(root=str(voc), split_file=str(tmp_path / "absent.txt"))
+
+
+def unimatch_line(sample_id: str, masks: str = "SegmentationClass", prefix: str = "") -> str:
+    """A UniMatch-format split line (``prefix`` "/" gives the DeepLab ``train_aug.txt`` form)."""
+    return f"{prefix}JPEGImages/{sample_id}.jpg {prefix}{masks}/{sample_id}.png"
+
+
+UTF16_WITH_BOM = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}
+
+
+def test_split_file_with_utf8_bom(voc_aug: Path, tmp_path: Path) -> None:
+    split = tmp_path / "labeled.txt"
+    split.write_text(f"{TRAIN[3]}\n{TRAIN[5]}\n", encoding="utf-8-sig")
+    assert split.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert stems(make_pascal_voc(root=str(voc_aug), split_file=str(split)).labeled) == [TRAIN[3], TRAIN[5]]
+    split.write_text(unimatch_line(SBD[0]) + "\r\n", encoding="utf-8-sig")  # Notepad: BOM and CRLF
+    source = make_pascal_voc(root=str(voc_aug), split_file=str(split))
+    assert [image.name for image, _ in source.labeled.samples] == [f"{SBD[0]}.jpg"]
+
+
+@pytest.mark.parametrize("encoding", sorted(UTF16_WITH_BOM))
+def test_split_file_in_utf16_with_bom(voc: Path, tmp_path: Path, encoding: str) -> None:
+    split = tmp_path / "labeled.txt"
+    split.write_bytes(UTF16_WITH_BOM[encoding] + f"{unimatch_line(TRAIN[2])}\r\n{TRAIN[4]}\r\n".encode(encoding))
+    assert stems(make_pascal_voc(root=str(voc), split_file=str(split)).labeled) == [TRAIN[2], TRAIN[4]]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text (byte 0x89 at offset 0)"),
+        (f"{TRAIN[0]}\n".encode("utf-16-le"), "holds NUL characters, so it is not a text file"),
+        ("2007_00000\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 10)"),
+        (b"\xff\xfe" + "2007".encode("utf-16-le") + b"\x00", "is not UTF-16-LE text"),
+    ],
+    ids=["binary", "utf16-without-bom", "latin-1", "truncated-utf16"],
+)
+def test_split_file_that_is_not_text(voc: Path, tmp_path: Path, content: bytes, expected: str) -> None:
+    split = tmp_path / "labeled.txt"
+    split.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        make_pascal_voc(root=str(voc), split_file=str(split))
+    one_line_match(error, f"split file {split} ", expected, "expected a UTF-8 text file")
+
+
+def test_two_path_lines_fall_back_like_ids(voc_aug: Path, tmp_path: Path) -> None:
+    split = tmp_path / "labeled.txt"  # UniMatch names SegmentationClass/ for the SBD-only images too
+    lines = [unimatch_line(TRAIN[1]), unimatch_line(SBD[2]), SBD[3], unimatch_line(TRAIN[4], "SegmentationClassAug")]
+    split.write_text("\n".join(lines) + "\n")
+    source = make_pascal_voc(root=str(voc_aug), split_file=str(split))
+    masks = [(mask.parent.name, mask.stem) for _, mask in source.labeled.samples]
+    assert masks == [
+        ("SegmentationClass", TRAIN[1]),  # the listed mask exists: used as listed
+        ("SegmentationClassAug", SBD[2]),  # missing: the same fallback as the id-only line below
+        ("SegmentationClassAug", SBD[3]),
+        ("SegmentationClassAug", TRAIN[4]),  # listed and present, although a classic mask exists
+    ]
+    expected = voc_mask(len(TRAIN) + 2 + 1000)  # the SBD-augmented mask of SBD[2]
+    assert torch.equal(source.labeled[1][1], torch.from_numpy(expected.astype(np.int64)))
+    (voc_aug / "SegmentationClassAug" / f"{SBD[2]}.png").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        make_pascal_voc(root=str(voc_aug), split_file=str(split))
+    listed, fallback = voc_aug / f"SegmentationClass/{SBD[2]}.png", voc_aug / f"SegmentationClassAug/{SBD[2]}.png"
+    one_line_match(error, f"{split}:2: image ", f"({listed} does not exist, nor the fallback {fallback})")
+
+
+def test_train_aug_lists_unimatch_and_deeplab_forms(voc_aug: Path) -> None:
+    sets = voc_aug / "ImageSets" / "Segmentation"
+    deeplab = [unimatch_line(sample_id, "SegmentationClassAug", prefix="/") for sample_id in TRAIN + SBD]
+    unimatch = [unimatch_line(sample_id) for sample_id in TRAIN + SBD]
+    for lines in (deeplab, unimatch):
+        (sets / "train_aug.txt").write_text("\n".join(lines) + "\n")
+        blended = make_pascal_voc(root=str(voc_aug), labeled=0.5, aug=True, seed=1)
+        assert len(blended.labeled) == 9 and len(blended.unlabeled) == 9
+        assert {path.stem for path in blended.unlabeled.paths} | set(stems(blended.labeled)) == set(TRAIN + SBD)
+        explicit = make_pascal_voc(root=str(voc_aug), split_file=str(sets / "train_aug.txt"), labeled=1)
+        assert stems(explicit.labeled) == TRAIN + SBD
+        assert all(image.is_relative_to(voc_aug) for image, _ in explicit.labeled.samples)
+
+
+def make_unimatch_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A root with JPEGImages/ and SegmentationClass/ (augmented masks) only, and UniMatch's splits/pascal/."""
+    root = tmp_path / "VOC2012"
+    (root / "SegmentationClass").mkdir(parents=True)
+    for number, sample_id in enumerate(TRAIN + SBD + VAL):
+        write_image(root / "JPEGImages" / f"{sample_id}.jpg", number)
+        Image.fromarray(voc_mask(number + 1000)).save(root / "SegmentationClass" / f"{sample_id}.png")
+    splits = tmp_path / "UniMatch" / "splits" / "pascal"
+    (splits / "1_4").mkdir(parents=True)
+    (splits / "val.txt").write_text("\n".join(unimatch_line(sample_id) for sample_id in VAL) + "\n")
+    (splits / "1_4" / "labeled.txt").write_text("\n".join(unimatch_line(s) for s in TRAIN[:4] + SBD[:1]) + "\n")
+    (splits / "1_4" / "unlabeled.txt").write_text("\n".join(unimatch_line(s) for s in TRAIN[4:] + SBD[1:]) + "\n")
+    return root, splits
+
+
+def test_unimatch_layout_without_imagesets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, splits = make_unimatch_tree(tmp_path)
+    monkeypatch.chdir(splits.parent.parent)  # split files as given in UniMatch's configs, from its checkout
+    options = {"split_file": "splits/pascal/1_4/labeled.txt", "unlabeled_split_file": "splits/pascal/1_4/unlabeled.txt"}
+    source = make_pascal_voc(root=str(root), val_split_file="splits/pascal/val.txt", **options)
+    assert (len(source.labeled), len(source.unlabeled), len(source.val)) == (5, 13, 3)
+    assert stems(source.val) == VAL
+    expected = voc_mask(len(TRAIN) + len(SBD) + 1000)  # the first val image's mask
+    assert torch.equal(source.val[0][1], torch.from_numpy(expected.astype(np.int64)))
+    with pytest.raises(FileNotFoundError) as error:
+        make_pascal_voc(root=str(root), **options)
+    one_line_match(error, f"split file {root / 'ImageSets/Segmentation/val.txt'} does not exist", "val_split_file")
+    with pytest.raises(FileNotFoundError) as error:
+        make_pascal_voc(root=str(root), split_file=options["split_file"], val_split_file="splits/pascal/val.txt")
+    one_line_match(error, "ImageSets/Segmentation/train.txt does not exist", "unlabeled_split_file")
+    with pytest.raises(FileNotFoundError) as error:
+        make_pascal_voc(root=str(root), val_split_file="splits/pascal/val.txt")
+    one_line_match(error, "ImageSets/Segmentation/train.txt does not exist", "split_file")
+
+
+def test_val_split_file_on_a_standard_tree(voc_aug: Path, tmp_path: Path) -> None:
+    (voc_aug / "val_subset.txt").write_text(f"{VAL[2]}\n{unimatch_line(VAL[0])}\n")
+    source = make_pascal_voc(root=str(voc_aug), labeled=2, val_split_file="val_subset.txt")  # under the root
+    assert stems(source.val) == [VAL[2], VAL[0]]
+    assert all(mask.parent.name == "SegmentationClass" for _, mask in source.val.samples)
+    assert len(make_pascal_voc(root=str(voc_aug), labeled=2).val) == len(VAL), "default: ImageSets val.txt"
+    odd = tmp_path / "val.txt"  # val masks never fall back to the augmented ones, as for ids
+    odd.write_text(unimatch_line(SBD[0]) + "\n")
+    with pytest.raises(FileNotFoundError) as error:
+        make_pascal_voc(root=str(voc_aug), labeled=2, val_split_file=str(odd))
+    one_line_match(error, f"{odd}:1: image ", f"({voc_aug / 'SegmentationClass' / SBD[0]}.png does not exist)")
 
 
 def test_label_count_errors(voc: Path) -> None:

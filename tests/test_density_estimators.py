@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch import distributions as D
 
-from plugins.density_gmm import GaussianMixtureDensity
-from plugins.density_nflows import NflowsDensity
+from sandbox_builtins.density_gmm import GaussianMixtureDensity
+from sandbox_builtins.density_nflows import NflowsDensity
 from sandbox.api import DensityEstimator
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry

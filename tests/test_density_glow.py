@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import distributions as D
 
-from plugins.density_glow import GlowFlowDensity, mlp, sandbox_register_density_estimators
-from plugins.mixture_prior import GaussianMixturePrior
+from sandbox_builtins.density_glow import GlowFlowDensity, mlp, sandbox_register_density_estimators
+from sandbox.density import GaussianMixturePrior
 from sandbox.errors import SandboxError
 from sandbox.registry import Registry
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plugins.backbones import TimmBackbone
+from sandbox_builtins.backbones import TimmBackbone
 from sandbox.model.deeplabv3plus import DeepLabV3Plus
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
@@ -447,6 +447,7 @@ def test_ablate_on_two_processes_agrees_on_a_failed_run_and_goes_on(tiny_recipe:
 
 
 RAISING_PLUGIN = Path(__file__).with_name("raising_perturbation.py")
+RAISED = "perturbation 'raise_on_call' (from raising_perturbation) raised in forward:"
 
 
 def raising(only_rank: int) -> list[str]:
@@ -461,7 +462,8 @@ def test_a_plugin_raising_on_one_machine_mid_training_ends_both_with_the_same_li
     """Process 0 is then inside a collective (the finite-loss check) that process 1 never reaches."""
     lines = two_machines_fail(tiny_recipe, tmp_path, {0: raising(1), 1: raising(1)})
     assert lines[0] == lines[1]
-    assert lines[0] == "error: training failed after 3 of 6 steps: RuntimeError: planted failure on process 1 (on process 1)"
+    assert lines[0] == (f"error: training failed after 3 of 6 steps: {RAISED} RuntimeError: planted failure on process 1 "
+                        "(on process 1)")
 
 
 def test_ablate_goes_on_after_a_run_failing_everywhere_and_ends_after_one_failing_on_one_process(
@@ -479,10 +481,10 @@ def test_ablate_goes_on_after_a_run_failing_everywhere_and_ends_after_one_failin
     assert "exitcode  : 2" in text, text[-3000:]
     runs = out / "tiny"
     everywhere = (runs / "perturbation.only_rank=-1" / "seed3" / "FAILED").read_text()
-    assert everywhere == "training failed after 3 of 6 steps: RuntimeError: planted failure on process 0\n"
+    assert everywhere == f"training failed after 3 of 6 steps: {RAISED} RuntimeError: planted failure on process 0\n"
     assert text.count("perturbation.only_rank=-1 seed3: FAILED") == 2, "both processes record it and go on"
     one = (runs / "perturbation.only_rank=1" / "seed3" / "FAILED").read_text()
-    assert one == "training failed after 3 of 6 steps: RuntimeError: planted failure on process 1 (on process 1)\n"
+    assert one == f"training failed after 3 of 6 steps: {RAISED} RuntimeError: planted failure on process 1 (on process 1)\n"
     assert not (runs / "perturbation.only_rank=7").exists(), "the sweep ended: the processes are out of step"
     assert sum(line.startswith("error:") for line in text.splitlines()) == 2, text[-3000:]
     assert not OUR_FRAME.search(text), text[-3000:]

@@ -35,3 +35,19 @@ def test_every_hook_is_documented(kind) -> None:
 )
 def test_every_recipe_key_is_documented(key: str) -> None:
     assert f"`{key}`" in README or f"[{key}" in README, key
+
+
+def test_every_toml_example_is_valid_toml() -> None:
+    import tomllib
+
+    blocks = re.findall(r"```toml\n(.*?)\n```", README, flags=re.S)
+    assert blocks, "the README shows TOML examples"
+    for block in blocks:
+        tomllib.loads(block)
+
+
+def test_the_plugin_option_is_listed_for_every_command_that_takes_it() -> None:
+    table = README[README.index("## Commands"):README.index("### The run directory")]
+    for command in ("run", "eval", "bench", "ablate", "plot", "predict"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| `sandbox {command} ")]
+        assert rows and all("--plugin" in row for row in rows), command

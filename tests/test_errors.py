@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ def recipe_text(text: str) -> Callable[[Path, Path], list[str]]:
 def with_plugin(source: str, *extra: str) -> Callable[[Path, Path], list[str]]:
     """``sandbox recipe show TINY --plugin FILE.py`` with a plugin file holding ``source``."""
     return lambda tmp, tiny: ["recipe", "show", str(tiny), "--plugin", write(tmp / "bad_plugin.py", source), *extra]
+
+
+def run_with_plugin(source: str, *extra: str) -> Callable[[Path, Path], list[str]]:
+    """``sandbox run TINY --plugin FILE.py ...`` with a plugin file holding ``source``."""
+    return lambda tmp, tiny: ["run", str(tiny), "--plugin", write(tmp / "bad_plugin.py", source), *extra]
 
 
 def folder_dataset(tmp: Path, images: list[str], masks: list[str]) -> Path:
@@ -100,6 +106,20 @@ def resume_changed(tmp: Path, tiny: Path) -> list[str]:
     return ["run", str(tiny), *SHORT, "--set", "train.lr=0.5", "--resume"]
 
 
+def binary(path: Path) -> str:
+    """A file of bytes that are no text (a model's weights, say)."""
+    path.write_bytes(bytes(range(256)) * 4)
+    return str(path)
+
+
+def finished_run(tmp: Path, tiny: Path) -> Path:
+    """A run directory with its recipe and a metrics record (enough for ``sandbox plot`` curves)."""
+    prepared_run(tmp, tiny)
+    run_dir = tmp / "runs" / "tiny" / "seed3"
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return run_dir
+
+
 def existing_run(tmp: Path, tiny: Path) -> list[str]:
     prepared_run(tmp, tiny)
     return ["run", str(tiny), *SHORT]
@@ -112,6 +132,38 @@ def base_cycle(tmp: Path, tiny: Path) -> list[str]:
 
 PERTURBATION = "from sandbox.api import Perturbation, hookimpl\n"
 RAISING_PLUGIN = Path(__file__).with_name("raising_perturbation.py")
+WRONG_OUTPUT = PERTURBATION + '''
+class Wrong(Perturbation):
+    """Returns a malformed result of the ``kind`` asked for."""
+
+    def __init__(self, kind: str = "channels") -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, features, context):
+        return {"channels": features[:, :3], "float64": features.double(), "int64": features.long(),
+                "list": [features], "size": features[..., :2, :2]}[self.kind]
+
+
+@hookimpl
+def sandbox_register_perturbations(register):
+    register("wrong", Wrong)
+'''
+PER_PIXEL_LOSS = PERTURBATION + '''
+from sandbox.api import ConsistencyLoss
+
+
+class PerPixel(ConsistencyLoss):
+    """Forgets to reduce: returns a map."""
+
+    def forward(self, logits, target_probs, valid):
+        return valid.float()
+
+
+@hookimpl
+def sandbox_register_consistency_losses(register):
+    register("map", PerPixel)
+'''
 
 CASES: dict[str, Case] = {
     # -- recipes ---------------------------------------------------------------------------------
@@ -157,7 +209,7 @@ CASES: dict[str, Case] = {
                            "def make() -> str:\n    '''Not a perturbation.'''\n    return 'oops'\n"
                            "@hookimpl\ndef sandbox_register_perturbations(register):\n    register('wrong', make)\n"),
                            "--set", "perturbation.name=wrong", "--steps", "1", "--warmup", "0", "--num-classes", "2"],
-        "perturbation plugin 'wrong' (from bad_plugin) returned str, expected a Perturbation"),
+        "perturbation 'wrong' (from bad_plugin) returned str, expected a Perturbation"),
     "factory TypeError for an option combination": Case(
         lambda tmp, tiny: ["bench", str(tiny), "--plugin", write(tmp / "bad_plugin.py", PERTURBATION +
                            "def make(a: int = 0, b: int = 0):\n    '''Needs a or b.'''\n"
@@ -183,7 +235,58 @@ CASES: dict[str, Case] = {
     "existing run directory": Case(existing_run, "already exists; use --resume"),
     "a plugin raising during training": Case(
         lambda tmp, tiny: ["run", str(tiny), "--plugin", str(RAISING_PLUGIN), "--set", "perturbation.name=raise_on_call"],
-        "training failed after 3 of 6 steps: RuntimeError: planted failure on process 0"),
+        "training failed after 3 of 6 steps: perturbation 'raise_on_call' (from raising_perturbation) raised in forward: "
+        "RuntimeError: planted failure on process 0"),
+    **{f"a perturbation returning {what}": Case(
+        run_with_plugin(WRONG_OUTPUT, "--set", "perturbation.name=wrong", "--set", f"perturbation.kind={kind}"), expected)
+       for what, kind, expected in [
+           ("too few channels", "channels", "returned a tensor (2, 3, 8, 8) float32 on cpu, expected a tensor (2, 40, 8, 8) float32"),
+           ("another spatial size", "size", "returned a tensor (2, 40, 2, 2) float32 on cpu, expected a tensor (2, 40, 8, 8)"),
+           ("float64", "float64", "returned a tensor (2, 40, 8, 8) float64 on cpu, expected"),
+           ("int64", "int64", "returned a tensor (2, 40, 8, 8) int64 on cpu, expected"),
+           ("a list", "list", "perturbation 'wrong' (from bad_plugin) returned list, expected a tensor (2, 40, 8, 8)"),
+       ]},
+    "a consistency loss returning a map": Case(
+        run_with_plugin(PER_PIXEL_LOSS, "--set", "consistency.strong.name=map"),
+        "training failed after 2 of 6 steps: consistency 'map' (from bad_plugin) returned (2, 32, 32) float32 on cpu, "
+        "expected a floating-point scalar tensor"),
+    "a negative perturbation size": Case(run_with_plugin(PERTURBATION, "--set", "perturbation.eps=-1"),
+                                         "perturbation 'ddfp' (sandbox-ssl 0.1.0): eps must be >= 0"),
+    "a negative noise scale": Case(run_with_plugin(PERTURBATION, "--set", "perturbation.name=noise", "--set",
+                                                   "perturbation.scale=-0.5"), "scale must be >= 0"),
+    "warm-up longer than the run": Case(show("--set", "train.warmup_iters=7"),
+                                        "train.warmup_iters (7) > train.iters (6): the run would end inside its warm-up"),
+    "centre-crop evaluation without a size": Case(show("--set", "eval.mode=center_crop"),
+                                                  "eval.mode = 'center_crop' needs eval.crop_size"),
+    "a binary file as recipe": Case(lambda tmp, tiny: ["run", binary(tmp / "model.toml")],
+                                    "model.toml is not UTF-8 text (byte 128); expected a TOML file"),
+    "a directory as recipe": Case(lambda tmp, tiny: ["run", str(tmp)], f"is a directory; expected a TOML file"),
+    "a directory as checkpoint": Case(eval_of(lambda tmp, tiny: tmp), "is a directory (expected a run's best.pt or last.pt)"),
+    "a text file as checkpoint": Case(eval_of(lambda tmp, tiny: Path(write(tmp / "notes.pt", "trained on Monday\n"))),
+                                      "notes.pt could not be read: not a PyTorch file"),
+    "no labeled images": Case(lambda tmp, tiny: ["run", str(tiny), "--set", "dataset.num_labeled=0"],
+                              "[dataset] 'shapes' has no labeled images"),
+    "--resume with --overwrite": Case(lambda tmp, tiny: ["run", str(tiny), "--resume", "--overwrite"],
+                                      "--resume and --overwrite contradict each other"),
+    "output_dir is a file": Case(lambda tmp, tiny: ["run", str(tiny), "--set", f"output_dir={write(tmp / 'out', 'x')}"],
+                                 "cannot be written: Not a directory"),
+    "predict --out under a file": Case(
+        lambda tmp, tiny: ["predict", str(tiny), write(tmp / "image.png", ""), "--checkpoint",
+                           str(tiny_weights(tmp, tiny)), "--out", str(Path(write(tmp / "taken", "x")) / "preds")],
+        "--out {tmp}/taken/preds: cannot write"),
+    "plot --out under a file": Case(
+        lambda tmp, tiny: ["plot", str(finished_run(tmp, tiny)), "--images", "0", "--out",
+                           str(Path(write(tmp / "taken", "x")) / "plots")], "--out {tmp}/taken/plots: cannot write"),
+    "a recipe's plugin file missing": Case(
+        lambda tmp, tiny: ["recipe", "show", write(tmp / "recipes" / "r.toml", 'plugins = ["mine.py"]\n[dataset]\nname = "shapes"\n')],
+        "plugin file {tmp}/recipes/mine.py does not exist"),
+    "a --plugin file missing, relative": Case(lambda tmp, tiny: ["plugins", "--plugin", "gone_relative.py"],
+                                              "plugin file gone_relative.py does not exist (looked in "),
+    "a factory raising RuntimeError": Case(
+        run_with_plugin(PERTURBATION + "def make():\n    '''Fails.'''\n    raise RuntimeError('no GPU kernel')\n"
+                        "@hookimpl\ndef sandbox_register_perturbations(register):\n    register('fragile', make)\n",
+                        "--set", "perturbation.name=fragile"),
+        "perturbation 'fragile' (bad_plugin): RuntimeError: no GPU kernel"),
 }
 
 
@@ -203,7 +306,7 @@ def test_malformed_input_is_one_line(name: str, tmp_path: Path, tiny_recipe: Pat
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], err
     assert "Traceback" not in err
-    assert case.expected in errors[0], errors[0]
+    assert case.expected.replace("{tmp}", tmp_path.as_posix()) in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(
@@ -249,3 +352,42 @@ def test_a_broken_installed_plugin_never_breaks_the_others(
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "unknown perturbation" in err and "failed to import" in err and "needs libfoo" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 applies on a GPU")
+def test_fp16_on_a_cpu_is_a_warning_and_the_summary_says_float32(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # earlier tests of this process set up Accelerate without mixed precision
+    try:
+        main_ok(["run", str(tiny_recipe), *SHORT, "--set", "train.mixed_precision=fp16"])
+    finally:
+        AcceleratorState._reset_state()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "train.mixed_precision = 'fp16' needs a GPU" in warnings[0], warnings
+    summary = json.loads((tmp_path / "runs" / "tiny" / "seed3" / "summary.json").read_text())
+    assert summary["mixed_precision"] == "no"
+
+
+def test_a_crop_larger_than_the_images_at_every_scale_is_a_warning(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main_ok(["run", str(tiny_recipe), *SHORT, "--set", "train.crop_size=100"])  # 48-pixel images, scale <= 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: the first labeled image is 48x48, smaller than train.crop_size = 100 even at the "
+                        "largest scale (2, train.scale_range): crops are padded with ignored pixels"]
+
+
+def test_a_crop_the_images_fill_gives_no_warning(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    main_ok(["run", str(tiny_recipe), *SHORT, "--set", "train.crop_size=96"])  # 48 x 2 fills it
+    assert "warning:" not in capsys.readouterr().err
+
+
+def main_ok(args: list[str]) -> None:
+    """Run the CLI; it must succeed."""
+    try:
+        main(args)
+    except SystemExit as exit_info:
+        assert not exit_info.code, exit_info.code

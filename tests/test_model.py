@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins.backbones import TimmBackbone
+from sandbox_builtins.backbones import TimmBackbone
 from sandbox.model.deeplabv3plus import DeepLabV3Plus, DualBatchNorm2d
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from plugins.density_glow import GlowFlowDensity
-from plugins.perturbations import DensityDescending, FeatureDropout, NoPerturbation
+from sandbox_builtins.density_glow import GlowFlowDensity
+from sandbox_builtins.perturbations import DensityDescending, FeatureDropout, NoPerturbation
 from sandbox.api import ClassifierOutput, PerturbationContext
 
 
@@ -69,7 +69,7 @@ def test_none_gives_no_perturbed_view() -> None:
 
 
 def test_vat_raises_the_prediction_kl_more_than_random_noise_of_the_same_norm() -> None:
-    from plugins.perturbations import FeatureNoise, VirtualAdversarial
+    from sandbox_builtins.perturbations import FeatureNoise, VirtualAdversarial
 
     torch.manual_seed(0)
     classifier = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.Tanh(), torch.nn.Conv2d(16, 3, 1))
@@ -97,7 +97,7 @@ def test_vat_raises_the_prediction_kl_more_than_random_noise_of_the_same_norm() 
 
 
 def test_noise_distributions_and_scale() -> None:
-    from plugins.perturbations import FeatureNoise
+    from sandbox_builtins.perturbations import FeatureNoise
 
     torch.manual_seed(0)
     features = torch.zeros(2, 64, 8, 8)

@@ -41,7 +41,7 @@ def test_resolved_recipe_fills_plugin_defaults_and_round_trips(tmp_path: Path) -
 
 def test_overrides_parse_toml_values_and_strings(tmp_path: Path) -> None:
     path = write(tmp_path, '[dataset]\nname = "shapes"\n[perturbation]\nname = "ddfp"\neps = 2.0\n')
-    recipe = load_recipe(path, ["train.iters=50", "model.aspp_dilations=[1,2,3]", "train.mixed_precision=bf16"])
+    recipe = load_recipe(path, ["train.iters=50", "train.warmup_iters=5", "model.aspp_dilations=[1,2,3]", "train.mixed_precision=bf16"])
     assert recipe.train.iters == 50 and recipe.model.aspp_dilations == [1, 2, 3]
     assert recipe.train.mixed_precision == "bf16"
     switched = resolve_components(load_recipe(path, ["perturbation.name=dropout"]), REGISTRY)
@@ -49,7 +49,7 @@ def test_overrides_parse_toml_values_and_strings(tmp_path: Path) -> None:
 
 
 def test_base_recipe_inheritance(tmp_path: Path) -> None:
-    write(tmp_path, '[dataset]\nname = "shapes"\nimage_size = 40\n[train]\niters = 7\nlr = 0.5\n', "base.toml")
+    write(tmp_path, '[dataset]\nname = "shapes"\nimage_size = 40\n[train]\niters = 7\nwarmup_iters = 3\nlr = 0.5\n', "base.toml")
     child = write(tmp_path, 'base = "base.toml"\n[train]\niters = 9\n', "child.toml")
     recipe = load_recipe(child)
     assert (recipe.train.iters, recipe.train.lr, recipe.name) == (9, 0.5, "child")

@@ -72,7 +72,7 @@ def test_a_factory_returning_the_wrong_type_is_an_error() -> None:
 def test_duplicate_names_name_both_providers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "dup_plugin.py").write_text(textwrap.dedent("""
         from sandbox.api import hookimpl
-        from plugins.perturbations import NoPerturbation
+        from sandbox_builtins.perturbations import NoPerturbation
         @hookimpl
         def sandbox_register_perturbations(register):
             register("none", NoPerturbation)

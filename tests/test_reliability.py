@@ -195,10 +195,16 @@ def all_finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_non_finite_losses_skip_the_update_and_are_counted(tiny_recipe: Path, tmp_path: Path, nan_plugin: Path) -> None:
+def test_non_finite_losses_skip_the_update_and_are_counted(
+    tiny_recipe: Path, tmp_path: Path, nan_plugin: Path, capsys: pytest.CaptureFixture
+) -> None:
     # Steps 2..5 perturb; calls 1 and 2 (steps 3 and 4) give NaN features, hence a NaN loss.
     cli("run", str(tiny_recipe), "--plugin", str(nan_plugin), "--set", "perturbation.name=nan_on_calls",
         "--set", "perturbation.calls=[1,2]")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert [line.split(":")[1].strip() for line in warnings] == ["step 4", "step 5"], warnings
+    assert all("non-finite loss_perturbed: the perturbed view of perturbation 'nan_on_calls' (from nan_perturbation)"
+               in line and "update skipped" in line for line in warnings), warnings
     run_dir = tmp_path.joinpath("runs", *RUN)
     train = [r for r in records(run_dir) if "loss" in r or "skipped_updates" in r]
     assert [r["skipped_updates"] for r in train] == [0, 1, 2]

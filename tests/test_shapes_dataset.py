@@ -7,8 +7,8 @@ import pluggy
 import pytest
 import torch
 
-from plugins import shapes_dataset
-from plugins.shapes_dataset import CLASS_NAMES, ShapesPart, make_shapes_dataset
+from sandbox_builtins import shapes_dataset
+from sandbox_builtins.shapes_dataset import CLASS_NAMES, ShapesPart, make_shapes_dataset
 from sandbox import hookspecs
 from sandbox.api import IGNORE_INDEX, PROJECT_NAME, SegmentationSource
 

@@ -5,6 +5,12 @@ finished runs (``seed``, ``name`` and ``output_dir`` never count: they differ be
 and copies of one configuration). A key a run's recipe lacks (an option of another plugin) has
 the value None. Each group gets the mean and the sample standard deviation (``ddof=1``; None
 for a single run) of the metric over its runs, and its difference to the baseline group's mean.
+
+A seed counts once per group: when several finished runs of one group have the same seed (a run
+copied to two folders, or trained again into another ``output_dir``), the first of them in the
+order of the records is kept (for ``sandbox compare``: the run directory whose path sorts first)
+and the others are left out of the statistics; :attr:`Comparison.duplicates` records each case,
+and whether their results differ (the same recipe and seed gave other numbers: not reproducible).
 """
 
 from __future__ import annotations
@@ -70,6 +76,26 @@ class Group:
 
 
 @dataclass
+class Duplicate:
+    """Finished runs of one seed in one group: the run counted and the runs left out."""
+
+    group: Group
+    seed: Any
+    kept: RunRecord
+    dropped: list[RunRecord]
+
+    @property
+    def runs(self) -> list[RunRecord]:
+        """The kept run, then the ones left out."""
+        return [self.kept, *self.dropped]
+
+    def differing_results(self) -> dict[str, list[Any]]:
+        """Summary value (of :data:`METRICS`) -> each run's value, for the values that are not the same in all runs."""
+        values = {metric: [(run.summary or {}).get(metric) for run in self.runs] for metric in METRICS}
+        return {metric: seen for metric, seen in values.items() if len({_identity(value) for value in seen}) > 1}
+
+
+@dataclass
 class Comparison:
     """Groups of finished runs ranked by ``metric``, and the runs left out."""
 
@@ -79,6 +105,8 @@ class Comparison:
     groups: list[Group]
     excluded: list[RunRecord] = field(default_factory=list)
     """Unfinished and failed runs."""
+    duplicates: list[Duplicate] = field(default_factory=list)
+    """Runs of a seed that their group already counts (see the module docstring), per group and seed."""
 
     @property
     def baseline(self) -> Group | None:
@@ -172,6 +200,9 @@ def compare_runs(
 ) -> Comparison:
     """Group the finished runs of ``records`` and rank them by ``metric`` (see the module docstring).
 
+    Of several finished runs with one seed in one group, the first in ``records`` counts and the
+    others are listed in :attr:`Comparison.duplicates`.
+
     ``columns`` (differing keys) limits the key columns shown; groups are still formed by every
     differing key, so the columns must tell every group apart.
     """
@@ -190,10 +221,20 @@ def compare_runs(
             finished.append((run, score))
     keys = differing_keys([run.recipe for run, _ in finished if run.recipe is not None])
     by_values: dict[tuple[str, ...], Group] = {}
+    by_seed: dict[tuple[tuple[str, ...], str], Duplicate] = {}
+    duplicates: list[Duplicate] = []
     for run, score in finished:
         assert run.recipe is not None
         values = {key: run.recipe.get(key) for key in keys}
-        group = by_values.setdefault(tuple(_identity(v) for v in values.values()), Group(values, [], []))
+        identity = tuple(_identity(v) for v in values.values())
+        group = by_values.setdefault(identity, Group(values, [], []))
+        if run.seed is not None:  # a run without a seed cannot be matched: it always counts
+            seen = by_seed.setdefault((identity, _identity(run.seed)), Duplicate(group, run.seed, run, []))
+            if seen.kept is not run:
+                if not seen.dropped:
+                    duplicates.append(seen)
+                seen.dropped.append(run)
+                continue
         group.runs.append(run)
         group.scores.append(score)
     groups = sorted(by_values.values(), key=lambda group: _sort_key(group.values))
@@ -209,7 +250,7 @@ def compare_runs(
         raise SandboxError(f"--baseline {' '.join(baseline)}: no run has finished")
     if columns:
         keys = show_only(groups, keys, columns)
-    return Comparison(metric, keys, groups, excluded)
+    return Comparison(metric, keys, groups, excluded, duplicates)
 
 
 def show_only(groups: list[Group], keys: list[str], columns: list[str]) -> list[str]:

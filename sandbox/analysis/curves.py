@@ -17,7 +17,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sandbox.train.rundir import METRICS_FILE
+from sandbox.run_files import METRICS_FILE
 
 FIGURE_INCHES = (6.4, 4.0)
 """Width and height of a curve figure."""

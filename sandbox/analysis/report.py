@@ -4,7 +4,8 @@ Human formats (``table``, ``md``, ``latex``) show the metric in percent with two
 ``mean ± std`` (``std`` is ``-`` for a single run), the difference to the baseline in percentage
 points, and list unfinished and failed runs below the table (as ``%`` comments in LaTeX).
 Machine formats (``csv``, ``json``) hold raw fractions and keep stdout parseable: the runs left
-out go to stderr.
+out go to stderr. In every format, a seed that ran more than once in a group counts once, and a
+``note:`` line on stderr names the runs (see :func:`duplicate_lines`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbox.analysis.compare import Comparison, Group, format_value
+from sandbox.analysis.compare import Comparison, Duplicate, Group, format_value
 
 FORMATS = ("table", "md", "csv", "latex", "json")
 """Output formats of ``sandbox compare``."""
@@ -92,6 +94,37 @@ def excluded_lines(comparison: Comparison) -> list[str]:
     return lines
 
 
+def duplicate_line(duplicate: Duplicate) -> str:
+    """``note: seed S counted once in group G: kept PATH; left out PATH, ...`` and whether their results differ."""
+    left_out = ", ".join(str(run.path) for run in duplicate.dropped)
+    line = f"note: seed {format_value(duplicate.seed)} counted once in group {duplicate.group.label()}: kept {duplicate.kept.path}; left out {left_out}"
+    differing = duplicate.differing_results()
+    if not differing:
+        return f"{line} (identical results)"
+    values = "; ".join(f"{metric} " + " vs ".join(format_value(value) for value in seen) for metric, seen in differing.items())
+    return f"{line}; results differ for the same recipe and seed (not reproducible): {values}"
+
+
+def duplicate_lines(comparison: Comparison) -> list[str]:
+    """One :func:`duplicate_line` per group and seed that ran more than once."""
+    return [duplicate_line(duplicate) for duplicate in comparison.duplicates]
+
+
+def print_notes(comparison: Comparison, stream: TextIO | None = None) -> None:
+    """Write :func:`duplicate_lines` to ``stream`` (default: stderr)."""
+    stream = stream or sys.stderr
+    for line in duplicate_lines(comparison):
+        print(line, file=stream)
+    stream.flush()
+
+
+def table_title(comparison: Comparison) -> str:
+    """``METRIC: N finished runs``, and how many more runs were left out as repeats of a seed."""
+    title = f"{comparison.metric}: {sum(group.n for group in comparison.groups)} finished runs"
+    repeats = sum(len(duplicate.dropped) for duplicate in comparison.duplicates)
+    return f"{title} ({repeats} run{'s' * (repeats != 1)} repeating a seed not counted)" if repeats else title
+
+
 def natural_width(titles: list[str], rows: list[list[str]]) -> int:
     """The width of a rich table (one space of padding, one border per column) with no wrapping."""
     widths = [max(len(title), *(len(row[i]) for row in rows)) for i, title in enumerate(titles)]
@@ -99,10 +132,11 @@ def natural_width(titles: list[str], rows: list[list[str]]) -> int:
 
 
 def print_table(comparison: Comparison, console: Console | None = None) -> None:
-    """A rich table (best row bold) with the runs left out listed below it."""
+    """A rich table (best row bold) with the runs left out listed below it; repeated seeds noted on stderr."""
+    print_notes(comparison)
     console = console or Console()
     if comparison.groups:
-        table = Table(title=f"{comparison.metric}: {sum(g.n for g in comparison.groups)} finished runs", caption=caption(comparison))
+        table = Table(title=table_title(comparison), caption=caption(comparison))
         for index, title in enumerate(header(comparison)):
             numeric = len(key_columns(comparison)) <= index < len(key_columns(comparison)) + 3
             table.add_column(title, justify="right" if numeric else "left")

@@ -4,6 +4,9 @@ A run directory is a folder holding ``recipe.toml`` (written when a run starts) 
 (written by ``sandbox ablate`` when a run raised, possibly before its recipe could be written).
 A run is *finished* once ``summary.json`` exists, *failed* when it holds ``FAILED`` or an
 unreadable file, and *unfinished* otherwise (still training, interrupted, or killed).
+
+This module imports nothing heavy (no torch, no pydantic), so ``sandbox compare`` starts at once:
+the run files' names come from :mod:`sandbox.run_files`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from sandbox.errors import SandboxError
-from sandbox.recipe import flatten_keys
-from sandbox.train.rundir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
+from sandbox.run_files import FAILED_MARKER, METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys
 
-FAILED_MARKER = "FAILED"
-"""Written into a run directory by ``sandbox ablate`` when the run raised; holds the error line."""
 
 Status = Literal["finished", "unfinished", "failed"]
 """The state of a run directory (see the module docstring)."""

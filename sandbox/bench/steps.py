@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sandbox.api import IGNORE_INDEX
 from sandbox.recipe import ComponentSpec, Recipe
 from sandbox.registry import Registry
-from sandbox.train.accelerator import make_accelerator
+from sandbox.train.accelerator import effective_precision, make_accelerator
 from sandbox.train.builder import build_method, build_model
 from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
@@ -35,6 +35,8 @@ class StepTiming:
     images_per_s: float
     peak_memory_gib: float | None
     gflops_per_image: float
+    precision: str
+    """The precision the step really ran in (``fp16`` on a CPU runs in float32: ``no``)."""
 
 
 def forward_gflops(model: torch.nn.Module, crop: int, device: torch.device) -> float:
@@ -101,5 +103,6 @@ def time_training_steps(
         p90_ms=times_ms[min(len(times_ms) - 1, int(0.9 * len(times_ms)))],
         images_per_s=(labeled_count + unlabeled_count) * accelerator.num_processes * 1000 / median,
         peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        precision=effective_precision(accelerator),
         gflops_per_image=forward_gflops(accelerator.unwrap_model(model), crop, device),
     )

@@ -14,27 +14,22 @@ import gc
 import time
 import traceback
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
-import torch
 import typer
-from accelerate import PartialState
-from accelerate.state import AcceleratorState
 from rich.console import Console
 
 from sandbox.analysis.compare import compare_runs
 from sandbox.analysis.report import print_table
 from sandbox.analysis.runs import clear_failure, find_runs, write_failure
-from sandbox.analysis.sweep import Combination, applicable_combinations, parse_grid, parse_seeds, plan
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
-from sandbox.errors import SandboxError
-from sandbox.plugins import load_registry
-from sandbox.recipe import Recipe, load_recipe
-from sandbox.registry import Registry
-from sandbox.train.agreement import describe
-from sandbox.train.failures import ProcessGroupLost
-from sandbox.train.loop import start_run
-from sandbox.train.rundir import RunDirectory, differing_keys
+from sandbox.errors import describe_exception
+
+if TYPE_CHECKING:
+    from sandbox.analysis.sweep import Combination
+    from sandbox.recipe import Recipe
+    from sandbox.registry import Registry
+    from sandbox.train.rundir import RunDirectory
 
 ABLATIONS_FOLDER = "ablations"
 """Default home of sweeps, inside the recipe's ``output_dir``."""
@@ -61,6 +56,11 @@ def train_one(recipe: Recipe, registry: Registry, resume: bool) -> dict[str, Any
     When a failure on another process ends this one (the sweep cannot go on), the main process
     records the run as failed first.
     """
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from sandbox.train.loop import start_run
+
     AcceleratorState._reset_state()  # each run may use its own mixed precision
     trainer = start_run(recipe, registry, resume=resume, overwrite=not resume)
     main, run_path = trainer.accelerator.is_main_process, trainer.run_dir.path
@@ -80,6 +80,8 @@ def train_one(recipe: Recipe, registry: Registry, resume: bool) -> dict[str, Any
 
 def stale_note(run_dir: RunDirectory, recipe: Recipe) -> str:
     """A warning when a finished run was trained with another recipe than the sweep asks for now."""
+    from sandbox.train.rundir import differing_keys
+
     saved = run_dir.recipe_file.read_text() if run_dir.recipe_file.is_file() else ""
     if saved == recipe.to_toml():
         return ""
@@ -105,6 +107,14 @@ def ablate(
     Finished runs are skipped, unfinished ones resumed; a failing run is recorded and the sweep goes on (exit 1),
     unless it failed on some processes only: then the sweep ends on every process (exit 2).
     """
+    from accelerate import PartialState
+
+    from sandbox.analysis.sweep import applicable_combinations, parse_grid, parse_seeds, plan
+    from sandbox.plugins import load_registry
+    from sandbox.recipe import load_recipe
+    from sandbox.train.failures import ProcessGroupLost
+    from sandbox.train.rundir import RunDirectory
+
     overrides, plugins = list(set_ or []), list(plugin or [])
     axes = [parse_grid(text) for text in grid or []]
     base = load_recipe(recipe, overrides)
@@ -136,9 +146,9 @@ def ablate(
             if debug_enabled(context):
                 traceback.print_exc()
             if PartialState().is_main_process:  # every process has the same error (agreed_errors)
-                write_failure(run_dir.path, describe(error))
+                write_failure(run_dir.path, describe_exception(error))
             failures += 1
-            console.print(f"{prefix}: FAILED: {describe(error)}")
+            console.print(f"{prefix}: FAILED: {describe_exception(error)}")
             if isinstance(error, ProcessGroupLost):  # a peer process has ended: no further run can train
                 raise
             continue

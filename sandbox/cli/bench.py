@@ -9,12 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sandbox.bench.data import data_throughput
-from sandbox.bench.steps import time_training_steps
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 from sandbox.errors import SandboxError
-from sandbox.recipe import ComponentSpec
-from sandbox.train.builder import build_dataset
 
 
 def bench(
@@ -29,6 +25,11 @@ def bench(
     batches: int = typer.Option(20, min=1, help="With --data: batches timed per view."),
 ) -> None:
     """Print a table of step times (median, p90, images/s, peak memory, GFLOPs, overhead vs none)."""
+    from sandbox.bench.data import data_throughput
+    from sandbox.bench.steps import time_training_steps
+    from sandbox.recipe import ComponentSpec
+    from sandbox.train.builder import build_dataset
+
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
     console = Console(width=max(Console().width, 120))
     if data:
@@ -50,7 +51,7 @@ def bench(
         rows.append(time_training_steps(resolved, registry, num_classes, ComponentSpec(name="none"), steps, warmup))
     crop, train = resolved.train.crop_size, resolved.train
     table = Table(title=f"training step: {resolved.name}, crop {crop}, {train.batch_size}+{train.unlabeled_batch_size} "
-                        f"images, {train.mixed_precision}")
+                        f"images, precision {rows[0].precision}")
     for column in ("perturbation", "median ms", "p90 ms", "images/s", "peak GiB", "GFLOPs/image", "x none"):
         table.add_column(column, justify="right")
     baseline = rows[-1].median_ms

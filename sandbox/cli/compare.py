@@ -1,4 +1,7 @@
-"""``sandbox compare``: group runs by the recipe keys that differ and tabulate mIoU over seeds."""
+"""``sandbox compare``: group runs by the recipe keys that differ and tabulate mIoU over seeds.
+
+This command imports no torch, accelerate or matplotlib: it only reads the files of run directories.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from sandbox.analysis.compare import Comparison, compare_runs
-from sandbox.analysis.report import HUMAN_FORMATS, RENDERERS, excluded_lines, print_table
+from sandbox.analysis.report import HUMAN_FORMATS, RENDERERS, excluded_lines, print_notes, print_table
 from sandbox.analysis.runs import find_runs
 
 
@@ -45,10 +48,14 @@ ColumnsOption = typer.Option(
 
 
 def emit(comparison: Comparison, output: str) -> None:
-    """Print ``comparison`` in ``output`` format; machine formats send the left-out runs to stderr."""
+    """Print ``comparison`` in ``output`` format; machine formats send the left-out runs to stderr.
+
+    A seed that ran more than once in a group gets a ``note:`` line on stderr in every format.
+    """
     if output == Format.table.value:
         print_table(comparison)
         return
+    print_notes(comparison)
     sys.stdout.write(RENDERERS[output](comparison))
     sys.stdout.flush()
     if output not in HUMAN_FORMATS:
@@ -63,7 +70,10 @@ def compare(
     output: Format = FormatOption,
     columns: Optional[str] = ColumnsOption,
 ) -> None:
-    """Group runs by the recipe keys that differ; mean ± std over seeds, n, Δ vs a baseline."""
+    """Group runs by the recipe keys that differ; mean ± std over seeds, n, Δ vs a baseline.
+
+    A seed counts once per group: of runs repeating it, the one whose path sorts first is kept (a note says which).
+    """
     shown = [key.strip() for key in columns.split(",") if key.strip()] if columns else None
     comparison = compare_runs(find_runs(runs), metric.value, list(baseline or []), shown)
     emit(comparison, output.value)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
-from sandbox.train.accelerator import make_accelerator
-from sandbox.train.weights import apply_weights, load_weights
-from sandbox.train.builder import build_dataset, build_model
-from sandbox.train.evaluate import EvalResult, evaluate as evaluate_model, val_loader
+
+if TYPE_CHECKING:
+    from sandbox.train.evaluate import EvalResult
 
 
 def print_result(result: EvalResult, title: str) -> None:
@@ -35,6 +34,11 @@ def evaluate(
     plugin: Optional[List[str]] = PluginOption,
 ) -> None:
     """Evaluate a checkpoint on the recipe's val set and print per-class IoU and mIoU."""
+    from sandbox.train.accelerator import make_accelerator
+    from sandbox.train.weights import apply_weights, load_weights
+    from sandbox.train.builder import build_dataset, build_model
+    from sandbox.train.evaluate import evaluate as evaluate_model, val_loader
+
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
     weights = load_weights(checkpoint)  # a missing or unreadable file fails before the slow part
     accelerator = make_accelerator(resolved.train.mixed_precision)

@@ -7,12 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from sandbox.analysis.curves import UNSAFE_FILE_CHARS, plot_curves, read_metrics, run_labels, series
-from sandbox.analysis.inference import load_predictor
-from sandbox.analysis.prediction_grid import plot_prediction_grid, run_weights, val_samples
 from sandbox.analysis.runs import find_run_dirs
-from sandbox.train.rundir import RECIPE_FILE
-from sandbox.cli.common import PluginOption, load_resolved_recipe
+from sandbox.cli.common import PluginOption, load_resolved_recipe, writing_to
 
 CURVES_FOLDER = "curves"
 """Sub-folder of ``--out`` for ``<value>.png`` (one per logged value, every run overlaid)."""
@@ -26,6 +22,11 @@ DEFAULT_IMAGES = 4
 
 def plot_predictions(run_dir: Path, label: str, out: Path, count: int, plugins: list[str]) -> str:
     """Draw one run's prediction grid; return the line to print."""
+    from sandbox.analysis.curves import UNSAFE_FILE_CHARS
+    from sandbox.analysis.inference import load_predictor
+    from sandbox.analysis.prediction_grid import plot_prediction_grid, run_weights, val_samples
+    from sandbox.run_files import RECIPE_FILE
+
     weights = run_weights(run_dir)
     if weights is None or not (run_dir / RECIPE_FILE).is_file():
         return f"{label}: no best.pt or last.pt yet, no prediction grid"
@@ -36,7 +37,8 @@ def plot_predictions(run_dir: Path, label: str, out: Path, count: int, plugins: 
         return f"{label}: the val set is empty, no prediction grid"
     source = predictor.source
     path = out / PREDICTIONS_FOLDER / f"{UNSAFE_FILE_CHARS.sub('_', label)}.png"
-    plot_prediction_grid(samples, predictor.palette, source.class_names, source.ignore_index, path, f"{label} ({weights.name})")
+    with writing_to(out):
+        plot_prediction_grid(samples, predictor.palette, source.class_names, source.ignore_index, path, f"{label} ({weights.name})")
     return f"{label}: predictions on {len(samples)} val images -> {path}"
 
 
@@ -47,10 +49,13 @@ def plot(
     plugin: Optional[List[str]] = PluginOption,
 ) -> None:
     """Training curves (every value of metrics.jsonl, runs overlaid) and val prediction grids, as PNGs."""
+    from sandbox.analysis.curves import plot_curves, read_metrics, run_labels, series
+
     run_dirs = find_run_dirs(runs)
     labels = run_labels(run_dirs)
     curves = {label: series(read_metrics(run_dir)) for label, run_dir in zip(labels, run_dirs)}
-    written = plot_curves({label: values for label, values in curves.items() if values}, out / CURVES_FOLDER)
+    with writing_to(out):
+        written = plot_curves({label: values for label, values in curves.items() if values}, out / CURVES_FOLDER)
     typer.echo(f"curves of {len(run_dirs)} runs: {len(written)} figures in {out / CURVES_FOLDER}")
     if images:
         for run_dir, label in zip(run_dirs, labels):

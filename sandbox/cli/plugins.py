@@ -8,11 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 from sandbox.cli.common import PluginOption
-from sandbox.plugins import load_registry
 
 
 def plugins(plugin: Optional[List[str]] = PluginOption) -> None:
     """List registered components: kind, name, provider and description."""
+    from sandbox.plugins import load_registry
+
     registry = load_registry(plugin or [])
     table = Table(title="sandbox plugins")
     for column in ("kind", "name", "provided by", "description"):

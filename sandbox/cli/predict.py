@@ -9,8 +9,7 @@ import typer
 from PIL import Image
 
 from sandbox.analysis.colours import colourize, overlay, palette_image
-from sandbox.analysis.inference import collect_images, load_predictor, read_image
-from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe, writing_to
 
 MASKS_FOLDER = "masks"
 """Sub-folder of ``--out`` for the palette masks (``<image stem>.png``)."""
@@ -31,19 +30,23 @@ def predict(
 
     Images larger than the recipe's eval crop are predicted with sliding windows.
     """
+    from sandbox.analysis.inference import collect_images, load_predictor, read_image
+
     files = collect_images(list(images))
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
     predictor = load_predictor(resolved, registry, checkpoint)
     palette = predictor.palette
-    (out / MASKS_FOLDER).mkdir(parents=True, exist_ok=True)
-    (out / OVERLAYS_FOLDER).mkdir(parents=True, exist_ok=True)
+    with writing_to(out):
+        (out / MASKS_FOLDER).mkdir(parents=True, exist_ok=True)
+        (out / OVERLAYS_FOLDER).mkdir(parents=True, exist_ok=True)
     for path in files:
         image = read_image(path)
         mask, sliding = predictor.predict_image(image)
         mask_path = out / MASKS_FOLDER / f"{path.stem}.png"
         overlay_path = out / OVERLAYS_FOLDER / f"{path.stem}.png"
-        palette_image(mask, palette).save(mask_path)
         blended = overlay(image.permute(1, 2, 0).numpy(), colourize(mask, palette))
-        Image.fromarray(blended).save(overlay_path)
+        with writing_to(out):
+            palette_image(mask, palette).save(mask_path)
+            Image.fromarray(blended).save(overlay_path)
         how = "sliding windows" if sliding else "whole image"
         typer.echo(f"{path} ({image.shape[-1]}x{image.shape[-2]}, {how}) -> {mask_path}, {overlay_path}")

@@ -114,6 +114,22 @@ class StreamSampler(Sampler[tuple[int, int]]):
 # ----------------------------------------------------------------------------------------------
 
 
+def small_image_note(image_size: tuple[int, int], crop_size: int, scale_range: tuple[float, float]) -> str | None:
+    """What a user should know when an image of ``(H, W)`` cannot fill a crop even at the largest scale.
+
+    Such crops are padded (ignored pixels in the mask): legitimate (UniMatch pads too), but with
+    a crop larger than the images most of each crop is padding, usually a mistake in the recipe.
+    """
+    height, width = image_size
+    largest = max(scale_range)
+    if min(height, width) * largest >= crop_size:
+        return None
+    return (
+        f"the first labeled image is {height}x{width}, smaller than train.crop_size = {crop_size} even at the largest "
+        f"scale ({largest:g}, train.scale_range): crops are padded with ignored pixels"
+    )
+
+
 def weak_geometry(
     image: Tensor, mask: Tensor, crop_size: int, scale_range: tuple[float, float], fill: int
 ) -> tuple[Tensor, Tensor]:

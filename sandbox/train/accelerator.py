@@ -44,6 +44,24 @@ def make_accelerator(
         raise SandboxError(f"train.trackers = {list(trackers)!r}: {error}") from None
 
 
+def effective_precision(accelerator: Accelerator) -> str:
+    """The precision the processes really train in: ``fp16`` needs a GPU (on a CPU it is float32, ``no``)."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        return "no"
+    return accelerator.mixed_precision
+
+
+def warn_about_precision(accelerator: Accelerator) -> None:
+    """One warning line (main process) when the recipe's mixed precision does not apply on this device."""
+    if effective_precision(accelerator) != accelerator.mixed_precision and accelerator.is_main_process:
+        print(
+            f"warning: train.mixed_precision = {accelerator.mixed_precision!r} needs a GPU; these CPU processes train "
+            f"in float32 (bf16 is the CPU's mixed precision); summary.json records mixed_precision = "
+            f"{effective_precision(accelerator)!r}",
+            file=sys.stderr,
+        )
+
+
 def scaled_lr(lr: float, batch_size: int, num_processes: int, reference_total_batch: int | None) -> float:
     """The learning rate for a total labeled batch of ``batch_size * num_processes`` (linear scaling rule).
 

@@ -15,13 +15,7 @@ from typing import Iterator
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
-from sandbox.errors import SandboxError
-
-
-def describe(error: BaseException) -> str:
-    """One line: a ``SandboxError``'s message, else the exception type and message."""
-    text = str(error) if isinstance(error, SandboxError) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split()) or type(error).__name__
+from sandbox.errors import SandboxError, describe_exception
 
 
 def raise_if_any_failed(state: Accelerator | PartialState, error: BaseException | None) -> None:
@@ -31,7 +25,7 @@ def raise_if_any_failed(state: Accelerator | PartialState, error: BaseException 
     process's one-line description (suffixed with its rank when it is not the main process),
     chained to this process's own error, so ``--debug`` still shows where it came from.
     """
-    message = None if error is None else describe(error)
+    message = None if error is None else describe_exception(error)
     if state.num_processes == 1:
         failed = [] if message is None else [(0, message)]
     else:

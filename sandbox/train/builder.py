@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandbox.api import ConsistencyLoss, DensityEstimator, Perturbation, SegmentationSource
 from sandbox.data.views import LabeledTrainSet, UnlabeledTrainSet
@@ -39,25 +39,36 @@ class MethodComponents:
     density: DensityEstimator | None
     strong_loss: ConsistencyLoss
     perturbed_loss: ConsistencyLoss
+    labels: dict[str, str] = field(default_factory=dict)
+    """How errors name each of them (``Component.label``), by field name."""
+
+    def label(self, role: str) -> str:
+        """The label of the component in field ``role`` (its type name when built by hand)."""
+        return self.labels.get(role) or f"{role} {type(getattr(self, role)).__name__}"
 
 
 def build_method(recipe: Recipe, registry: Registry, num_classes: int, embedding_dim: int) -> MethodComponents:
     """The perturbation, its density estimator if it uses one, and the two consistency losses."""
-    perturbation = registry.get("perturbation", recipe.perturbation.name).build(recipe.perturbation.options())
+    components = {"perturbation": registry.get("perturbation", recipe.perturbation.name)}
+    perturbation = components["perturbation"].build(recipe.perturbation.options())
     density = None
     if perturbation.uses_density:
-        density = registry.get("density", recipe.density.name).build(
+        components["density"] = registry.get("density", recipe.density.name)
+        density = components["density"].build(
             recipe.density.options(),
             feature_dim=embedding_dim,
             num_classes=num_classes,
             total_steps=max(recipe.train.iters - recipe.train.warmup_iters, 1),
         )
     strong, perturbed = recipe.consistency.strong, recipe.consistency.perturbed
+    components["strong_loss"] = registry.get("consistency", strong.name)
+    components["perturbed_loss"] = registry.get("consistency", perturbed.name)
     return MethodComponents(
         perturbation,
         density,
-        registry.get("consistency", strong.name).build(strong.options()),
-        registry.get("consistency", perturbed.name).build(perturbed.options()),
+        components["strong_loss"].build(strong.options()),
+        components["perturbed_loss"].build(perturbed.options()),
+        {role: component.label for role, component in components.items()},
     )
 
 

@@ -31,8 +31,7 @@ from typing import Callable, Iterator, NoReturn
 
 import torch.distributed as dist
 
-from sandbox.errors import SandboxError, error_line
-from sandbox.train.agreement import describe
+from sandbox.errors import SandboxError, describe_exception, error_line
 
 POLL_S = 0.2
 """How often a watcher looks for a peer's error."""
@@ -96,7 +95,7 @@ class FailureWatch:
         """
         self._claim.acquire()  # if the watcher holds it, it is ending this process already
         self._stopped.set()
-        entry = f"{self.rank}\n{describe(error)}"
+        entry = f"{self.rank}\n{describe_exception(error)}"
         try:
             self.store.compare_set(_ERROR, "", entry)  # the first error recorded wins
             self.store.add(_FAILED, 1)

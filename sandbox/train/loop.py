@@ -18,12 +18,19 @@ from torch.utils.data import DataLoader
 from sandbox import __version__
 from sandbox.api import DensityEstimator
 from sandbox.data.errors import read_batches
-from sandbox.data.views import StreamSampler
-from sandbox.errors import SandboxError
+from sandbox.data.views import StreamSampler, small_image_note
+from sandbox.errors import PluginError, SandboxError, describe_exception
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
-from sandbox.train.accelerator import make_accelerator, maybe_sync_batchnorm, process_seed, scaled_lr
-from sandbox.train.agreement import agreed_errors, describe
+from sandbox.train.accelerator import (
+    effective_precision,
+    make_accelerator,
+    maybe_sync_batchnorm,
+    process_seed,
+    scaled_lr,
+    warn_about_precision,
+)
+from sandbox.train.agreement import agreed_errors
 from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import shared_failures
@@ -40,6 +47,8 @@ from sandbox.train.rundir import (
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
 CHECKPOINTS_KEPT = 2
+NONFINITE_WARNINGS = 3
+"""Steps with a non-finite loss that each get a warning line (then one line says the rest are counted)."""
 
 
 @dataclass
@@ -136,9 +145,12 @@ class Trainer:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.accelerator = make_accelerator(settings.mixed_precision, settings.trackers, run_dir.path)
+        warn_about_precision(self.accelerator)
         set_seed(recipe.seed)
         with agreed_errors(self.accelerator):  # a dataset missing on one node ends every process
             self.source = build_dataset(recipe, registry)
+            if len(self.source.labeled) == 0:
+                raise SandboxError(f"[dataset] {recipe.dataset.name!r} has no labeled images; training needs at least one")
             if settings.warmup_iters < settings.iters and len(self.source.unlabeled) == 0:
                 raise SandboxError(
                     f"[dataset] {recipe.dataset.name!r} has no unlabeled images, but train.warmup_iters "
@@ -164,12 +176,26 @@ class Trainer:
         self.iteration = TrainingIteration(
             self.accelerator, self.model, self.teacher, self.optimizer, self.scheduler, self.step_fn, settings
         )
+        if self.accelerator.is_main_process:
+            self._warn_if_images_are_small()
         if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and self.accelerator.is_main_process:
             print(
                 f"warning: train.unlabeled_batch_size = 1: CutMix pairs images within a process's batch, so with "
                 f"one image it has no partner and is skipped (train.cutmix_p = {settings.cutmix_p} has no effect)",
                 file=sys.stderr,
             )
+
+    def _warn_if_images_are_small(self) -> None:
+        """A warning when the first labeled image cannot fill a crop (read once; an unreadable
+        file is reported where training reads it, with its one-line error)."""
+        try:
+            image = self.source.labeled[0][0]
+        except Exception:  # noqa: BLE001 - the first batch reports it
+            return
+        train = self.recipe.train
+        note = small_image_note(tuple(image.shape[-2:]), train.crop_size, train.scale_range)
+        if note is not None:
+            print(f"warning: {note}", file=sys.stderr)
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -231,7 +257,7 @@ class Trainer:
                     checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
                 continue
             except Exception as error:  # not the files' content (I/O, memory, a mismatch): leave it as it is
-                problem = describe(error)[:300]
+                problem = describe_exception(error)[:300]
                 raise SandboxError(f"--resume: loading {checkpoint} failed ({problem}); the checkpoint is left as it is") from None
             break
         else:
@@ -255,6 +281,18 @@ class Trainer:
             f"(train.max_consecutive_nonfinite = {self.recipe.train.max_consecutive_nonfinite}); the last good state is "
             f"checkpointed in {self.run_dir.checkpoints / f'step_{self.state.step:08d}'}"
         )
+
+    def _warn_nonfinite(self, reporter: ProgressReporter, logs: dict[str, torch.Tensor], warned: int) -> int:
+        """Say that step ``state.step`` skipped its update and why (the first few times); the new count."""
+        if warned < NONFINITE_WARNINGS:
+            limit = self.recipe.train.max_consecutive_nonfinite
+            reporter.warn(
+                f"step {self.state.step}: update skipped, {self.step_fn.nonfinite_sources(logs)}; "
+                f"{limit} in a row stop the run (train.max_consecutive_nonfinite)"
+            )
+        elif warned == NONFINITE_WARNINGS:
+            reporter.warn("further skipped updates are counted in metrics.jsonl and summary.json (skipped_updates)")
+        return warned + 1
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -314,11 +352,15 @@ class Trainer:
         with shared_failures(self.accelerator.process_index, self.accelerator.num_processes, on_stop):
             try:
                 return self._train(resume)
-            except SandboxError:
-                raise
+            except SandboxError as error:
+                if not isinstance(error, PluginError):
+                    raise
+                raise SandboxError(f"training failed after {self._steps_done()}: {error}") from error
             except Exception as error:
-                steps = f"{self.state.step} of {self.recipe.train.iters} steps"
-                raise SandboxError(f"training failed after {steps}: {describe(error)}") from error
+                raise SandboxError(f"training failed after {self._steps_done()}: {describe_exception(error)}") from error
+
+    def _steps_done(self) -> str:
+        return f"{self.state.step} of {self.recipe.train.iters} steps"
 
     def _train(self, resume: bool) -> dict[str, Any]:
         settings = self.recipe.train
@@ -342,6 +384,7 @@ class Trainer:
         window_start, window_steps, counts = time.perf_counter(), self.state.log_steps, dict(self.state.log_counts)
         segment_start = time.perf_counter()
         result: Evaluation | None = None
+        warned = 0
         with reporter:
             while self.state.step < settings.iters:
                 step = self.state.step
@@ -363,6 +406,8 @@ class Trainer:
                 else:
                     self.state.skipped_updates += 1
                     self.state.consecutive_nonfinite += 0 if finite else 1
+                    if not finite:
+                        warned = self._warn_nonfinite(reporter, logs, warned)
                 if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": self.state.step, **{k: float(v) / counts[k] for k, v in sums.items()}}
@@ -409,7 +454,7 @@ class Trainer:
             "skipped_density_updates": self.state.skipped_density_updates,
             "processes": self.accelerator.num_processes,
             "lr": self.lr,
-            "mixed_precision": self.recipe.train.mixed_precision,
+            "mixed_precision": effective_precision(self.accelerator),
             "versions": package_versions(self.registry),
             "run_dir": str(self.run_dir.path),
         }

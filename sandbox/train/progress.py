@@ -53,6 +53,11 @@ class ProgressReporter:
             )
             self.console.print(f"step {record['step']}/{self.total}  {details}", highlight=False, soft_wrap=True)
 
+    def warn(self, text: str) -> None:
+        """Print ``warning: text`` (above the bar on a terminal)."""
+        if self.enabled:
+            self.console.print(f"warning: {text}", highlight=False, soft_wrap=True, markup=False)
+
     def evaluated(self, step: int, miou: float) -> None:
         """An evaluation finished."""
         if not self.enabled:

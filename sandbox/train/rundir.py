@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from sandbox.errors import SandboxError
-from sandbox.recipe import Recipe, flatten_keys
+from sandbox.recipe import Recipe
+from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -42,9 +43,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-RECIPE_FILE = "recipe.toml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 """The files of a run directory that tools reading runs (``sandbox compare``, ``plot``) look for."""
 
 COMPLETE_MARKER = "COMPLETE"
@@ -141,8 +139,15 @@ class RunDirectory:
                     f"replace it, or --set name=... for a new run"
                 )
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.recipe_file, recipe.to_toml().encode())
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.recipe_file, recipe.to_toml().encode())
+        except OSError as error:  # a read-only place, an output_dir that is a file, a full disk
+            culprit = f" ({error.filename})" if error.filename else ""
+            raise SandboxError(
+                f"run directory {self.path} cannot be written: {error.strerror or error}{culprit}; "
+                "check output_dir (recipe or --set output_dir=...)"
+            ) from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to ``metrics.jsonl``."""

@@ -18,6 +18,7 @@ from sandbox.api import ClassifierOutput, PerturbationContext
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import apply_cutmix, cutmix_boxes
+from sandbox.train.plugin_calls import blame, check_density_stats, check_loss, check_perturbed
 
 
 @dataclass
@@ -107,7 +108,9 @@ class SemiSupervisedStep:
 
         def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput]) -> Tensor | None:
             context = PerturbationContext(classify, resize_mask(valid, features.shape[-2:]), method.density)
-            perturbed = method.perturbation(features, context)
+            label = method.label("perturbation")
+            with blame(label, "forward"):
+                perturbed = check_perturbed(label, features, method.perturbation(features, context))
             if perturbed is not None:
                 logs["perturbation_relative_norm"] = relative_step(features, perturbed, context.valid)
             return perturbed
@@ -115,16 +118,36 @@ class SemiSupervisedStep:
         perturbing = step >= settings.perturbation_start_iters
         out = student(torch.cat([labeled.images, strong]), perturb=perturb if perturbing else None, num_perturbed=num_unlabeled)
         loss_sup = F.cross_entropy(out.logits[:num_labeled].float(), labeled.masks, ignore_index=self.ignore_index)
-        loss_unsup = method.strong_loss(out.logits[num_labeled:], probs, valid)
+        loss_unsup = self.consistency("strong_loss", out.logits[num_labeled:], probs, valid)
         perturbed_view = out.perturbed_logits is not None
         loss = loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
         logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valid.float().mean())
         if perturbed_view:
-            loss_perturbed = method.perturbed_loss(out.perturbed_logits, probs, valid)
+            loss_perturbed = self.consistency("perturbed_loss", out.perturbed_logits, probs, valid)
             loss = loss + settings.perturbed_weight * loss_perturbed
             logs["loss_perturbed"] = loss_perturbed.detach()
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def nonfinite_sources(self, logs: dict[str, Tensor]) -> str:
+        """Which of this process's losses in ``logs`` are not finite, and the plugins behind them."""
+        sources = {
+            "loss_sup": "the supervised loss",
+            "loss_unsup": f"the strong view with {self.method.label('strong_loss')}",
+            "loss_perturbed": (
+                f"the perturbed view of {self.method.label('perturbation')} with {self.method.label('perturbed_loss')}"
+            ),
+        }
+        bad = [key for key in sources if key in logs and not bool(torch.isfinite(logs[key]).all())]
+        if not bad:
+            return "non-finite on another process"
+        return "; ".join(f"non-finite {key}: {sources[key]}" for key in bad)
+
+    def consistency(self, role: str, logits: Tensor, target_probs: Tensor, valid: Tensor) -> Tensor:
+        """The consistency loss in ``role`` (``strong_loss`` or ``perturbed_loss``), checked."""
+        label = self.method.label(role)
+        with blame(label, "forward"):
+            return check_loss(label, getattr(self.method, role)(logits, target_probs, valid))
 
     def fit_density(self, embedding: Tensor, masks: Tensor, padding: Tensor, num_labeled: int) -> dict[str, Tensor]:
         """One estimator update on the teacher's pixel features: labeled with GT, unlabeled as mixture."""
@@ -135,7 +158,9 @@ class SemiSupervisedStep:
         keep = labels != self.ignore_index
         keep[num_labeled:] &= ~padding
         pixels = embedding.detach().permute(0, 2, 3, 1)[keep].float()
-        stats = self.method.density.fit_step(pixels, labels[keep])
+        label = self.method.label("density")
+        with blame(label, "fit_step"):
+            stats = check_density_stats(label, self.method.density.fit_step(pixels, labels[keep]))
         if not math.isfinite(stats.get("nll", 0.0)):
             # The estimator made no update (the built-ins skip a non-finite NLL); not logged as a value.
             self.skipped_density_updates += 1

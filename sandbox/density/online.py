@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from plugins.mixture_prior import GaussianMixturePrior
+from sandbox.density.mixture_prior import GaussianMixturePrior
 from sandbox.api import DensityEstimator
 
 

@@ -1,0 +1,26 @@
+"""Public building blocks for class-conditional density estimators (``DensityEstimator`` plugins).
+
+A third-party estimator can reuse what the built-in ``glow``, ``nflows`` and ``gmm`` share:
+:class:`OnlineMixtureDensity` (pixel sampling, input noise, one Adam step with clipping and a
+decaying learning rate, pooling across processes weighted by pixel count, checkpoint state) and
+:class:`GaussianMixturePrior` (one Gaussian per class in latent space, DDFP's equal-weight
+mixture for unlabeled features).
+"""
+
+from sandbox.density.mixture_prior import GaussianMixturePrior
+from sandbox.density.online import (
+    OnlineMixtureDensity,
+    pool_gradients_and_sum,
+    process_count,
+    process_rank,
+    require_positive,
+)
+
+__all__ = [
+    "GaussianMixturePrior",
+    "OnlineMixtureDensity",
+    "pool_gradients_and_sum",
+    "process_count",
+    "process_rank",
+    "require_positive",
+]

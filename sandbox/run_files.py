@@ -1,0 +1,24 @@
+"""The names of the files in a run directory (no heavy imports: ``sandbox compare`` reads them)."""
+
+RECIPE_FILE = "recipe.toml"
+"""The resolved recipe, written when the run starts."""
+
+METRICS_FILE = "metrics.jsonl"
+"""One JSON record per logged step and per evaluation."""
+
+SUMMARY_FILE = "summary.json"
+"""Written when the run finishes."""
+
+FAILED_MARKER = "FAILED"
+"""Written by ``sandbox ablate`` when the run raised; holds the error line."""
+
+
+def flatten_keys(data: dict, prefix: str = "") -> dict:
+    """Nested tables to dotted keys: ``{"train": {"iters": 5}}`` -> ``{"train.iters": 5}``."""
+    flat: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
