@@ -7,8 +7,9 @@ with a transport error that never says what went wrong (gloo). A collective cann
 (the peers are already inside another one), so failures travel out of band, through the key-value
 store of the launch (the TCPStore at ``MASTER_ADDR:MASTER_PORT`` that every process reaches):
 
-- the failing process records its one-line error (the first one recorded wins), counts itself
-  as failed and waits, at most ``ANSWER_TIMEOUT_S``, until every process has answered;
+- the failing process records its one-line error, counts itself as failed and waits, at most
+  ``ANSWER_TIMEOUT_S``, until every process has answered; the error reported is then that of the
+  lowest-ranked failing process (the first one recorded is what the watchers print);
 - every process runs a watcher thread that polls the store; when it finds an error while its own
   main thread is still training (so stuck, or about to be, in a collective), it counts the process
   as stopped, prints the same ``error:`` line and ends the process with exit status 2 at once;
@@ -97,7 +98,8 @@ class FailureWatch:
         self._stopped.set()
         entry = f"{self.rank}\n{describe_exception(error)}"
         try:
-            self.store.compare_set(_ERROR, "", entry)  # the first error recorded wins
+            self.store.set(f"{_ERROR}/{self.rank}", entry)
+            self.store.compare_set(_ERROR, "", entry)  # the first error recorded alerts the watchers
             self.store.add(_FAILED, 1)
             deadline = time.monotonic() + ANSWER_TIMEOUT_S
             while True:
@@ -105,12 +107,19 @@ class FailureWatch:
                 if failed + stopped >= self.world_size or time.monotonic() > deadline:
                     break
                 time.sleep(POLL_S / 2)
-            message = self._message(self.store.get(_ERROR).decode())
+            message = self._message(self._first_by_rank())
         except RuntimeError:  # the store is gone with its host: report this process's own error
             message, failed, stopped = self._message(entry), 0, 1
         if stopped or failed < self.world_size:
             raise ProcessGroupLost(message) from error
         raise SandboxError(message) from error
+
+    def _first_by_rank(self) -> str:
+        """The recorded error of the lowest-ranked failing process (the same on every process)."""
+        for rank in range(self.world_size):
+            if self.store.check([f"{_ERROR}/{rank}"]):
+                return self.store.get(f"{_ERROR}/{rank}").decode()
+        return self.store.get(_ERROR).decode()
 
     def _message(self, entry: str) -> str:
         rank, _, text = entry.partition("\n")
