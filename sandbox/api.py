@@ -7,10 +7,12 @@ A plugin module imports only this module and torch (a density estimator may buil
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import pluggy
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 PROJECT_NAME = "sandbox"
@@ -169,6 +171,168 @@ class Perturbation(nn.Module, abc.ABC):
 
 
 # ----------------------------------------------------------------------------------------------
+# Segmentation networks
+# ----------------------------------------------------------------------------------------------
+
+
+class DualBatchNorm2d(nn.Module):
+    """A BatchNorm with a main and an auxiliary set of statistics and affine parameters ("Mix BN")."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.main = nn.BatchNorm2d(channels)
+        self.auxiliary = nn.BatchNorm2d(channels)
+        self.use_auxiliary = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise with the auxiliary statistics while ``use_auxiliary`` is set."""
+        return self.auxiliary(x) if self.use_auxiliary else self.main(x)
+
+
+def classifier_layers(
+    in_channels: int, channels: int, layers: int, dropout: float = 0.1, mix_bn: bool = True
+) -> nn.Sequential:
+    """``layers`` x (3x3 conv, BatchNorm, ReLU, Dropout2d): the hidden part of a classifier.
+
+    With ``mix_bn`` the BatchNorms are :class:`DualBatchNorm2d` (the perturbed view normalises
+    with its own statistics). DDFP's DeepLabV3+ classifier is ``classifier_layers(304, 256, 2)``.
+    """
+    norm: Callable[[int], nn.Module] = DualBatchNorm2d if mix_bn else nn.BatchNorm2d
+    modules: list[nn.Module] = []
+    for index in range(layers):
+        modules += [
+            nn.Conv2d(in_channels if index == 0 else channels, channels, 3, padding=1, bias=False),
+            norm(channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        ]
+    return nn.Sequential(*modules)
+
+
+class SegmentationOutput(NamedTuple):
+    """What a segmentation network's forward pass returns."""
+
+    logits: Tensor
+    """``(B, K, H, W)`` at the input size."""
+    embedding: Tensor
+    """``(B, D, h, w)``: the classifier's last hidden features, where densities are estimated."""
+    perturbed_logits: Tensor | None
+    """Logits of the perturbed view ``(B_p, K, H, W)``, or None without a perturbation."""
+
+
+PerturbFn = Callable[[Tensor, Callable[[Tensor], ClassifierOutput]], "Tensor | None"]
+"""``perturb(features, classify_auxiliary) -> perturbed features or None`` (see ``forward``)."""
+
+
+def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear upsampling (align_corners=True, as DDFP's reference) to ``size``."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+class SegmentationNetwork(nn.Module, abc.ABC):
+    """A segmentation network as the training step sees it, whatever its architecture.
+
+    One definition for every architecture (DDFP.md's DeepLabV3+ is one instance):
+
+    - :meth:`encode` maps normalised images to the *features*: the decoder's output, the
+      classifier's input, ``(B, feature_channels, h, w)``. The perturbation moves these.
+    - ``classifier`` (a module, e.g. :func:`classifier_layers`) maps features to the
+      *embedding* ``(B, embedding_channels, h, w)``, on which densities are estimated; its
+      BatchNorms are :class:`DualBatchNorm2d` for Mix BN (the perturbed view uses the auxiliary
+      statistics). ``final`` (a 1x1 conv) maps the embedding to class scores.
+    - :meth:`forward` returns logits at the input size (bilinear upsampling), the embedding and,
+      with ``perturb``, the perturbed view's logits.
+
+    ``size_divisor``: input sides must be multiples of it (a stride-32 encoder: 32; a patch-14
+    ViT under DPT: 28). Training crops must be (the host checks); other inputs are padded on the
+    bottom/right to the next multiple and the logits cropped back.
+    """
+
+    feature_channels: int
+    embedding_channels: int
+    size_divisor: int = 1
+    classifier: nn.Module
+    final: nn.Module
+
+    @abc.abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """The classifier's input features ``(B, feature_channels, h, w)`` of images ``(B, 3, H, W)``."""
+
+    @abc.abstractmethod
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the (pretrained) encoder, trained at the base learning rate."""
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Every parameter outside the encoder (trained at the head learning rate)."""
+        encoder = {id(p) for p in self.encoder_parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder]
+
+    @contextmanager
+    def auxiliary_bn(self) -> Iterator[None]:
+        """Within this context the classifier normalises with its auxiliary statistics."""
+        norms = [m for m in self.classifier.modules() if isinstance(m, DualBatchNorm2d)]
+        for m in norms:
+            m.use_auxiliary = True
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.use_auxiliary = False
+
+    def classify(self, features: Tensor, auxiliary: bool = False) -> ClassifierOutput:
+        """Run the classifier on :meth:`encode`'s output (with auxiliary BN statistics if asked)."""
+        if auxiliary:
+            with self.auxiliary_bn():
+                embedding = self.classifier(features)
+        else:
+            embedding = self.classifier(features)
+        return ClassifierOutput(self.final(embedding), embedding)
+
+    def forward(self, images: Tensor, perturb: PerturbFn | None = None, num_perturbed: int = 0) -> SegmentationOutput:
+        """Predict ``images``; with ``perturb``, also the perturbed view of the last ``num_perturbed``.
+
+        ``perturb(features, classify_auxiliary)`` receives the classifier inputs of those images
+        and a function running the classifier with auxiliary statistics; it returns perturbed
+        features or None. Doing all of this in one forward keeps a DDP-wrapped model correct.
+        """
+        size = images.shape[-2:]
+        padded = pad_to_multiple(images, self.size_divisor)
+        if perturb is not None and padded.shape != images.shape:
+            raise ValueError(
+                f"training inputs of {size[0]}x{size[1]} do not fit this network: sides must be multiples of "
+                f"{self.size_divisor}"
+            )
+        features = self.encode(padded)
+        output = self.classify(features)
+        perturbed_logits = None
+        if perturb is not None and num_perturbed > 0:
+            perturbed = perturb(features[-num_perturbed:], lambda x: self.classify(x, auxiliary=True))
+            if perturbed is not None:
+                perturbed_logits = upsample(self.classify(perturbed, auxiliary=True).logits, size)
+        logits = output.logits
+        if self.training and perturbed_logits is None:
+            logits = logits + self._auxiliary_tie()
+        logits = upsample(logits, padded.shape[-2:])[..., : size[0], : size[1]]
+        return SegmentationOutput(logits, output.embedding, perturbed_logits)
+
+    def _auxiliary_tie(self) -> Tensor | float:
+        """Zero that depends on the auxiliary BatchNorm parameters.
+
+        Without a perturbed view they would get no gradient, and DistributedDataParallel would
+        need ``find_unused_parameters`` (a graph walk every step) to tolerate that.
+        """
+        auxiliary = [p for m in self.classifier.modules() if isinstance(m, DualBatchNorm2d) for p in m.auxiliary.parameters()]
+        return sum(p.sum() for p in auxiliary) * 0.0 if auxiliary else 0.0
+
+
+def pad_to_multiple(images: Tensor, divisor: int) -> Tensor:
+    """``images`` padded with zeros on the bottom/right so that both sides are multiples of ``divisor``."""
+    height, width = images.shape[-2:]
+    bottom, right = -height % divisor, -width % divisor
+    return F.pad(images, (0, right, 0, bottom)) if bottom or right else images
+
+
+# ----------------------------------------------------------------------------------------------
 # Consistency losses
 # ----------------------------------------------------------------------------------------------
 
@@ -198,10 +362,17 @@ __all__ = [
     "ClassifierOutput",
     "ConsistencyLoss",
     "DensityEstimator",
+    "DualBatchNorm2d",
     "Perturbation",
+    "PerturbFn",
     "PerturbationContext",
     "Register",
+    "SegmentationNetwork",
+    "SegmentationOutput",
     "SegmentationSource",
+    "classifier_layers",
+    "pad_to_multiple",
+    "upsample",
     "hookimpl",
     "masked_mean",
 ]

@@ -28,3 +28,9 @@ class PluginError(SandboxError):
 
     The message names the plugin (kind, name, provider) and what was wrong.
     """
+
+
+def lower_first(text: str) -> str:
+    """``text`` with its first letter in lower case (a validator's sentence inside our line); quoted
+    values keep their case."""
+    return text[:1].lower() + text[1:]

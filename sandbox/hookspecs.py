@@ -73,3 +73,15 @@ def sandbox_register_datasets(register: Register) -> None:
     The factory returns a :class:`sandbox.api.SegmentationSource` (labeled, unlabeled and val
     parts with class names); every parameter is an option of the ``[dataset]`` table.
     """
+
+
+@hookspec
+def sandbox_register_networks(register: Register) -> None:
+    """Register segmentation networks (the ``[model]`` table chooses one by ``name``).
+
+    The factory returns a :class:`sandbox.api.SegmentationNetwork`: ``encode(images)`` gives the
+    features the perturbation moves (the classifier's input), ``classifier`` and ``final`` map
+    them to the embedding and the class scores. The host passes ``num_classes`` (int) and
+    ``build_backbone`` (a function returning the recipe's ``[backbone]``, for networks built on
+    one); a factory declares the ones it uses. Every other parameter is an option of ``[model]``.
+    """

@@ -18,7 +18,7 @@ import pydantic
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, lower_first
 from sandbox.registry import Registry
 from sandbox.run_files import flatten_keys
 
@@ -47,16 +47,6 @@ class ConsistencySection(Section):
     perturbed: ComponentSpec = ComponentSpec(name="ce")
 
 
-class ModelSection(Section):
-    """The DeepLabV3+ decoder of DDFP.md (the encoder comes from ``[backbone]``)."""
-
-    aspp_dilations: list[PositiveInt] = [6, 12, 18]
-    channels: PositiveInt = 256
-    low_level_channels: PositiveInt = 48
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    mix_bn: bool = True
-
-
 class TrainSection(Section):
     """The training schedule and the mean-teacher hyper-parameters."""
 
@@ -69,7 +59,11 @@ class TrainSection(Section):
     scale_range: tuple[float, float] = (0.5, 2.0)
     lr: float = Field(1e-3, gt=0)
     head_lr_multiplier: float = Field(10.0, gt=0)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="SGD with momentum (DDFP, UniMatch) or AdamW (UniMatch V2's DINOv2 recipes)"
+    )
     momentum: float = Field(0.9, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's betas")
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
@@ -187,7 +181,7 @@ class Recipe(Section):
     density: ComponentSpec = ComponentSpec(name="glow")
     perturbation: ComponentSpec = ComponentSpec(name="ddfp")
     consistency: ConsistencySection = ConsistencySection()
-    model: ModelSection = ModelSection()
+    model: ComponentSpec = ComponentSpec(name="deeplabv3plus")
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
 
@@ -195,6 +189,7 @@ class Recipe(Section):
         """``{table: (kind, spec)}`` for every component table."""
         return {
             "dataset": ("dataset", self.dataset),
+            "model": ("network", self.model),
             "backbone": ("backbone", self.backbone),
             "density": ("density", self.density),
             "perturbation": ("perturbation", self.perturbation),
@@ -302,13 +297,14 @@ def describe_validation_error(error: pydantic.ValidationError, source: str) -> s
         return f"{source}: missing key {key!r}"
     if first["type"] == "value_error" and isinstance(first.get("input"), dict):  # a check across keys
         return f"{source}: {first['msg'].removeprefix('Value error, ')}"
-    return f"{source}: {key} = {first.get('input')!r}: {first['msg'].lower()}"
+    return f"{source}: {key} = {first.get('input')!r}: {lower_first(first['msg'])}"
 
 
 def default_components() -> dict[str, Any]:
     """The default component tables, so that a recipe may set an option without repeating ``name``."""
     defaults = Recipe.model_construct()
     return {
+        "model": defaults.model.model_dump(),
         "backbone": defaults.backbone.model_dump(),
         "density": defaults.density.model_dump(),
         "perturbation": defaults.perturbation.model_dump(),

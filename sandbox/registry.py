@@ -15,8 +15,15 @@ from typing import Any, Callable, Iterator
 
 import pydantic
 
-from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationSource
-from sandbox.errors import SandboxError, describe_exception
+from sandbox.api import (
+    Backbone,
+    ConsistencyLoss,
+    DensityEstimator,
+    Perturbation,
+    SegmentationNetwork,
+    SegmentationSource,
+)
+from sandbox.errors import SandboxError, describe_exception, lower_first
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ KINDS: dict[str, ComponentKind] = {
         ComponentKind("perturbation", "sandbox_register_perturbations", Perturbation),
         ComponentKind("consistency", "sandbox_register_consistency_losses", ConsistencyLoss),
         ComponentKind("dataset", "sandbox_register_datasets", SegmentationSource),
+        ComponentKind("network", "sandbox_register_networks", SegmentationNetwork, ("num_classes", "build_backbone")),
     )
 }
 
@@ -96,11 +104,18 @@ class Component:
             raise SandboxError(describe_option_error(error, self, where)) from None
         return model.model_dump(mode="json")
 
+    def _accepted(self, context: dict[str, Any]) -> dict[str, Any]:
+        """The host's context arguments the factory declares (all of them with ``**kwargs``)."""
+        parameters = inspect.signature(self.factory).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            return context
+        return {key: value for key, value in context.items() if key in parameters}
+
     def build(self, options: dict[str, Any], **context: Any) -> Any:
         """Call the factory with validated ``options`` and the host's ``context`` arguments."""
         resolved = self.resolve_options(options, f"[{self.kind.name}]")
         try:
-            product = self.factory(**context, **resolved)
+            product = self.factory(**self._accepted(context), **resolved)
         except SandboxError:
             raise
         except (ValueError, FileNotFoundError, KeyError) as error:  # a factory refusing its options or files
@@ -121,7 +136,7 @@ def describe_option_error(error: pydantic.ValidationError, component: Component,
         return f"{where}: unknown option {key!r} for {component.kind.name} {component.name!r}; valid options: {valid}"
     if first["type"] == "missing":
         return f"{where}: {component.kind.name} {component.name!r} needs option {key!r}"
-    return f"{where}: {key} = {first.get('input')!r}: {first['msg'].lower()}"
+    return f"{where}: {key} = {first.get('input')!r}: {lower_first(first['msg'])}"
 
 
 class Registry:

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from sandbox_builtins.backbones import TimmBackbone
-from sandbox.model.deeplabv3plus import DeepLabV3Plus
+from sandbox_builtins.deeplabv3plus import DeepLabV3Plus
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.accelerator import maybe_sync_batchnorm, scaled_lr

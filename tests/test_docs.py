@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sandbox import hookspecs
-from sandbox.recipe import EvalSection, ModelSection, Recipe, TrainSection
+from sandbox.plugins import load_registry
+from sandbox.recipe import EvalSection, Recipe, TrainSection
 from sandbox.registry import KINDS
 
 ROOT = Path(__file__).parent.parent
@@ -31,7 +32,7 @@ def test_every_hook_is_documented(kind) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    [*Recipe.model_fields, *TrainSection.model_fields, *ModelSection.model_fields, *EvalSection.model_fields],
+    [*Recipe.model_fields, *TrainSection.model_fields, *EvalSection.model_fields],
 )
 def test_every_recipe_key_is_documented(key: str) -> None:
     assert f"`{key}`" in README or f"[{key}" in README, key
@@ -51,3 +52,9 @@ def test_the_plugin_option_is_listed_for_every_command_that_takes_it() -> None:
     for command in ("run", "eval", "bench", "ablate", "plot", "predict"):
         rows = [line for line in table.splitlines() if line.startswith(f"| `sandbox {command} ")]
         assert rows and all("--plugin" in row for row in rows), command
+
+
+@pytest.mark.parametrize("network", ["deeplabv3plus", "smp"])
+def test_every_option_of_the_built_in_networks_is_documented(network: str) -> None:
+    for option in load_registry().get("network", network).option_names():
+        assert f"`{option}`" in README, f"[model] {network}: {option}"

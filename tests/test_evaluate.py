@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from sandbox.model.deeplabv3plus import SegmentationOutput
+from sandbox.api import SegmentationOutput
 from sandbox.recipe import EvalSection
 from sandbox.train.evaluate import predict, window_starts
 from sandbox.train.metrics import confusion_matrix, mean_iou, per_class_iou

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sandbox_builtins.backbones import TimmBackbone
-from sandbox.model.deeplabv3plus import DeepLabV3Plus, DualBatchNorm2d
+from sandbox.api import DualBatchNorm2d
+from sandbox_builtins.deeplabv3plus import DeepLabV3Plus
 
 
 def small_model(mix_bn: bool = True) -> DeepLabV3Plus:

@@ -22,10 +22,14 @@ BUILTINS = {
     "perturbation": {"ddfp", "dropout", "vat", "noise", "none"},
     "consistency": {"ce"},
     "dataset": {"shapes"},
+    "network": {"deeplabv3plus", "smp"},
 }
 
 REGISTRY = load_registry()
-CONTEXT = {"density": {"feature_dim": 8, "num_classes": 3, "total_steps": 10}}
+CONTEXT = {
+    "density": {"feature_dim": 8, "num_classes": 3, "total_steps": 10},
+    "network": {"num_classes": 3, "build_backbone": lambda: REGISTRY.get("backbone", "timm").build({})},
+}
 FILE_DATASETS = {"pascal_voc", "cityscapes", "folder"}
 SMALL_OPTIONS = {"dataset": {"num_labeled": 2, "num_unlabeled": 2, "num_val": 2, "image_size": 32}}
 

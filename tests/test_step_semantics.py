@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.api import ClassifierOutput, ConsistencyLoss, Perturbation, PerturbationContext
-from sandbox.model.deeplabv3plus import SegmentationOutput
+from sandbox.api import SegmentationOutput
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import apply_cutmix, cutmix_boxes

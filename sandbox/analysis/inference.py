@@ -16,10 +16,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from sandbox.analysis.colours import Colour, full_palette
-from sandbox.api import SegmentationSource
+from sandbox.api import SegmentationNetwork, SegmentationSource
 from sandbox.data.views import normalize
 from sandbox.errors import SandboxError
-from sandbox.model.deeplabv3plus import DeepLabV3Plus
 from sandbox.recipe import EvalSection, Recipe
 from sandbox.registry import Registry
 from sandbox.train.weights import apply_weights, load_weights
@@ -39,7 +38,7 @@ def inference_device() -> torch.device:
 class Predictor:
     """A model with saved weights, in eval mode, and the dataset of its recipe."""
 
-    model: DeepLabV3Plus
+    model: SegmentationNetwork
     source: SegmentationSource
     recipe: Recipe
     device: torch.device

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from sandbox.api import IGNORE_INDEX
 from sandbox.recipe import ComponentSpec, Recipe
 from sandbox.registry import Registry
 from sandbox.train.accelerator import effective_precision, make_accelerator
-from sandbox.train.builder import build_method, build_model
+from sandbox.train.builder import build_method, build_model, check_crop_fits
 from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
@@ -57,16 +58,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training_steps(
-    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec, steps: int, warmup: int
-) -> StepTiming:
-    """Median and p90 wall time of ``steps`` semi-supervised steps after ``warmup`` untimed ones."""
+@dataclass
+class SyntheticTraining:
+    """A recipe's training iteration set up on one random batch (what ``sandbox bench`` times)."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    """The Accelerate-prepared student."""
+    iteration: TrainingIteration
+    labeled: LabeledBatch
+    unlabeled: UnlabeledBatch
+
+
+def synthetic_training(
+    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec
+) -> SyntheticTraining:
+    """The recipe's model, method, optimizer and iteration (every step semi-supervised and
+    perturbed, every pixel trusted) and a random batch at the recipe's crop."""
     settings = recipe.train.model_copy(update={"threshold": 0.0, "perturbation_start_iters": 0, "warmup_iters": 0})
     recipe = recipe.model_copy(update={"perturbation": perturbation, "train": settings})
     accelerator = make_accelerator(settings.mixed_precision)
     device = accelerator.device
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, registry, num_classes)
+    check_crop_fits(recipe, model)
     method = build_method(recipe, registry, num_classes, model.embedding_channels)
     teacher = copy.deepcopy(model).requires_grad_(False).to(device)
     model, optimizer, scheduler = accelerator.prepare(model, *build_optimizer(model, settings, settings.lr))
@@ -85,6 +100,17 @@ def time_training_steps(
         torch.randn(unlabeled_count, 3, crop, crop, device=device),
         torch.zeros(unlabeled_count, crop, crop, dtype=torch.bool, device=device),
     )
+    return SyntheticTraining(accelerator, model, iteration, labeled, unlabeled)
+
+
+def time_training_steps(
+    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec, steps: int, warmup: int
+) -> StepTiming:
+    """Median and p90 wall time of ``steps`` semi-supervised steps after ``warmup`` untimed ones."""
+    training = synthetic_training(recipe, registry, num_classes, perturbation)
+    accelerator, model, iteration = training.accelerator, training.model, training.iteration
+    labeled, unlabeled, device = training.labeled, training.unlabeled, accelerator.device
+    crop, labeled_count, unlabeled_count = recipe.train.crop_size, len(labeled.images), len(unlabeled.weak)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []

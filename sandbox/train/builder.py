@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sandbox.api import ConsistencyLoss, DensityEstimator, Perturbation, SegmentationSource
+from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationNetwork, SegmentationSource
 from sandbox.data.views import LabeledTrainSet, UnlabeledTrainSet
-from sandbox.model.deeplabv3plus import DeepLabV3Plus
+from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe
 from sandbox.registry import Registry
 
@@ -16,19 +16,25 @@ def build_dataset(recipe: Recipe, registry: Registry) -> SegmentationSource:
     return registry.get("dataset", recipe.dataset.name).build(recipe.dataset.options())
 
 
-def build_model(recipe: Recipe, registry: Registry, num_classes: int) -> DeepLabV3Plus:
-    """DeepLabV3+ with the recipe's backbone and decoder settings."""
-    backbone = registry.get("backbone", recipe.backbone.name).build(recipe.backbone.options())
-    settings = recipe.model
-    return DeepLabV3Plus(
-        backbone,
-        num_classes,
-        aspp_dilations=settings.aspp_dilations,
-        channels=settings.channels,
-        low_level_channels=settings.low_level_channels,
-        dropout=settings.dropout,
-        mix_bn=settings.mix_bn,
-    )
+def build_model(recipe: Recipe, registry: Registry, num_classes: int) -> SegmentationNetwork:
+    """The recipe's ``[model]`` network (on its ``[backbone]`` when the network takes one)."""
+
+    def build_backbone() -> Backbone:
+        return registry.get("backbone", recipe.backbone.name).build(recipe.backbone.options())
+
+    network = registry.get("network", recipe.model.name)
+    return network.build(recipe.model.options(), num_classes=num_classes, build_backbone=build_backbone)
+
+
+def check_crop_fits(recipe: Recipe, network: SegmentationNetwork) -> None:
+    """A one-line error when ``train.crop_size`` is not a multiple of the network's ``size_divisor``."""
+    crop, divisor = recipe.train.crop_size, network.size_divisor
+    if crop % divisor:
+        nearest = [size for size in (crop - crop % divisor, crop - crop % divisor + divisor) if size > 0]
+        raise SandboxError(
+            f"train.crop_size = {crop} does not fit [model] {recipe.model.name!r}: its input sides must be multiples "
+            f"of {divisor}, e.g. {' or '.join(map(str, nearest))}"
+        )
 
 
 @dataclass

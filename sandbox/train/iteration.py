@@ -20,17 +20,19 @@ from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
 def build_optimizer(
     model: nn.Module, settings: TrainSection, lr: float
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD over the encoder (``lr``) and the decoder (``lr`` x ``head_lr_multiplier``), poly schedule over ``iters``."""
-    optimizer = torch.optim.SGD(
-        [
-            {"params": model.encoder_parameters(), "lr": lr},
-            {"params": model.decoder_parameters(), "lr": lr * settings.head_lr_multiplier},
-        ],
-        lr=lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD or AdamW (``train.optimizer``) over the encoder (``lr``) and the decoder (``lr`` x
+    ``head_lr_multiplier``), poly schedule over ``iters``."""
+    groups = [
+        {"params": model.encoder_parameters(), "lr": lr},
+        {"params": model.decoder_parameters(), "lr": lr * settings.head_lr_multiplier},
+    ]
+    if settings.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(1.0 - step / settings.iters, 0.0) ** settings.poly_power
     )

@@ -31,7 +31,7 @@ from sandbox.train.accelerator import (
     warn_about_precision,
 )
 from sandbox.train.agreement import agreed_errors
-from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views
+from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views, check_crop_fits
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import shared_failures
 from sandbox.train.iteration import TrainingIteration, build_optimizer
@@ -157,6 +157,7 @@ class Trainer:
                     f"({settings.warmup_iters}) < train.iters ({settings.iters}) asks for semi-supervised steps"
                 )
             model = build_model(recipe, registry, self.source.num_classes)
+            check_crop_fits(recipe, model)
             self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
         self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
         model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)  # the teacher stays plain

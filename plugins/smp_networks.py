@@ -1,0 +1,161 @@
+"""The ``smp`` network: any segmentation-models-pytorch architecture, with any encoder it accepts.
+
+The architecture's encoder and decoder are smp's own; its segmentation head (a conv, upsampling,
+activation) is replaced by the sandbox classifier, so that the one definition of the training
+step holds for every architecture: the *features* the perturbation moves are the decoder's
+output (the head's input), the classifier (``classifier_layers`` x conv-BN-ReLU-dropout, Mix BN)
+maps them to the *embedding* where densities are estimated, and a 1x1 conv gives the logits,
+upsampled to the input size. Everything else in the model is smp's, parameter for parameter.
+
+Encoders: smp's own (``resnet34``, ``efficientnet-b0``, ``mit_b0``, ...) and every timm model as
+``tu-<name>`` (ViTs under ``DPT``). No weights are downloaded: ``weights`` names a local file
+(a state dict of the encoder's model, as for the ``timm`` backbone).
+
+DPT with a patch-14 ViT (DINOv2): smp 0.6 sizes DPT's reassembly by the encoder's stride assuming
+patch 16 (factors 16/4, 16/8, 16/16, 16/32); with stride 14 they become fractional and the
+decoder cannot run. The decoder is then built for a patch grid (factors 4, 2, 1, 1/2 of the grid,
+as DPT and Depth Anything / UniMatch V2 do), and the logits are interpolated to the input size.
+The grid must halve evenly, so input sides are multiples of twice the patch (28 for /14).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import segmentation_models_pytorch as smp
+from torch import Tensor, nn
+
+from sandbox.api import Register, SegmentationNetwork, classifier_layers, hookimpl
+from sandbox_builtins.backbones import load_encoder_weights
+
+Architecture = Literal[
+    "Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN", "UPerNet",
+    "Segformer", "DPT",
+]
+ARCHITECTURES: tuple[str, ...] = Architecture.__args__
+"""Every architecture segmentation-models-pytorch 0.6 provides."""
+
+
+def head_in_channels(head: nn.Module) -> int:
+    """The channel count an smp segmentation head receives (the decoder's output)."""
+    first_conv = next(module for module in head.modules() if isinstance(module, nn.Conv2d))
+    return first_conv.in_channels
+
+
+class SmpNetwork(SegmentationNetwork):
+    """An smp model's encoder and decoder, with the sandbox's Mix-BN classifier instead of its head."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        classifier_channels: int | None,
+        classifier_depth: int,
+        dropout: float,
+        mix_bn: bool,
+        size_divisor: int,
+    ) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.decoder = model.decoder
+        self.feature_channels = head_in_channels(model.segmentation_head)
+        hidden = classifier_channels or self.feature_channels
+        self.classifier = classifier_layers(self.feature_channels, hidden, classifier_depth, dropout, mix_bn)
+        self.embedding_channels = hidden if classifier_depth > 0 else self.feature_channels
+        self.final = nn.Conv2d(self.embedding_channels, num_classes, 1)
+        self.size_divisor = size_divisor
+        self.architecture = type(model).__name__
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters (base learning rate)."""
+        return list(self.encoder.parameters())
+
+    def encode(self, images: Tensor) -> Tensor:
+        """The decoder's output: what smp's segmentation head would have received."""
+        encoded = self.encoder(images)
+        if isinstance(encoded, tuple):  # ViT encoders: (features, prefix tokens)
+            return self.decoder(*encoded)
+        return self.decoder(encoded)
+
+
+def patch_grid_dpt_decoder(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """DPT's decoder for a ViT whose patch is not 16: reassembly factors 4, 2, 1, 1/2 of the patch grid."""
+    from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+    encoder = model.encoder
+    return DPTDecoder(
+        encoder_out_channels=encoder.out_channels,
+        encoder_output_strides=[16] * len(encoder.out_channels),  # one patch = 1/16 of the decoder's grid scale
+        encoder_has_prefix_tokens=encoder.has_prefix_tokens,
+        readout=options.get("decoder_readout", "cat"),
+        intermediate_channels=options.get("decoder_intermediate_channels", (256, 512, 1024, 1024)),
+        fusion_channels=options.get("decoder_fusion_channels", 256),
+    )
+
+
+def timm_checkpoint_adapter(model: nn.Module) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+    """timm's own key conversion for a ViT (official DINOv2 files: ``mask_token`` dropped, position
+    embeddings resampled to the model's grid), or None for other encoders."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):
+        return lambda state: checkpoint_filter_fn(state, model)
+    return None
+
+
+def size_divisor(model: nn.Module, architecture: str) -> int:
+    """What input sides must be multiples of: DPT halves the patch grid; CNNs need their stride."""
+    stride = int(model.encoder.output_stride)
+    if architecture == "DPT":
+        return 2 * stride
+    return stride if getattr(model, "requires_divisible_input_shape", True) else 1
+
+
+def build_smp(
+    num_classes: int,
+    architecture: Architecture = "Unet",
+    encoder: str = "resnet34",
+    weights: str | None = None,
+    classifier_channels: int | None = None,
+    classifier_depth: int = 1,
+    dropout: float = 0.1,
+    mix_bn: bool = True,
+    options: dict[str, Any] = {},
+) -> SmpNetwork:
+    """Any segmentation-models-pytorch architecture and encoder, with the sandbox's Mix-BN classifier.
+
+    ``options`` are further keyword arguments of the smp architecture (``decoder_channels``,
+    ``encoder_depth``, ...; timm keywords such as ``img_size`` for ``tu-`` encoders).
+    ``classifier_channels`` defaults to the decoder's output width; ``classifier_depth`` is the
+    number of conv-BN-ReLU layers before the 1x1 classifier (0: the features are the embedding).
+    """
+    if classifier_depth < 0 or (classifier_channels is not None and classifier_channels < 1):
+        raise ValueError(f"classifier_depth must be >= 0 and classifier_channels >= 1, got {classifier_depth}, {classifier_channels}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if weights is not None and weights.strip().lower() in ("", "none"):
+        weights = None
+    arguments = dict(options)
+    if architecture == "DPT":
+        arguments.setdefault("dynamic_img_size", True)  # whole-image evaluation at any (padded) size
+    try:
+        model = getattr(smp, architecture)(encoder_name=encoder, encoder_weights=None, classes=num_classes, **arguments)
+    except KeyError as error:
+        raise ValueError(f"smp {architecture} has no encoder {encoder!r} ({error}); timm models are 'tu-<name>'") from None
+    if architecture == "DPT" and math.log2(model.encoder.output_stride) % 1:
+        model.decoder = patch_grid_dpt_decoder(model, options)
+    if weights is not None:
+        target = getattr(model.encoder, "model", model.encoder)  # the timm model of a tu- encoder
+        load_encoder_weights(target, Path(weights), timm_checkpoint_adapter(target))
+    return SmpNetwork(model, num_classes, classifier_channels, classifier_depth, dropout, mix_bn, size_divisor(model, architecture))
+
+
+@hookimpl
+def sandbox_register_networks(register: Register) -> None:
+    """Register ``smp``."""
+    register("smp", build_smp)
+
+
+__all__ = ["ARCHITECTURES", "SmpNetwork", "build_smp"]
