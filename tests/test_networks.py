@@ -132,13 +132,13 @@ def test_a_crop_that_does_not_fit_the_network_is_one_line(tiny_recipe: Path, cap
     )
 
 
-@pytest.mark.parametrize("architecture", ["Unet", "Segformer", "DPT"])
-def test_bench_times_smp_networks(architecture: str, tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_bench_times_every_smp_architecture(architecture: str, tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
     encoder = SMALL_ENCODER.get(architecture, "resnet18")
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", str(tiny_recipe), "--steps", "1", "--warmup", "0", "--num-classes", "3", "--set", "model.name=smp",
               "--set", f"model.architecture={architecture}", "--set", f"model.encoder={encoder}",
-              "--set", "train.crop_size=64"])
+              "--set", f"train.crop_size={CROP.get(architecture, 64)}"])
     assert not exit_info.value.code
     out = capsys.readouterr().out
     assert "ddfp" in out and "none" in out
