@@ -83,11 +83,12 @@ class DeepLabV3Plus(SegmentationNetwork):
         low_level_channels: int = 48,
         dropout: float = 0.1,
         mix_bn: bool = True,
+        head_kernel: int = 3,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.aspp = ASPP(backbone.high_channels, channels, aspp_dilations)
-        self.head = nn.Sequential(conv_bn_relu(self.aspp.out_channels, channels, 3), nn.Dropout2d(dropout))
+        self.head = nn.Sequential(conv_bn_relu(self.aspp.out_channels, channels, head_kernel), nn.Dropout2d(dropout))
         self.reduce = conv_bn_relu(backbone.low_channels, low_level_channels, 1)
         fused = channels + low_level_channels
         self.classifier = classifier_layers(fused, channels, 2, dropout, mix_bn)
@@ -101,7 +102,15 @@ class DeepLabV3Plus(SegmentationNetwork):
 
     def encode(self, images: Tensor) -> Tensor:
         """The classifier's input: ASPP head output upsampled and fused with low-level features."""
-        low, high = self.backbone(images)
+        return self.decode(self.extract(images))
+
+    def extract(self, images: Tensor) -> list[Tensor]:
+        """The backbone's stride-4 and deepest maps (UniMatch perturbs these: ``c1``, ``c4``)."""
+        return list(self.backbone(images))
+
+    def decode(self, maps: list[Tensor]) -> Tensor:
+        """ASPP and head on the deepest map, upsampled and fused with the projected stride-4 map."""
+        low, high = maps
         x = self.head(self.aspp(high))
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=True)
         return torch.cat([x, self.reduce(low)], dim=1)
@@ -115,15 +124,24 @@ def build_deeplabv3plus(
     low_level_channels: int = 48,
     dropout: float = 0.1,
     mix_bn: bool = True,
+    head_kernel: int = 3,
 ) -> DeepLabV3Plus:
-    """DDFP's DeepLabV3+ (ASPP, stride-4 fusion, two-layer Mix-BN classifier) on the recipe's [backbone]."""
+    """DDFP's DeepLabV3+ (ASPP, stride-4 fusion, two-layer Mix-BN classifier) on the recipe's [backbone].
+
+    ``head_kernel``: the ASPP projection's kernel, 3 as DDFP (a 3x3 conv and dropout) or 1 as
+    UniMatch's DeepLabV3+ (with ``dropout = 0`` and ``mix_bn = false`` it is UniMatch's network).
+    """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     for name, value in (("channels", channels), ("low_level_channels", low_level_channels), *(
             ("aspp_dilations", d) for d in aspp_dilations)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
-    return DeepLabV3Plus(build_backbone(), num_classes, aspp_dilations, channels, low_level_channels, dropout, mix_bn)
+    if head_kernel not in (1, 3):
+        raise ValueError(f"head_kernel must be 1 or 3, got {head_kernel}")
+    return DeepLabV3Plus(
+        build_backbone(), num_classes, aspp_dilations, channels, low_level_channels, dropout, mix_bn, head_kernel
+    )
 
 
 @hookimpl

@@ -79,6 +79,17 @@ class SmpNetwork(SegmentationNetwork):
             return self.decoder(*encoded)
         return self.decoder(encoded)
 
+    def extract(self, images: Tensor) -> list[Tensor]:
+        """The encoder's feature maps (every stage smp's decoder reads)."""
+        encoded = self.encoder(images)
+        if isinstance(encoded, tuple):
+            raise ValueError(f"{self.architecture}: a ViT encoder's tokens cannot be perturbed as maps; perturb at the classifier")
+        return list(encoded)
+
+    def decode(self, maps: list[Tensor]) -> Tensor:
+        """smp's decoder on the encoder's maps."""
+        return self.decoder(maps)
+
 
 def patch_grid_dpt_decoder(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     """DPT's decoder for a ViT whose patch is not 16: reassembly factors 4, 2, 1, 1/2 of the patch grid."""

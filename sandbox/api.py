@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import pluggy
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -220,8 +221,8 @@ class SegmentationOutput(NamedTuple):
     """Logits of the perturbed view ``(B_p, K, H, W)``, or None without a perturbation."""
 
 
-PerturbFn = Callable[[Tensor, Callable[[Tensor], ClassifierOutput]], "Tensor | None"]
-"""``perturb(features, classify_auxiliary) -> perturbed features or None`` (see ``forward``)."""
+PerturbFn = Callable[[Tensor, Callable[[Tensor], ClassifierOutput], "ClassifierOutput | None"], "Tensor | None"]
+"""``perturb(features, classify_auxiliary, clean) -> perturbed features or None`` (see ``forward``)."""
 
 
 def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -258,6 +259,21 @@ class SegmentationNetwork(nn.Module, abc.ABC):
     def encode(self, images: Tensor) -> Tensor:
         """The classifier's input features ``(B, feature_channels, h, w)`` of images ``(B, 3, H, W)``."""
 
+    def extract(self, images: Tensor) -> list[Tensor]:
+        """The encoder's feature maps, before the decoder (``train.perturb_at = "encoder"`` perturbs these).
+
+        Optional: a network that implements it also implements :meth:`decode`, with
+        ``encode(images) == decode(extract(images))``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not expose its encoder's feature maps (extract/decode): "
+            "perturb at the classifier's input (train.perturb_at = 'classifier')"
+        )
+
+    def decode(self, maps: list[Tensor]) -> Tensor:
+        """The classifier's input features from :meth:`extract`'s maps."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement decode")
+
     @abc.abstractmethod
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the (pretrained) encoder, trained at the base learning rate."""
@@ -288,12 +304,22 @@ class SegmentationNetwork(nn.Module, abc.ABC):
             embedding = self.classifier(features)
         return ClassifierOutput(self.final(embedding), embedding)
 
-    def forward(self, images: Tensor, perturb: PerturbFn | None = None, num_perturbed: int = 0) -> SegmentationOutput:
+    def forward(
+        self,
+        images: Tensor,
+        perturb: PerturbFn | None = None,
+        num_perturbed: int = 0,
+        perturb_at: str = "classifier",
+    ) -> SegmentationOutput:
         """Predict ``images``; with ``perturb``, also the perturbed view of the last ``num_perturbed``.
 
-        ``perturb(features, classify_auxiliary)`` receives the classifier inputs of those images
-        and a function running the classifier with auxiliary statistics; it returns perturbed
-        features or None. Doing all of this in one forward keeps a DDP-wrapped model correct.
+        ``perturb_at = "classifier"``: ``perturb(features, classify_auxiliary, clean)`` receives the
+        classifier inputs of those images, a function running the classifier with auxiliary
+        statistics and their clean classifier output; it returns perturbed features or None.
+        ``perturb_at = "encoder"``: ``perturb`` is called on each of :meth:`extract`'s maps of
+        every image (no classifier to call, ``clean`` None); the clean and perturbed maps are
+        decoded in one pass, as UniMatch does. Doing all of this in one forward keeps a
+        DDP-wrapped model correct.
         """
         size = images.shape[-2:]
         padded = pad_to_multiple(images, self.size_divisor)
@@ -302,18 +328,45 @@ class SegmentationNetwork(nn.Module, abc.ABC):
                 f"training inputs of {size[0]}x{size[1]} do not fit this network: sides must be multiples of "
                 f"{self.size_divisor}"
             )
-        features = self.encode(padded)
-        output = self.classify(features)
-        perturbed_logits = None
-        if perturb is not None and num_perturbed > 0:
-            perturbed = perturb(features[-num_perturbed:], lambda x: self.classify(x, auxiliary=True))
-            if perturbed is not None:
-                perturbed_logits = upsample(self.classify(perturbed, auxiliary=True).logits, size)
+        if perturb is not None and num_perturbed > 0 and perturb_at == "encoder":
+            output, perturbed_output = self._perturbing_encoder(padded, perturb, num_perturbed)
+        else:
+            features = self.encode(padded)
+            output, perturbed_output = self.classify(features), None
+            if perturb is not None and num_perturbed > 0:
+                clean = ClassifierOutput(output.logits[-num_perturbed:], output.embedding[-num_perturbed:])
+                perturbed = perturb(features[-num_perturbed:], lambda x: self.classify(x, auxiliary=True), clean)
+                if perturbed is not None:
+                    perturbed_output = self.classify(perturbed, auxiliary=True)
+        perturbed_logits = None if perturbed_output is None else upsample(perturbed_output.logits, size)
         logits = output.logits
         if self.training and perturbed_logits is None:
             logits = logits + self._auxiliary_tie()
         logits = upsample(logits, padded.shape[-2:])[..., : size[0], : size[1]]
         return SegmentationOutput(logits, output.embedding, perturbed_logits)
+
+    def _perturbing_encoder(
+        self, images: Tensor, perturb: PerturbFn, num_perturbed: int
+    ) -> tuple[ClassifierOutput, ClassifierOutput | None]:
+        """Clean output of every image and perturbed output of the last ``num_perturbed``, the
+        encoder's maps perturbed (UniMatch's feature perturbation)."""
+
+        def no_classifier(features: Tensor) -> ClassifierOutput:
+            raise ValueError("a perturbation of the encoder's maps has no classifier to call (train.perturb_at = 'encoder')")
+
+        maps = self.extract(images)
+        perturbed = [perturb(feature_map, no_classifier, None) for feature_map in maps]
+        if any(p is None for p in perturbed):
+            return self.classify(self.decode(maps)), None
+        count = images.shape[0]
+        decoded = self.decode([torch.cat([m, p]) for m, p in zip(maps, perturbed)])
+        if any(isinstance(m, DualBatchNorm2d) for m in self.classifier.modules()):  # Mix BN: own statistics
+            return self.classify(decoded[:count]), self.classify(decoded[count:][-num_perturbed:], auxiliary=True)
+        both = self.classify(decoded)  # one pass over clean and perturbed features, as UniMatch
+        return (
+            ClassifierOutput(both.logits[:count], both.embedding[:count]),
+            ClassifierOutput(both.logits[count:][-num_perturbed:], both.embedding[count:][-num_perturbed:]),
+        )
 
     def _auxiliary_tie(self) -> Tensor | float:
         """Zero that depends on the auxiliary BatchNorm parameters.

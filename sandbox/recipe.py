@@ -89,8 +89,44 @@ class TrainSection(Section):
     cutmix_decision: Literal["sample", "batch"] = Field(
         "sample", description="cutmix_p decides for each sample, or once for the whole batch (the reference)"
     )
-    unsupervised_weight: float = Field(0.5, ge=0)
+    pseudo_labels: Literal["teacher", "student"] = Field(
+        "teacher",
+        description=(
+            "who predicts the weak view's pseudo-labels: the EMA teacher (DDFP, mean teacher) or the "
+            "student itself, detached, in the same train-mode forward as the labeled images (UniMatch)"
+        ),
+    )
+    strong_views: Literal[1, 2] = Field(1, description="strong views per unlabeled image, each CutMixed with its own box")
+    cutmix_partners: Literal["batch", "stream"] = Field(
+        "batch",
+        description=(
+            "where CutMix pastes from: the next image of the same batch, or a second unlabeled stream whose "
+            "pseudo-labels the pseudo-labelling model predicts in eval mode (UniMatch)"
+        ),
+    )
+    perturbed_view: Literal["strong", "weak"] = Field(
+        "strong", description="the view whose features are perturbed: the (first) strong view (DDFP) or the weak view (UniMatch)"
+    )
+    perturb_at: Literal["classifier", "encoder"] = Field(
+        "classifier",
+        description=(
+            "where features are perturbed: the classifier's input (DDFP) or each of the encoder's feature maps "
+            "before the decoder (UniMatch; decoded together with the clean maps, perturbation applied to every image)"
+        ),
+    )
+    supervised_weight: float = Field(1.0, ge=0)
+    unsupervised_weight: float = Field(0.5, ge=0, description="the weight of the strong views' loss (their mean)")
     perturbed_weight: float = Field(0.5, ge=0)
+    unsupervised_normalisation: Literal["trusted", "valid"] = Field(
+        "trusted",
+        description=(
+            "each unlabeled loss is summed over trusted pixels and divided by their number (DDFP's reference) or "
+            "by the number of non-padding pixels (UniMatch)"
+        ),
+    )
+    threshold_inclusive: bool = Field(
+        False, description="a confidence equal to threshold is trusted (UniMatch's >=) or not (DDFP's >)"
+    )
     strong_weight_alone: float | None = Field(
         None,
         ge=0,

@@ -48,7 +48,7 @@ def test_forward_with_perturbation_returns_the_perturbed_view_of_the_last_images
     model = small_model().train()
     seen = {}
 
-    def perturb(features, classify):
+    def perturb(features, classify, clean):
         seen["shape"] = features.shape
         seen["aux"] = classify(features).logits.shape
         return features + 1.0
@@ -56,7 +56,7 @@ def test_forward_with_perturbation_returns_the_perturbed_view_of_the_last_images
     out = model(torch.randn(5, 3, 64, 64), perturb=perturb, num_perturbed=2)
     assert seen["shape"] == (2, 40, 16, 16) and seen["aux"] == (2, 5, 16, 16)
     assert out.perturbed_logits.shape == (2, 5, 64, 64)
-    assert model(torch.randn(2, 3, 64, 64), perturb=lambda f, c: None, num_perturbed=2).perturbed_logits is None
+    assert model(torch.randn(2, 3, 64, 64), perturb=lambda f, c, clean: None, num_perturbed=2).perturbed_logits is None
 
 
 def test_parameter_groups_split_backbone_and_decoder() -> None:

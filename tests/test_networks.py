@@ -74,7 +74,7 @@ def test_the_network_is_smps_model_apart_from_the_head(architecture: str, tiny_r
 
 def test_the_perturbations_gradient_reaches_the_encoder_through_the_clean_features(tiny_recipe: Path) -> None:
     network = build_model(smp_recipe(tiny_recipe, "FPN"), load_registry(), 3).train()
-    out = network(torch.randn(4, 3, 64, 64), perturb=lambda features, classify: features + 0.5, num_perturbed=2)
+    out = network(torch.randn(4, 3, 64, 64), perturb=lambda features, classify, clean: features + 0.5, num_perturbed=2)
     out.perturbed_logits.sum().backward()
     encoder_grads = [p.grad for p in network.encoder_parameters() if p.grad is not None]
     assert encoder_grads and any(g.abs().sum() > 0 for g in encoder_grads)
@@ -98,7 +98,7 @@ def test_inputs_that_are_not_multiples_are_padded_for_prediction_and_refused_for
     assert network.size_divisor == 32
     assert network.eval()(torch.randn(1, 3, 50, 70)).logits.shape == (1, 3, 50, 70)
     with pytest.raises(ValueError, match="multiples of 32"):
-        network.train()(torch.randn(2, 3, 50, 50), perturb=lambda f, c: f, num_perturbed=1)
+        network.train()(torch.randn(2, 3, 50, 50), perturb=lambda f, c, clean: f, num_perturbed=1)
 
 
 def test_encoder_weights_come_from_a_local_file(tiny_recipe: Path, tmp_path: Path) -> None:

@@ -107,13 +107,13 @@ class StubModel(nn.Module):
         self.norm = nn.BatchNorm2d(3)
         self.inputs: list[Tensor] = []
 
-    def forward(self, images: Tensor, perturb=None, num_perturbed: int = 0) -> SegmentationOutput:  # noqa: ANN001
+    def forward(self, images: Tensor, perturb=None, num_perturbed: int = 0, perturb_at: str = "classifier") -> SegmentationOutput:  # noqa: ANN001
         self.inputs.append(images)
         self.norm(images)  # collects running statistics in train mode, as a real network's BatchNorms
         classify = lambda x: ClassifierOutput(x * self.scale, x)  # noqa: E731
         perturbed_logits = None
         if perturb is not None and num_perturbed > 0:
-            perturbed = perturb(images[-num_perturbed:], classify)
+            perturbed = perturb(images[-num_perturbed:], classify, classify(images[-num_perturbed:]))
             perturbed_logits = None if perturbed is None else classify(perturbed).logits
         return SegmentationOutput(images * self.scale, images, perturbed_logits)
 

@@ -68,6 +68,8 @@ class SyntheticTraining:
     iteration: TrainingIteration
     labeled: LabeledBatch
     unlabeled: UnlabeledBatch
+    partners: UnlabeledBatch | None
+    """CutMix partners (``train.cutmix_partners = "stream"``)."""
 
 
 def synthetic_training(
@@ -95,12 +97,19 @@ def synthetic_training(
         torch.randn(labeled_count, 3, crop, crop, device=device),
         torch.randint(0, num_classes, (labeled_count, crop, crop), device=device),
     )
-    unlabeled = UnlabeledBatch(
-        torch.randn(unlabeled_count, 3, crop, crop, device=device),
-        torch.randn(unlabeled_count, 3, crop, crop, device=device),
-        torch.zeros(unlabeled_count, crop, crop, dtype=torch.bool, device=device),
-    )
-    return SyntheticTraining(accelerator, model, iteration, labeled, unlabeled)
+
+    def unlabeled_batch() -> UnlabeledBatch:
+        second = torch.randn(unlabeled_count, 3, crop, crop, device=device) if settings.strong_views == 2 else None
+        return UnlabeledBatch(
+            torch.randn(unlabeled_count, 3, crop, crop, device=device),
+            torch.randn(unlabeled_count, 3, crop, crop, device=device),
+            torch.zeros(unlabeled_count, crop, crop, dtype=torch.bool, device=device),
+            second,
+        )
+
+    unlabeled = unlabeled_batch()
+    partners = unlabeled_batch() if settings.cutmix_partners == "stream" else None
+    return SyntheticTraining(accelerator, model, iteration, labeled, unlabeled, partners)
 
 
 def time_training_steps(
@@ -117,7 +126,7 @@ def time_training_steps(
     for index in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        iteration(index, labeled, unlabeled)  # the training loop's own iteration code
+        iteration(index, labeled, unlabeled, training.partners)  # the training loop's own iteration code
         synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)

@@ -217,31 +217,36 @@ class LabeledTrainSet(_SeededView):
 class UnlabeledTrainSet(_SeededView):
     """Weak and strong views of unlabeled images and their padding.
 
-    Returns ``(weak float (3, c, c), strong float (3, c, c), ignore bool (c, c))`` where
+    Returns ``(weak float (3, c, c), strong float (3, c, c), ignore bool (c, c)[, strong2])`` where
     ``ignore`` is True on crop padding. Both views share the same geometry; the strong one adds
     colour jitter, grayscale and blur (CutMix is applied later, on the batch).
     """
 
     def __init__(
-        self, images: Sequence[Tensor], crop_size: int, scale_range: tuple[float, float], seed: int
+        self, images: Sequence[Tensor], crop_size: int, scale_range: tuple[float, float], seed: int, strong_views: int = 1
     ) -> None:
         self.images = images
         self.crop_size = crop_size
         self.scale_range = tuple(scale_range)
         self.seed = seed
+        self.strong_views = strong_views
         self.strong_transform = strong_colour_transform()
 
     def __len__(self) -> int:
         """Number of underlying images."""
         return len(self.images)
 
-    def augment(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Weak view, strong view and padding of unlabeled image ``index``."""
+    def augment(self, index: int) -> tuple[Tensor, ...]:
+        """Weak view, strong view and padding of unlabeled image ``index`` (and a second strong
+        view, drawn after the first, with ``strong_views = 2``)."""
         image = self.images[index]
         padding = torch.zeros(image.shape[-2:], dtype=torch.uint8)
         weak, padding = weak_geometry(image, padding, self.crop_size, self.scale_range, fill=1)
         strong = self.strong_transform(tv_tensors.Image(weak)).as_subclass(Tensor)
-        return normalize(weak), normalize(strong), padding.bool()
+        sample = [normalize(weak), normalize(strong), padding.bool()]
+        if self.strong_views == 2:
+            sample.append(normalize(self.strong_transform(tv_tensors.Image(weak)).as_subclass(Tensor)))
+        return tuple(sample)
 
 
 # ----------------------------------------------------------------------------------------------

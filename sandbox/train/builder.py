@@ -83,5 +83,12 @@ def build_train_views(source: SegmentationSource, recipe: Recipe) -> tuple[Label
     train = recipe.train
     return (
         LabeledTrainSet(source.labeled, train.crop_size, train.scale_range, recipe.seed, source.ignore_index),
-        UnlabeledTrainSet(source.unlabeled, train.crop_size, train.scale_range, recipe.seed + 1),
+        UnlabeledTrainSet(source.unlabeled, train.crop_size, train.scale_range, recipe.seed + 1, train.strong_views),
     )
+
+
+def build_partner_view(source: SegmentationSource, recipe: Recipe) -> UnlabeledTrainSet:
+    """The CutMix partners' unlabeled view (``train.cutmix_partners = "stream"``): the same images and
+    augmentation as the unlabeled view, its own seed (a second, independent stream, as UniMatch's)."""
+    train = recipe.train
+    return UnlabeledTrainSet(source.unlabeled, train.crop_size, train.scale_range, recipe.seed + 2, train.strong_views)

@@ -51,13 +51,15 @@ def _half_box(height: int, width: int, generator: torch.Generator) -> tuple[int,
     return min(height, int(round(height * width / 2 / box_w))), box_w
 
 
-def apply_cutmix(boxes: Tensor, *tensors: Tensor) -> list[Tensor]:
-    """Paste each sample's box from the next sample of the batch (roll by one), in every tensor.
+def paste(boxes: Tensor, tensor: Tensor, partner: Tensor) -> Tensor:
+    """``tensor`` with each sample's box taken from the same sample of ``partner``.
 
-    ``boxes`` is ``(B, H, W)``; tensors are ``(B, ..., H, W)`` of any dtype.
+    ``boxes`` is ``(B, H, W)``; ``tensor`` and ``partner`` are ``(B, ..., H, W)`` of any dtype.
     """
-    mixed = []
-    for tensor in tensors:
-        box = boxes.to(tensor.device).view(boxes.shape[0], *([1] * (tensor.dim() - 3)), *boxes.shape[1:])
-        mixed.append(torch.where(box, tensor.roll(1, dims=0), tensor))
-    return mixed
+    box = boxes.to(tensor.device).view(boxes.shape[0], *([1] * (tensor.dim() - 3)), *boxes.shape[1:])
+    return torch.where(box, partner, tensor)
+
+
+def apply_cutmix(boxes: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """Paste each sample's box from the next sample of the batch (roll by one), in every tensor."""
+    return [paste(boxes, tensor, tensor.roll(1, dims=0)) for tensor in tensors]

@@ -70,8 +70,11 @@ class TrainingIteration:
         self.optimizer, self.scheduler, self.step_fn, self.settings = optimizer, scheduler, step_fn, settings
         self.copy_buffers = settings.teacher_statistics == "student"
 
-    def __call__(self, step: int, labeled: LabeledBatch, unlabeled: UnlabeledBatch | None) -> IterationResult:
-        """Iteration ``step``; ``unlabeled`` is None during the supervised warm-up."""
+    def __call__(
+        self, step: int, labeled: LabeledBatch, unlabeled: UnlabeledBatch | None, partners: UnlabeledBatch | None = None
+    ) -> IterationResult:
+        """Iteration ``step``; ``unlabeled`` is None during the supervised warm-up; ``partners`` are the
+        CutMix partner images with ``train.cutmix_partners = "stream"``."""
         settings, student = self.settings, self.accelerator.unwrap_model(self.model)
         buffers = [buffer.detach().clone() for buffer in student.buffers()]
         with self.accelerator.autocast():
@@ -80,7 +83,7 @@ class TrainingIteration:
             else:
                 if step == settings.warmup_iters:  # the teacher starts as the student
                     update_teacher(self.teacher, student, 0.0, self.copy_buffers)
-                loss, logs = self.step_fn.semi_supervised(step, self.model, self.teacher, labeled, unlabeled)
+                loss, logs = self.step_fn.semi_supervised(step, self.model, self.teacher, labeled, unlabeled, partners)
         self.optimizer.zero_grad(set_to_none=True)
         finite = self.all_finite(loss)
         if finite:

@@ -31,7 +31,14 @@ from sandbox.train.accelerator import (
     warn_about_precision,
 )
 from sandbox.train.agreement import agreed_errors
-from sandbox.train.builder import build_dataset, build_method, build_model, build_train_views, check_crop_fits
+from sandbox.train.builder import (
+    build_dataset,
+    build_method,
+    build_model,
+    build_partner_view,
+    build_train_views,
+    check_crop_fits,
+)
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import shared_failures
 from sandbox.train.iteration import TrainingIteration, build_optimizer
@@ -159,6 +166,11 @@ class Trainer:
             model = build_model(recipe, registry, self.source.num_classes)
             check_crop_fits(recipe, model)
             self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
+            if settings.perturb_at == "encoder" and self.method.perturbation.uses_density:
+                raise SandboxError(
+                    f"[perturbation] {recipe.perturbation.name!r} uses the density of the classifier's embedding: "
+                    "it perturbs the classifier's input (train.perturb_at = 'classifier'), not the encoder's maps"
+                )
         self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
         model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)  # the teacher stays plain
         self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
@@ -179,7 +191,8 @@ class Trainer:
         )
         if self.accelerator.is_main_process:
             self._warn_if_images_are_small()
-        if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and self.accelerator.is_main_process:
+        batch_partners = settings.cutmix_partners == "batch"
+        if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and batch_partners and self.accelerator.is_main_process:
             print(
                 f"warning: train.unlabeled_batch_size = 1: CutMix pairs images within a process's batch, so with "
                 f"one image it has no partner and is skipped (train.cutmix_p = {settings.cutmix_p} has no effect)",
@@ -215,6 +228,10 @@ class Trainer:
             generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
         )
         return read_batches(loader)
+
+    def _unlabeled_batch(self, tensors: Any) -> UnlabeledBatch:
+        """A loader's unlabeled batch on this process's device."""
+        return UnlabeledBatch(*(t.to(self.accelerator.device) for t in tensors))
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -378,6 +395,12 @@ class Trainer:
             unlabeled_view, len(source.unlabeled), settings.unlabeled_batch_size, self.recipe.seed + 1,
             max(self.state.step - settings.warmup_iters, 0),
         )
+        partners = None
+        if settings.cutmix_partners == "stream":
+            partners = self._stream(
+                build_partner_view(source, self.recipe), len(source.unlabeled), settings.unlabeled_batch_size,
+                self.recipe.seed + 2, max(self.state.step - settings.warmup_iters, 0),
+            )
         reporter = ProgressReporter(settings.iters, self.state.step, enabled=self.accelerator.is_main_process)
         self.model.train()
         self.teacher.train(settings.teacher_mode == "train")  # the reference predicts in train mode
@@ -391,10 +414,11 @@ class Trainer:
                 step = self.state.step
                 images, masks = next(labeled)
                 batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))
-                batch_u = None
+                batch_u = batch_p = None
                 if step >= settings.warmup_iters:
-                    batch_u = UnlabeledBatch(*(t.to(self.accelerator.device) for t in next(unlabeled)))
-                outcome = self.iteration(step, batch_l, batch_u)
+                    batch_u = self._unlabeled_batch(next(unlabeled))
+                    batch_p = self._unlabeled_batch(next(partners)) if partners is not None else None
+                outcome = self.iteration(step, batch_l, batch_u, batch_p)
                 logs, finite, stepped = outcome.logs, outcome.finite, outcome.stepped
                 self.state.step += 1
                 window_steps += 1

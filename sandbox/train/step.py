@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sandbox.api import ClassifierOutput, PerturbationContext
+from sandbox.api import ClassifierOutput, PerturbationContext, PerturbFn
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
-from sandbox.train.cutmix import apply_cutmix, cutmix_boxes
+from sandbox.train.cutmix import apply_cutmix, cutmix_boxes, paste
 from sandbox.train.plugin_calls import blame, check_density_stats, check_loss, check_perturbed
 
 
@@ -31,11 +31,13 @@ class LabeledBatch:
 
 @dataclass
 class UnlabeledBatch:
-    """Weak and strong views ``(B, 3, H, W)`` of unlabeled images, and their padding ``(B, H, W)``."""
+    """Weak and strong views ``(B, 3, H, W)`` of unlabeled images, their padding ``(B, H, W)`` and,
+    with ``train.strong_views = 2``, a second strong view."""
 
     weak: Tensor
     strong: Tensor
     padding: Tensor
+    strong2: Tensor | None = None
 
 
 def resize_mask(mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
@@ -85,49 +87,188 @@ class SemiSupervisedStep:
         return loss, {"loss": loss.detach(), "loss_sup": loss.detach()}
 
     def semi_supervised(
-        self, step: int, student: nn.Module, teacher: nn.Module, labeled: LabeledBatch, unlabeled: UnlabeledBatch
+        self,
+        step: int,
+        student: nn.Module,
+        teacher: nn.Module,
+        labeled: LabeledBatch,
+        unlabeled: UnlabeledBatch,
+        partners: UnlabeledBatch | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Teacher pseudo-labels, online density update, student on labeled + strong + perturbed."""
+        """Pseudo-labels of the weak view, strong views CutMixed, a perturbed view; the weighted loss.
+
+        One step for every framework, chosen by recipe settings: ``pseudo_labels`` (EMA teacher or
+        the student itself), ``strong_views`` (1 or 2), ``cutmix_partners`` (the batch, or the
+        ``partners`` stream), ``perturbed_view`` (strong or weak), ``perturb_at`` (classifier
+        input or encoder maps), the loss weights and ``unsupervised_normalisation``.
+        """
         settings, method = self.settings, self.method
         num_labeled, num_unlabeled = labeled.images.shape[0], unlabeled.weak.shape[0]
-        with torch.no_grad():
-            teacher_out = teacher(torch.cat([labeled.images, unlabeled.weak]))
-            probs = teacher_out.logits[num_labeled:].float().softmax(dim=1)
         logs: dict[str, Tensor] = {}
-        if method.density is not None:
-            logs.update(self.fit_density(teacher_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
-
-        strong, padding = unlabeled.strong, unlabeled.padding
-        if num_unlabeled > 1:  # one image has no partner to mix with (the loop warns at start)
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            boxes = cutmix_boxes(
-                num_unlabeled, *strong.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision
-            )
-            strong, probs, padding = apply_cutmix(boxes, strong, probs, padding)
-        valid = (probs.max(dim=1).values > settings.threshold) & ~padding
-
-        def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput]) -> Tensor | None:
-            context = PerturbationContext(classify, resize_mask(valid, features.shape[-2:]), method.density)
-            label = method.label("perturbation")
-            with blame(label, "forward"):
-                perturbed = check_perturbed(label, features, method.perturbation(features, context))
-            if perturbed is not None:
-                logs["perturbation_relative_norm"] = relative_step(features, perturbed, context.valid)
-            return perturbed
-
         perturbing = step >= settings.perturbation_start_iters
-        out = student(torch.cat([labeled.images, strong]), perturb=perturb if perturbing else None, num_perturbed=num_unlabeled)
-        loss_sup = F.cross_entropy(out.logits[:num_labeled].float(), labeled.masks, ignore_index=self.ignore_index)
-        loss_unsup = self.consistency("strong_loss", out.logits[num_labeled:], probs, valid)
-        perturbed_view = out.perturbed_logits is not None
-        loss = loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
-        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valid.float().mean())
+        weak_perturbed = settings.perturbed_view == "weak"
+        by_teacher = settings.pseudo_labels == "teacher"
+
+        weak_out = None
+        if by_teacher:
+            with torch.no_grad():
+                teacher_out = teacher(torch.cat([labeled.images, unlabeled.weak]))
+                probs = teacher_out.logits[num_labeled:].float().softmax(dim=1)
+            if method.density is not None:
+                logs.update(self.fit_density(teacher_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
+            weak_valid = self.trusted(probs, unlabeled.padding)
+        else:  # the student's own train-mode forward of labeled + weak images (pass A)
+            weak_perturb = self.perturbation_hook(logs, None, unlabeled.padding) if weak_perturbed and perturbing else None
+            weak_out = student(
+                torch.cat([labeled.images, unlabeled.weak]), perturb=weak_perturb, num_perturbed=num_unlabeled,
+                perturb_at=settings.perturb_at,
+            )
+            probs = weak_out.logits[num_labeled:].detach().float().softmax(dim=1)
+            weak_valid = self.trusted(probs, unlabeled.padding)
+            if method.density is not None:  # one update behind: this pass's perturbation used the previous one
+                logs.update(self.fit_density(weak_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
+
+        views = self.mixed_strong_views(step, student, teacher, unlabeled, probs, partners)
+        valids = [self.trusted(view_probs, padding) for _, view_probs, padding in views]
+
+        strong_images = [images for images, _, _ in views]
+        if by_teacher:  # one student pass: labeled, strong views (the first last), the weak view if perturbed
+            order = [labeled.images, *strong_images[1:], strong_images[0]] + ([unlabeled.weak] if weak_perturbed else [])
+        else:  # pass B: the strong views (the first last), after pass A above
+            order = [*strong_images[1:], strong_images[0]]
+        perturb_strong = perturbing and not weak_perturbed
+        perturb_here = perturbing and (perturb_strong or (weak_perturbed and by_teacher))
+        target_valid = valids[0] if perturb_strong else weak_valid
+        out = student(
+            torch.cat(order),
+            perturb=self.perturbation_hook(logs, target_valid, None) if perturb_here else None,
+            num_perturbed=num_unlabeled,
+            perturb_at=settings.perturb_at,
+        )
+        offset = num_labeled if by_teacher else 0
+        logits_by_view = [None] * len(views)
+        for index, view_index in enumerate([*range(1, len(views)), 0]):
+            start = offset + index * num_unlabeled
+            logits_by_view[view_index] = out.logits[start : start + num_unlabeled]
+        labeled_logits = out.logits[:num_labeled] if by_teacher else weak_out.logits[:num_labeled]
+
+        loss_sup = F.cross_entropy(labeled_logits.float(), labeled.masks, ignore_index=self.ignore_index)
+        strong_losses = [
+            self.unlabeled_loss("strong_loss", logits, view_probs, valid, padding)
+            for logits, (_, view_probs, padding), valid in zip(logits_by_view, views, valids)
+        ]
+        loss_unsup = strong_losses[0] if len(strong_losses) == 1 else sum(strong_losses) / len(strong_losses)
+        perturbed_logits = weak_out.perturbed_logits if (weak_out is not None and weak_perturbed) else out.perturbed_logits
+        perturbed_view = perturbed_logits is not None
+        loss = loss_sup if settings.supervised_weight == 1.0 else settings.supervised_weight * loss_sup
+        loss = loss + settings.strong_weight(perturbed_view) * loss_unsup
+        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valids[0].float().mean())
         if perturbed_view:
-            loss_perturbed = self.consistency("perturbed_loss", out.perturbed_logits, probs, valid)
+            if weak_perturbed:
+                target_probs, target_padding = probs, unlabeled.padding
+            else:
+                _, target_probs, target_padding = views[0]
+            loss_perturbed = self.unlabeled_loss("perturbed_loss", perturbed_logits, target_probs, target_valid, target_padding)
             loss = loss + settings.perturbed_weight * loss_perturbed
             logs["loss_perturbed"] = loss_perturbed.detach()
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def trusted(self, probs: Tensor, padding: Tensor) -> Tensor:
+        """Pixels whose pseudo-label is trusted: confidence above ``threshold`` (or equal, with
+        ``threshold_inclusive``) and not crop padding."""
+        confidence = probs.max(dim=1).values
+        settings = self.settings
+        confident = confidence >= settings.threshold if settings.threshold_inclusive else confidence > settings.threshold
+        return confident & ~padding
+
+    def mixed_strong_views(
+        self,
+        step: int,
+        student: nn.Module,
+        teacher: nn.Module,
+        unlabeled: UnlabeledBatch,
+        probs: Tensor,
+        partners: UnlabeledBatch | None,
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``(images, target probabilities, padding)`` of each strong view after CutMix.
+
+        Partners are the next image of the batch, or the ``partners`` stream (its pseudo-labels
+        from the pseudo-labelling model in eval mode, as UniMatch). Each view draws its own boxes.
+        """
+        settings = self.settings
+        strong = [unlabeled.strong] + ([unlabeled.strong2] if settings.strong_views == 2 else [])
+        if any(view is None for view in strong):
+            raise ValueError("train.strong_views = 2 needs batches with a second strong view")
+        count = unlabeled.weak.shape[0]
+        stream = settings.cutmix_partners == "stream"
+        if not stream and count < 2:  # one image has no partner to mix with (the loop warns at start)
+            return [(view, probs, unlabeled.padding) for view in strong]
+        if stream:
+            if partners is None:
+                raise ValueError("train.cutmix_partners = 'stream' needs a batch of partner images")
+            partner_probs = self.partner_pseudo_labels(student, teacher, partners.weak)
+            partner_strong = [partners.strong] + ([partners.strong2] if settings.strong_views == 2 else [])
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        views = []
+        for index, images in enumerate(strong):
+            boxes = cutmix_boxes(
+                count, *images.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision
+            )
+            if stream:
+                views.append((
+                    paste(boxes, images, partner_strong[index]),
+                    paste(boxes, probs, partner_probs),
+                    paste(boxes, unlabeled.padding, partners.padding),
+                ))
+            else:
+                views.append(tuple(apply_cutmix(boxes, images, probs, unlabeled.padding)))
+        return views
+
+    def partner_pseudo_labels(self, student: nn.Module, teacher: nn.Module, weak: Tensor) -> Tensor:
+        """Probabilities of the partner images: the student in eval mode (UniMatch) or the teacher."""
+        with torch.no_grad():
+            if self.settings.pseudo_labels == "teacher":
+                return teacher(weak).logits.float().softmax(dim=1)
+            student.eval()
+            try:
+                return student(weak).logits.float().softmax(dim=1)
+            finally:
+                student.train()
+
+    def perturbation_hook(self, logs: dict[str, Tensor], valid: Tensor | None, padding: Tensor | None) -> PerturbFn:
+        """The ``perturb`` callback of the network's forward, running the recipe's perturbation.
+
+        ``valid`` marks the trusted pixels of the perturbed images; None when they are only known
+        inside the pass (the student's own pseudo-labels): they then come from the clean
+        classifier output the network hands over (and ``padding``).
+        """
+        method, settings = self.method, self.settings
+
+        def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput], clean: ClassifierOutput | None) -> Tensor | None:
+            if valid is not None:
+                trusted = resize_mask(valid, features.shape[-2:])
+            elif clean is not None:
+                trusted = self.trusted(clean.logits.detach().float().softmax(dim=1), resize_mask(padding, features.shape[-2:]))
+            else:  # encoder maps: every pixel (a perturbation there should not need the mask)
+                trusted = torch.ones(features.shape[0], *features.shape[-2:], dtype=torch.bool, device=features.device)
+            context = PerturbationContext(classify, trusted, method.density)
+            label = method.label("perturbation")
+            with blame(label, "forward"):
+                perturbed = check_perturbed(label, features, method.perturbation(features, context))
+            if perturbed is not None and settings.perturb_at == "classifier":
+                logs["perturbation_relative_norm"] = relative_step(features, perturbed, context.valid)
+            return perturbed
+
+        return perturb
+
+    def unlabeled_loss(self, role: str, logits: Tensor, target_probs: Tensor, valid: Tensor, padding: Tensor) -> Tensor:
+        """The consistency loss in ``role`` over trusted pixels, normalised per ``unsupervised_normalisation``:
+        by the trusted pixels (the loss's own mean) or by the non-padding pixels (UniMatch)."""
+        loss = self.consistency(role, logits, target_probs, valid)
+        if self.settings.unsupervised_normalisation == "valid":
+            loss = loss * valid.sum() / (~padding).sum().clamp(min=1)
+        return loss
 
     def nonfinite_sources(self, logs: dict[str, Tensor]) -> str:
         """Which of this process's losses in ``logs`` are not finite, and the plugins behind them."""
