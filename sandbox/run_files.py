@@ -12,6 +12,14 @@ SUMMARY_FILE = "summary.json"
 FAILED_MARKER = "FAILED"
 """Written by ``sandbox ablate`` when the run raised; holds the error line."""
 
+CLAIM_FILE = "CLAIM"
+"""Held by the ``sandbox ablate`` process training the run (see :mod:`sandbox.analysis.claims`)."""
+
+
+def is_claim_file(name: str) -> bool:
+    """Whether a file of a run directory belongs to its claim (``CLAIM``, ``CLAIM.*``): not the run's content."""
+    return name == CLAIM_FILE or name.startswith(CLAIM_FILE + ".")
+
 
 def flatten_keys(data: dict, prefix: str = "") -> dict:
     """Nested tables to dotted keys: ``{"train": {"iters": 5}}`` -> ``{"train.iters": 5}``."""

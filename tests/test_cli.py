@@ -99,9 +99,9 @@ def test_bench_times_the_training_loops_own_iteration(
     calls: list[tuple[int, bool]] = []
     real = TrainingIteration.__call__
 
-    def counting(self, step, labeled, unlabeled):  # noqa: ANN001, ANN202
+    def counting(self, step, labeled, unlabeled, partners=None):  # noqa: ANN001, ANN202
         calls.append((step, unlabeled is not None))
-        return real(self, step, labeled, unlabeled)
+        return real(self, step, labeled, unlabeled, partners)
 
     monkeypatch.setattr(TrainingIteration, "__call__", counting)
     code, _, _ = run_cli(["bench", str(tiny_recipe), "--steps", "2", "--warmup", "1"], capsys)

@@ -486,5 +486,6 @@ def test_ablate_goes_on_after_a_run_failing_everywhere_and_ends_after_one_failin
     one = (runs / "perturbation.only_rank=1" / "seed3" / "FAILED").read_text()
     assert one == f"training failed after 3 of 6 steps: {RAISED} RuntimeError: planted failure on process 1 (on process 1)\n"
     assert not (runs / "perturbation.only_rank=7").exists(), "the sweep ended: the processes are out of step"
+    assert not list(runs.rglob("CLAIM*")), "the main process gave its claim back before it ended"
     assert sum(line.startswith("error:") for line in text.splitlines()) == 2, text[-3000:]
     assert not OUR_FRAME.search(text), text[-3000:]

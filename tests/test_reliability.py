@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from sandbox.cli import main
 from sandbox.plugins import load_registry
-from run_records import assert_same_records, records
+from run_records import assert_same_run, records
 from sandbox.train.rundir import verify_checkpoint
 
 RUN = ("tiny", "seed3")
@@ -41,15 +41,6 @@ def fails(capsys: pytest.CaptureFixture, *args: str) -> str:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
     return errors[0]
-
-
-def assert_same_run(reference: Path, resumed: Path) -> None:
-    """Equal metrics (all keys but ``images_per_s``) and equal ``last.pt`` weights."""
-    assert_same_records(records(reference), records(resumed))
-    expected = torch.load(reference / "last.pt", weights_only=True)["model"]
-    actual = torch.load(resumed / "last.pt", weights_only=True)["model"]
-    assert expected.keys() == actual.keys()
-    assert all(torch.allclose(actual[k].float(), expected[k].float(), atol=1e-5) for k in expected)
 
 
 def forget_the_end(run_dir: Path) -> None:

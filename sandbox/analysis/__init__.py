@@ -2,6 +2,8 @@
 
 ``runs`` finds run directories and reads them; ``compare`` groups runs by the recipe keys that
 differ and computes statistics over seeds; ``report`` renders a comparison as a table, Markdown,
-CSV, LaTeX or JSON; ``sweep`` expands an ablation grid; ``curves`` and ``prediction_grid`` draw
-PNG figures; ``colours`` and ``inference`` turn a checkpoint's predictions into coloured masks.
+CSV, LaTeX or JSON; ``sweep`` expands an ablation grid, ``shards`` splits it between jobs,
+``claims`` keeps two processes off one run and ``sweep_status`` reads each run's state;
+``curves`` and ``prediction_grid`` draw PNG figures; ``colours`` and ``inference`` turn a
+checkpoint's predictions into coloured masks.
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 
 from sandbox.errors import SandboxError
@@ -21,6 +21,15 @@ def has_accelerator_device() -> bool:
     """True when a CUDA, XPU or MPS device is usable."""
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch (the state :func:`make_accelerator`'s Accelerator shares).
+
+    ``cpu=True`` without an accelerator device, as there: created first without it, the state
+    would treat each CPU process as a separate single-process run.
+    """
+    return PartialState(cpu=not has_accelerator_device())
 
 
 def make_accelerator(

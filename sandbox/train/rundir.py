@@ -14,7 +14,7 @@ import torch
 
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe
-from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys
+from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, is_claim_file
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -132,13 +132,14 @@ class RunDirectory:
                     f"resume with that file or start a new run (--set name=... or --overwrite)"
                 )
             return
-        if self.path.exists() and any(self.path.iterdir()):
+        content = [entry for entry in self.path.iterdir() if not is_claim_file(entry.name)] if self.path.is_dir() else []
+        if content:
             if not overwrite:
                 raise SandboxError(
                     f"run directory {self.path} already exists; use --resume to continue it, --overwrite to "
                     f"replace it, or --set name=... for a new run"
                 )
-            shutil.rmtree(self.path)
+            remove_all(content)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.recipe_file, recipe.to_toml().encode())
@@ -188,6 +189,16 @@ class RunDirectory:
         """The newest complete checkpoint folder, or None."""
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
+
+
+def remove_all(content: list[Path]) -> None:
+    """Delete these files and folders of a run directory (``--overwrite`` keeps only a claim: the
+    ``sandbox ablate`` process about to train there holds it; see :mod:`sandbox.analysis.claims`)."""
+    for entry in content:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def differing_keys(saved_toml: str, recipe: Recipe) -> str:
