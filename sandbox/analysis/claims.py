@@ -242,6 +242,9 @@ def acquire(path: Path, mine: Claim, attempts: int = 3) -> Attempt:
         won, rival = take_over(path, other, mine)
         if won:
             return Attempt(holds(path, mine), other)
+        current = read_claim(path)  # the takeover may be complete: report the claim now in place
+        if current is not None and not current.is_stale():
+            return Attempt(False, current)
         if rival is not None:
             return Attempt(False, rival)
     return Attempt(False, read_claim(path))
