@@ -157,11 +157,10 @@ class SemiSupervisedStep:
             self.unlabeled_loss("strong_loss", logits, view_probs, valid, padding)
             for logits, (_, view_probs, padding), valid in zip(logits_by_view, views, valids)
         ]
-        loss_unsup = strong_losses[0] if len(strong_losses) == 1 else sum(strong_losses) / len(strong_losses)
+        loss_unsup = sum(strong_losses) / len(strong_losses)
         perturbed_logits = weak_out.perturbed_logits if (weak_out is not None and weak_perturbed) else out.perturbed_logits
         perturbed_view = perturbed_logits is not None
-        loss = loss_sup if settings.supervised_weight == 1.0 else settings.supervised_weight * loss_sup
-        loss = loss + settings.strong_weight(perturbed_view) * loss_unsup
+        loss = settings.supervised_weight * loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
         logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valids[0].float().mean())
         if perturbed_view:
             if weak_perturbed:
