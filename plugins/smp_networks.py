@@ -20,9 +20,11 @@ The grid must halve evenly, so input sides are multiples of twice the patch (28 
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Iterator, Literal
 
 import segmentation_models_pytorch as smp
 from torch import Tensor, nn
@@ -90,6 +92,10 @@ class SmpNetwork(SegmentationNetwork):
         """smp's decoder on the encoder's maps."""
         return self.decoder(maps)
 
+    def has_encoder_maps(self) -> bool:
+        """Not for ViT encoders (DPT): their output is tokens with prefix tokens, not a list of maps."""
+        return self.architecture != "DPT"
+
 
 def patch_grid_dpt_decoder(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     """DPT's decoder for a ViT whose patch is not 16: reassembly factors 4, 2, 1, 1/2 of the patch grid."""
@@ -106,14 +112,40 @@ def patch_grid_dpt_decoder(model: nn.Module, options: dict[str, Any]) -> nn.Modu
     )
 
 
-def timm_checkpoint_adapter(model: nn.Module) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
-    """timm's own key conversion for a ViT (official DINOv2 files: ``mask_token`` dropped, position
-    embeddings resampled to the model's grid), or None for other encoders."""
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.")
+"""Keys of timm classifiers, which a feature encoder does not have (missing from a file is fine)."""
 
-    if isinstance(model, VisionTransformer):
-        return lambda state: checkpoint_filter_fn(state, model)
-    return None
+
+@contextmanager
+def missing_keys_refused(path: Path | None) -> Iterator[None]:
+    """While timm loads the weights file ``path``: parameters the file lacks are an error naming it.
+
+    timm loads a feature encoder's file non-strictly (classifier heads are dropped) and only logs
+    the encoder keys it did not find; a file of another model would otherwise leave them random.
+    """
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    missing = [
+        key
+        for message in records if message.startswith("Missing keys (")
+        for key in message[len("Missing keys ("):message.index(")")].split(", ")
+        if not key.startswith(CLASSIFIER_PREFIXES)
+    ]
+    if path is not None and missing:
+        raise ValueError(f"encoder weights {path} do not match the encoder: missing {', '.join(missing[:3])}")
 
 
 def size_divisor(model: nn.Module, architecture: str) -> int:
@@ -151,15 +183,25 @@ def build_smp(
     arguments = dict(options)
     if architecture == "DPT":
         arguments.setdefault("dynamic_img_size", True)  # whole-image evaluation at any (padded) size
+    path = None if weights is None else Path(weights)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"encoder weights {path} do not exist")
+    timm_file = path is not None and encoder.startswith("tu-")
+    if timm_file:  # timm loads it while building the encoder: its key conversions, then the feature wrapper
+        arguments["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
     try:
-        model = getattr(smp, architecture)(encoder_name=encoder, encoder_weights=None, classes=num_classes, **arguments)
+        with missing_keys_refused(path):
+            model = getattr(smp, architecture)(
+                encoder_name=encoder, encoder_weights="local file" if timm_file else None, classes=num_classes, **arguments
+            )
     except KeyError as error:
+        if timm_file:
+            raise ValueError(f"encoder weights {path} do not fit encoder {encoder!r} (no key {error})") from None
         raise ValueError(f"smp {architecture} has no encoder {encoder!r} ({error}); timm models are 'tu-<name>'") from None
     if architecture == "DPT" and math.log2(model.encoder.output_stride) % 1:
         model.decoder = patch_grid_dpt_decoder(model, options)
-    if weights is not None:
-        target = getattr(model.encoder, "model", model.encoder)  # the timm model of a tu- encoder
-        load_encoder_weights(target, Path(weights), timm_checkpoint_adapter(target))
+    if path is not None and not timm_file:  # smp's own encoders: a state dict of the encoder
+        load_encoder_weights(model.encoder, path)
     return SmpNetwork(model, num_classes, classifier_channels, classifier_depth, dropout, mix_bn, size_divisor(model, architecture))
 
 

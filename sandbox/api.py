@@ -274,6 +274,10 @@ class SegmentationNetwork(nn.Module, abc.ABC):
         """The classifier's input features from :meth:`extract`'s maps."""
         raise NotImplementedError(f"{type(self).__name__} does not implement decode")
 
+    def has_encoder_maps(self) -> bool:
+        """Whether :meth:`extract`/:meth:`decode` exist (``train.perturb_at = "encoder"`` needs them)."""
+        return type(self).extract is not SegmentationNetwork.extract
+
     @abc.abstractmethod
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the (pretrained) encoder, trained at the base learning rate."""

@@ -13,6 +13,7 @@ import torch
 from sandbox.api import DualBatchNorm2d, SegmentationNetwork
 from sandbox.bench.steps import synthetic_training
 from sandbox.cli import main
+from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.builder import build_model
@@ -173,3 +174,44 @@ def test_the_dinov2_recipe_builds_unimatch_v2s_small_dpt() -> None:
     assert network.feature_channels == 64 and network.embedding_channels == 64
     # DINOv2 ViT-S/14 at its 518-pixel grid: 22.06 M (the release adds a 384-d mask_token, pretraining only)
     assert count(network.encoder) == 22_056_192
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "efficientnet_b0"])
+def test_a_full_timm_checkpoint_loads_into_a_tu_feature_encoder(name: str, tmp_path: Path) -> None:
+    """timm's feature wrapper renames modules (``stem.0`` -> ``stem_0``) and drops heads: the file is
+    the whole timm model's state dict, as timm and most releases save it."""
+    import timm
+
+    full = {key: value + 0.5 if value.is_floating_point() else value
+            for key, value in timm.create_model(name, pretrained=False).state_dict().items()}
+    torch.save(full, tmp_path / f"{name}.pth")
+    network = load_registry().get("network", "smp").build(
+        {"architecture": "Unet", "encoder": f"tu-{name}", "weights": str(tmp_path / f"{name}.pth")}, num_classes=3)
+    loaded = network.encoder.model.state_dict()
+
+    def original(key: str) -> str:  # the wrapper flattens top-level containers: stages.0 -> stages_0
+        top, _, rest = key.partition(".")
+        return key if key in full else ".".join([top.replace("_", ".", 1), rest])
+
+    keys = [key for key in loaded if not key.endswith("num_batches_tracked")]
+    assert keys and all(original(key) in full for key in keys)
+    assert all(torch.equal(loaded[key], full[original(key)]) for key in keys)
+
+
+def test_a_checkpoint_of_another_encoder_is_one_line(tmp_path: Path) -> None:
+    import timm
+
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(SandboxError, match=r"encoder weights .*resnet18.pth do not (fit|match)"):
+        load_registry().get("network", "smp").build(
+            {"architecture": "Unet", "encoder": "tu-convnext_atto", "weights": str(tmp_path / "resnet18.pth")}, num_classes=3)
+
+
+def test_encoder_perturbation_needs_encoder_maps(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_recipe), "--set", "model.name=smp", "--set", "model.architecture=DPT",
+              "--set", "model.encoder=tu-vit_tiny_patch16_224", "--set", "train.crop_size=64",
+              "--set", "train.perturb_at=encoder", "--set", "perturbation.name=dropout"])
+    assert exit_info.value.code == 2
+    assert "train.perturb_at = 'encoder': [model] 'smp' does not expose its encoder's maps" in capsys.readouterr().err
+    assert build_model(smp_recipe(tiny_recipe, "FPN"), load_registry(), 3).has_encoder_maps()

@@ -188,3 +188,26 @@ def test_student_pseudo_labels_feed_a_classifier_perturbation_with_their_trusted
     expected = (clean.max(dim=1).values >= UNIMATCH["threshold"]) & ~unlabeled.padding
     assert len(seen) == 1 and torch.equal(seen[0], expected)
     assert 0 < expected.float().mean() < 1, "the check covers trusted and untrusted pixels"
+
+
+def test_the_partners_are_labelled_in_eval_mode_before_any_train_mode_pass() -> None:
+    """As unimatch.py: their pseudo-labels use the running statistics from before this step's passes."""
+    torch.manual_seed(0)
+    network = TwoMapNetwork()
+    initial = network.norm.running_mean.clone()
+    passes: list[tuple[bool, Tensor]] = []
+    real_forward = network.forward
+
+    def recording(images: Tensor, *args: object, **kwargs: object):  # noqa: ANN202
+        passes.append((network.training, network.norm.running_mean.clone()))
+        return real_forward(images, *args, **kwargs)
+
+    network.forward = recording  # type: ignore[method-assign]
+    loss_fn = PseudoLabelCrossEntropy()
+    step = SemiSupervisedStep(TrainSection(**UNIMATCH), MethodComponents(Halve(), None, loss_fn, loss_fn), 255, SEED)
+    labeled, unlabeled, partners = batches()
+    network.train()
+    step.semi_supervised(STEP, network, None, labeled, unlabeled, partners)
+    assert [training for training, _ in passes] == [False, True, True]
+    assert torch.equal(passes[0][1], initial), "no train-mode pass ran before the partners were labelled"
+    assert network.training, "the student is back in train mode"

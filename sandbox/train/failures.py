@@ -21,6 +21,7 @@ store of the launch (the TCPStore at ``MASTER_ADDR:MASTER_PORT`` that every proc
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -38,7 +39,10 @@ POLL_S = 0.2
 """How often a watcher looks for a peer's error."""
 ANSWER_TIMEOUT_S = 15.0
 """How long a failing process waits for every process to answer before it ends the command."""
-STORE_TIMEOUT = timedelta(seconds=30)
+GRACE_S = 1.0
+"""How long a watcher that found a peer's error leaves this process's main thread to fail by itself."""
+STORE_TIMEOUT = timedelta(seconds=5)
+"""Connecting to the launch store, and each operation on it (all are small)."""
 
 _ERROR, _FAILED, _STOPPED = "error", "failed", "stopped"
 _EXITING = "sandbox/exiting"
@@ -51,14 +55,22 @@ class ProcessGroupLost(SandboxError):
     """A peer process was ended (or did not answer) after a failure: no collective can run any more."""
 
 
+@functools.lru_cache(maxsize=1)
 def launch_store() -> dist.Store | None:
-    """A client of the launch's key-value store (``MASTER_ADDR``/``MASTER_PORT``), or None without one."""
+    """A client of the launch's key-value store (``MASTER_ADDR``/``MASTER_PORT``), or None without one.
+
+    One connection per process (cached). An unreachable store is one warning line: errors during
+    training then end the other processes through their own collectives only.
+    """
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not host or not port:
         return None
     try:
         return dist.TCPStore(host, int(port), is_master=False, timeout=STORE_TIMEOUT, wait_for_workers=False)
-    except (RuntimeError, ValueError):  # DistStoreError is a RuntimeError
+    except (RuntimeError, ValueError) as error:  # DistStoreError is a RuntimeError
+        message = " ".join(str(error).split())[:160]
+        print(f"warning: the launch's key-value store {host}:{port} is not reachable ({message}); an error on one "
+              "process will not stop the others at once", file=sys.stderr)
         return None
 
 
@@ -133,7 +145,9 @@ class FailureWatch:
                 entry = self.store.get(_ERROR).decode()
             except RuntimeError:  # the store's host ended: this process's own collectives will report
                 return
-            if not self._claim.acquire(blocking=False):  # this process is failing by itself
+            # a grace period: the same error may be about to reach this process's main thread, which
+            # then reports it itself (and the processes stay in step, e.g. for the next ablation run)
+            if self._stopped.wait(GRACE_S) or not self._claim.acquire(blocking=False):
                 return
             message = self._message(entry)
             try:

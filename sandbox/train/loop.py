@@ -166,6 +166,11 @@ class Trainer:
             model = build_model(recipe, registry, self.source.num_classes)
             check_crop_fits(recipe, model)
             self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
+            if settings.perturb_at == "encoder" and not model.has_encoder_maps():
+                raise SandboxError(
+                    f"train.perturb_at = 'encoder': [model] {recipe.model.name!r} does not expose its encoder's maps "
+                    "(extract/decode); perturb at the classifier's input"
+                )
             if settings.perturb_at == "encoder" and self.method.perturbation.uses_density:
                 raise SandboxError(
                     f"[perturbation] {recipe.perturbation.name!r} uses the density of the classifier's embedding: "

@@ -17,6 +17,10 @@ from torch import Tensor
 from sandbox.errors import PluginError, SandboxError, describe_exception
 
 
+MIXED_PRECISION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The floating dtypes a perturbation may return besides the features' own."""
+
+
 @contextmanager
 def blame(label: str, action: str) -> Iterator[None]:
     """Run a plugin's ``action``; any exception but a ``SandboxError`` becomes a ``PluginError`` naming ``label``."""
@@ -36,17 +40,18 @@ def check_perturbed(label: str, features: Tensor, perturbed: Any) -> Tensor | No
     """``perturbed`` if it may replace ``features`` (or None: no perturbed view), else ``PluginError``.
 
     It must be a floating-point tensor of the features' shape on their device, of their dtype or
-    float32 (a perturbation may compute in float32 under mixed precision).
+    a floating dtype of mixed precision (float32, float16, bfloat16: under autocast a plugin's
+    last operation decides it), then cast to the features' dtype. float64 and integers are refused.
     """
     if perturbed is None:
         return None
     expected = f"expected a tensor {_tensor_text(features)} like the features (or None)"
     if not isinstance(perturbed, Tensor):
         raise PluginError(f"{label} returned {type(perturbed).__name__}, {expected}")
-    wrong_dtype = perturbed.dtype not in (features.dtype, torch.float32)
+    wrong_dtype = perturbed.dtype not in (features.dtype, *MIXED_PRECISION_DTYPES)
     if perturbed.shape != features.shape or wrong_dtype or perturbed.device != features.device:
         raise PluginError(f"{label} returned a tensor {_tensor_text(perturbed)}, {expected}")
-    return perturbed
+    return perturbed.to(features.dtype)
 
 
 def check_loss(label: str, loss: Any) -> Tensor:

@@ -110,6 +110,9 @@ class SemiSupervisedStep:
         by_teacher = settings.pseudo_labels == "teacher"
 
         weak_out = None
+        stream = settings.cutmix_partners == "stream" and partners is not None
+        # the partners' pseudo-labels first: in eval mode, before any train-mode pass of this step
+        partner_probs = self.partner_pseudo_labels(student, teacher, partners.weak) if stream else None
         if by_teacher:
             with torch.no_grad():
                 teacher_out = teacher(torch.cat([labeled.images, unlabeled.weak]))
@@ -128,7 +131,7 @@ class SemiSupervisedStep:
             if method.density is not None:  # one update behind: this pass's perturbation used the previous one
                 logs.update(self.fit_density(weak_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
 
-        views = self.mixed_strong_views(step, student, teacher, unlabeled, probs, partners)
+        views = self.mixed_strong_views(step, unlabeled, probs, partners, partner_probs)
         valids = [self.trusted(view_probs, padding) for _, view_probs, padding in views]
 
         strong_images = [images for images, _, _ in views]
@@ -184,16 +187,15 @@ class SemiSupervisedStep:
     def mixed_strong_views(
         self,
         step: int,
-        student: nn.Module,
-        teacher: nn.Module,
         unlabeled: UnlabeledBatch,
         probs: Tensor,
         partners: UnlabeledBatch | None,
+        partner_probs: Tensor | None,
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``(images, target probabilities, padding)`` of each strong view after CutMix.
 
-        Partners are the next image of the batch, or the ``partners`` stream (its pseudo-labels
-        from the pseudo-labelling model in eval mode, as UniMatch). Each view draws its own boxes.
+        Partners are the next image of the batch, or the ``partners`` stream with their
+        pseudo-labels ``partner_probs`` (see :meth:`partner_pseudo_labels`). Each view draws its own boxes.
         """
         settings = self.settings
         strong = [unlabeled.strong] + ([unlabeled.strong2] if settings.strong_views == 2 else [])
@@ -204,9 +206,8 @@ class SemiSupervisedStep:
         if not stream and count < 2:  # one image has no partner to mix with (the loop warns at start)
             return [(view, probs, unlabeled.padding) for view in strong]
         if stream:
-            if partners is None:
+            if partners is None or partner_probs is None:
                 raise ValueError("train.cutmix_partners = 'stream' needs a batch of partner images")
-            partner_probs = self.partner_pseudo_labels(student, teacher, partners.weak)
             partner_strong = [partners.strong] + ([partners.strong2] if settings.strong_views == 2 else [])
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         views = []
@@ -245,12 +246,13 @@ class SemiSupervisedStep:
         method, settings = self.method, self.settings
 
         def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput], clean: ClassifierOutput | None) -> Tensor | None:
-            if valid is not None:
-                trusted = resize_mask(valid, features.shape[-2:])
-            elif clean is not None:
-                trusted = self.trusted(clean.logits.detach().float().softmax(dim=1), resize_mask(padding, features.shape[-2:]))
-            else:  # encoder maps: every pixel (a perturbation there should not need the mask)
+            if settings.perturb_at == "encoder":  # every map of every image of the pass: no pseudo-label mask
                 trusted = torch.ones(features.shape[0], *features.shape[-2:], dtype=torch.bool, device=features.device)
+            elif valid is not None:
+                trusted = resize_mask(valid, features.shape[-2:])
+            else:  # the student's own pseudo-labels, known inside the pass: from its clean output
+                assert clean is not None and padding is not None
+                trusted = self.trusted(clean.logits.detach().float().softmax(dim=1), resize_mask(padding, features.shape[-2:]))
             context = PerturbationContext(classify, trusted, method.density)
             label = method.label("perturbation")
             with blame(label, "forward"):
