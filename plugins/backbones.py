@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -46,12 +45,9 @@ class TimmBackbone(Backbone):
         return features[self.low_index], features[-1]
 
 
-def load_encoder_weights(
-    encoder: torch.nn.Module, path: Path, adapt: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
-) -> None:
+def load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
     """Load a local checkpoint (a state dict, optionally under ``state_dict``/``model``) into ``encoder``.
 
-    ``adapt`` converts the file's keys first (e.g. timm's filter for official DINOv2 files).
     Classifier weights (``fc.*``, ``head.*``) are dropped; any other missing or unexpected key
     is an error naming the file.
     """
@@ -62,8 +58,6 @@ def load_encoder_weights(
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if adapt is not None:
-        state = adapt(state)
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
     # nn.Module's own loader: some encoders (smp's ResNets) override load_state_dict without returning its keys
     missing, unexpected = torch.nn.Module.load_state_dict(encoder, state, strict=False)
