@@ -13,7 +13,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sandbox.density import GaussianMixturePrior, OnlineMixtureDensity, process_count, process_rank, require_positive
+from sandbox.density import (
+    GaussianMixturePrior,
+    OnlineMixtureDensity,
+    require_positive,
+    sum_over_processes,
+)
 from sandbox.api import Register, hookimpl
 
 
@@ -21,6 +26,10 @@ from sandbox.api import Register, hookimpl
 def sandbox_register_density_estimators(register: Register) -> None:
     """Register the diagonal Gaussian mixture as ``gmm``."""
     register("gmm", GaussianMixtureDensity)
+
+
+FALLBACK_SEED = 0
+"""Seeds the N(0, I) draw that places the initial means of classes without labeled features."""
 
 
 class DiagonalGaussianMixture(GaussianMixturePrior):
@@ -56,14 +65,16 @@ class DiagonalGaussianMixture(GaussianMixturePrior):
     def initialize_from(self, features: Tensor, labels: Tensor) -> bool:
         """Moment initialisation from a batch: class means and the pooled within-class variance.
 
-        A class without labeled features gets a randomly drawn feature of the batch as its mean.
+        A class without labeled features gets a random point of the batch's spread as its mean:
+        batch mean + batch standard deviation x a fixed N(0, I) draw (seeded by
+        :data:`FALLBACK_SEED`, so the same however many processes share the batch).
         The per-dimension variance, shared by all components, is the pooled within-class
         variance of the labeled features, or the batch's variance when no class has two
         labeled features. Variances are floored at 1e-6.
 
         On several processes every process calls this at the same step with its own pixels: the
-        moments are summed over all processes' pixels and the drawn means come from the first
-        process that has pixels, so every process ends with the same parameters. Returns False
+        moments are summed over all processes' pixels, so every process ends with the parameters
+        that one process computes from all the pixels. Returns False
         (and changes nothing) when no process has a pixel.
         """
         features = features.to(self.means.dtype)
@@ -78,11 +89,11 @@ class DiagonalGaussianMixture(GaussianMixturePrior):
         sums, counts, totals, total = sums.view(num_components, self.dim), counts.unsqueeze(1), totals.view(2, self.dim), int(total)
         if total == 0:
             return False
-        if count > 0:
-            fallback = features[torch.randint(count, (num_components,), device=features.device)]
-        else:
-            fallback = features.new_zeros(num_components, self.dim)
-        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), from_first_process_with_data(fallback, count > 0))
+        batch_mean = totals[0] / total
+        batch_std = (totals[1] / total - batch_mean.pow(2)).clamp(min=0.0).sqrt()
+        draw = torch.randn(num_components, self.dim, generator=torch.Generator().manual_seed(FALLBACK_SEED))
+        fallback = batch_mean + batch_std * draw.to(device=features.device, dtype=features.dtype)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), fallback)
         degrees_of_freedom = int(counts.sum()) - int((counts > 0).sum())
         if degrees_of_freedom > 0:
             deviations = sum_over_processes((labeled_features - means[classes]).pow(2).sum(dim=0))
@@ -94,26 +105,6 @@ class DiagonalGaussianMixture(GaussianMixturePrior):
         self.means.copy_(means)
         self.log_vars.copy_(variance.clamp(min=1e-6).log().expand_as(self.log_vars))
         return True
-
-
-def sum_over_processes(values: Tensor) -> Tensor:
-    """``values`` summed over the processes of an initialised torch.distributed group (as is without one)."""
-    if process_count() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-    return values
-
-
-def from_first_process_with_data(values: Tensor, has_data: bool) -> Tensor:
-    """``values`` of the lowest-ranked process whose ``has_data`` is true (``values`` itself on one process)."""
-    processes = process_count()
-    if processes == 1:
-        return values
-    source = torch.tensor([process_rank() if has_data else processes], device=values.device)
-    torch.distributed.all_reduce(source, op=torch.distributed.ReduceOp.MIN)
-    values = values.clone()
-    torch.distributed.broadcast(values, src=int(source))
-    return values
 
 
 class GaussianMixtureDensity(OnlineMixtureDensity):

@@ -49,15 +49,18 @@ class DensityDescending(Perturbation):
         normalised per pixel, so only the direction matters, and with the sum each pixel's
         gradient is that of its own NLL whatever the pixel count. With the mean it shrinks as
         1 / pixels and, through an fp16 classifier, falls into fp16's subnormal range (about 1e-6
-        per element at 4 x 129 x 129 pixels), where the direction loses precision.
+        per element at 4 x 129 x 129 pixels), where the direction loses precision. On several
+        processes with ``sync_bn`` the classifier's BatchNorm couples every process's pixels; the
+        sum over each process's pixels then gives exactly one process's gradient on the whole batch.
         """
         noise = torch.zeros_like(features, requires_grad=True)
         with torch.enable_grad():
             embedding = context.classify(features + noise).embedding
             pixels = embedding.permute(0, 2, 3, 1)[context.valid]
-            if pixels.shape[0] == 0:
-                return torch.zeros_like(features)
-            nll = -context.density.log_prob(pixels.float()).sum()
+            if pixels.shape[0] == 0:  # no trusted pixel here: a zero gradient, but still a backward pass,
+                nll = embedding.sum() * 0.0  # which a classifier with sync_bn needs on every process
+            else:
+                nll = -context.density.log_prob(pixels.float()).sum()
             (grad,) = torch.autograd.grad(nll, noise)
         return grad.float()
 
@@ -97,7 +100,11 @@ class VirtualAdversarial(Perturbation):
         return features + (self.eps * self.direction(features.detach(), context)).to(features.dtype)
 
     def direction(self, features: Tensor, context: PerturbationContext) -> Tensor:
-        """Power iteration from a random direction; KL(clean || perturbed) over trusted pixels."""
+        """Power iteration from a random direction; KL(clean || perturbed) summed over trusted pixels.
+
+        The sum, not the mean: each step is normalised per pixel, so only the direction matters, and
+        with ``sync_bn`` the sum over each process's pixels is one process's objective on the whole batch.
+        """
         with torch.no_grad():
             clean = context.classify(features).logits.float().log_softmax(dim=1)
         direction = F.normalize(torch.randn_like(features, dtype=torch.float32), dim=1)
@@ -107,7 +114,7 @@ class VirtualAdversarial(Perturbation):
             with torch.enable_grad():
                 logits = context.classify(features + (self.xi * direction).to(features.dtype)).logits.float()
                 kl = F.kl_div(logits.log_softmax(dim=1), clean, log_target=True, reduction="none")
-                loss = (kl * valid).sum() / valid.sum().clamp(min=1.0)
+                loss = (kl * valid).sum()
                 (grad,) = torch.autograd.grad(loss, direction)
             direction = F.normalize(grad, dim=1, eps=1e-12).detach()
         return direction

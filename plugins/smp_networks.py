@@ -16,6 +16,17 @@ patch 16 (factors 16/4, 16/8, 16/16, 16/32); with stride 14 they become fraction
 decoder cannot run. The decoder is then built for a patch grid (factors 4, 2, 1, 1/2 of the grid,
 as DPT and Depth Anything / UniMatch V2 do), and the logits are interpolated to the input size.
 The grid must halve evenly, so input sides are multiples of twice the patch (28 for /14).
+
+Encoder modules whose parameters never reach the encoder's output are removed
+(:func:`remove_unused_encoder_modules`, found by a forward and backward on the meta device): smp
+builds its native encoders whole and skips the stages beyond ``encoder_depth`` (PSPNet's default 3
+leaves a ResNet's ``layer3`` and ``layer4`` unused) or computes one and discards it (MobileNetV2,
+EfficientNet); EfficientNets keep their classification ``conv_head``; a ViT keeps its final
+``norm`` and ``head``, which DPT does not read (it reads the blocks' outputs before the final norm),
+and the blocks after the last one it reads. Under DistributedDataParallel without
+``find_unused_parameters`` (as the trainer wraps the student) such parameters are an error, and
+they would sit in the optimizer and in checkpoints for nothing. Weight files may hold their keys or
+not (they are ignored); every key of the modules kept is needed, as before.
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import segmentation_models_pytorch as smp
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from sandbox.api import Register, SegmentationNetwork, classifier_layers, hookimpl
 from sandbox_builtins.backbones import load_encoder_weights
@@ -110,6 +123,135 @@ def patch_grid_dpt_decoder(model: nn.Module, options: dict[str, Any]) -> nn.Modu
         intermediate_channels=options.get("decoder_intermediate_channels", (256, 512, 1024, 1024)),
         fusion_channels=options.get("decoder_fusion_channels", 256),
     )
+
+
+class Removed(nn.Module):
+    """Stands in for an encoder module whose parameters never reach the encoder's output: no
+    parameters, no buffers, and its input passed through where the encoder still calls it (an
+    encoder that computes a stage beyond its depth and discards it: MobileNetV2, EfficientNet).
+
+    It keeps the parent's structure (indices of a ``Sequential``, lengths an encoder reads) and
+    ignores the module's keys in a state dict, so that a weights file or checkpoint that still
+    holds them (an encoder saved whole, smp's own) loads; the keys of the modules the network
+    does use are checked as before.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """The removed module's weights are not needed: neither loaded nor reported unexpected."""
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def probe_size(encoder: nn.Module) -> tuple[int, int]:
+    """An input size ``encoder`` accepts: a transformer's configured image size, else 256 x 256."""
+    for module in encoder.modules():
+        size = getattr(module, "img_size", None)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+    return 256, 256
+
+
+def tensors(output: Any) -> list[Tensor]:
+    """The tensors in an encoder's output (a list of maps; ViTs: maps and prefix tokens)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [tensor for item in output for tensor in tensors(item)]
+    return []
+
+
+def probe(encoder: nn.Module) -> tuple[set[str], set[int], list[tuple[int, ...]]]:
+    """One eval-mode forward and backward of ``encoder`` on the meta device (no memory, no arithmetic;
+    its own tensors are neither read nor changed): the names of the modules it calls, the ids of
+    the parameters that reach its output, and the shapes of its outputs."""
+    names = {module: name for name, module in encoder.named_modules()}
+    called: set[str] = set()
+    hooks = [module.register_forward_pre_hook(lambda module, args: called.add(names[module])) for module in names]
+    parameters = dict(encoder.named_parameters())
+    probes = {name: torch.empty_like(p, device="meta").requires_grad_() for name, p in parameters.items()}
+    buffers = {name: torch.empty_like(b, device="meta") for name, b in encoder.named_buffers()}
+    modes = {module: module.training for module in names}
+    encoder.eval()
+    try:
+        outputs = tensors(functional_call(encoder, {**probes, **buffers}, (torch.empty(1, 3, *probe_size(encoder), device="meta"),)))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for hook in hooks:
+            hook.remove()
+    differentiable = [output for output in outputs if output.requires_grad]
+    gradients = torch.autograd.grad(sum(output.sum() for output in differentiable), list(probes.values()), allow_unused=True) \
+        if differentiable else [None] * len(probes)
+    reached = {id(parameters[name]) for name, gradient in zip(probes, gradients) if gradient is not None}
+    return called, reached, [tuple(output.shape) for output in outputs]
+
+
+def remove_unused_encoder_modules(encoder: nn.Module) -> list[str]:
+    """Replace by :class:`Removed` the outermost modules of ``encoder`` none of whose parameters reach
+    its output (found by :func:`probe`); return their names.
+
+    Checked afterwards: the encoder still runs, with outputs of the same shapes and, where a removed
+    module was being called (its result discarded), of the same values on a random image. Where a
+    check fails, or the probe cannot run, the encoder is kept whole, with a warning.
+    """
+    try:
+        called, reached, shapes = probe(encoder)
+        unused: list[str] = []
+        for name, module in encoder.named_modules():  # parents first: nothing inside a removed module is listed
+            owned = list(module.parameters())
+            if (name and owned and not any(id(p) in reached for p in owned)
+                    and not any(name.startswith(f"{outer}.") for outer in unused)):
+                unused.append(name)
+        if not unused:
+            return []
+        ran = any(c == name or c.startswith(f"{name}.") for name in unused for c in called)
+        images = torch.randn(1, 3, *probe_size(encoder), generator=torch.Generator().manual_seed(0))
+        expected = evaluate(encoder, images) if ran else []
+        originals = {name: encoder.get_submodule(name) for name in unused}
+        replace(encoder, {name: Removed(name) for name in unused})
+        try:
+            if probe(encoder)[2] != shapes or (ran and not all(map(torch.equal, evaluate(encoder, images), expected))):
+                raise ValueError(f"its output changes without {', '.join(unused[:3])}")
+        except Exception:
+            replace(encoder, originals)
+            raise
+    except Exception as error:
+        logging.getLogger(__name__).warning(
+            "encoder %s is kept whole: cannot remove the modules its forward does not use (%s: %s); "
+            "DistributedDataParallel without find_unused_parameters may then refuse it",
+            type(encoder).__name__, type(error).__name__, error,
+        )
+        return []
+    return unused
+
+
+def replace(encoder: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Set each submodule of ``encoder`` named in ``modules`` to the module given."""
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(encoder.get_submodule(parent), child, module)
+
+
+def evaluate(encoder: nn.Module, images: Tensor) -> list[Tensor]:
+    """The encoder's output tensors for ``images`` in eval mode (its modules' modes restored)."""
+    modes = {module: module.training for module in encoder.modules()}
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            return tensors(encoder(images))
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.")
@@ -200,8 +342,9 @@ def build_smp(
         raise ValueError(f"smp {architecture} has no encoder {encoder!r} ({error}); timm models are 'tu-<name>'") from None
     if architecture == "DPT" and math.log2(model.encoder.output_stride) % 1:
         model.decoder = patch_grid_dpt_decoder(model, options)
-    if path is not None and not timm_file:  # smp's own encoders: a state dict of the encoder
-        load_encoder_weights(model.encoder, path)
+    remove_unused_encoder_modules(model.encoder)  # tu- files are loaded by now (timm, into the whole model)
+    if path is not None and not timm_file:  # smp's own encoders: a state dict of the encoder, with or without
+        load_encoder_weights(model.encoder, path)  # the removed modules' keys; every key of the others is needed
     return SmpNetwork(model, num_classes, classifier_channels, classifier_depth, dropout, mix_bn, size_divisor(model, architecture))
 
 
@@ -211,4 +354,4 @@ def sandbox_register_networks(register: Register) -> None:
     register("smp", build_smp)
 
 
-__all__ = ["ARCHITECTURES", "SmpNetwork", "build_smp"]
+__all__ = ["ARCHITECTURES", "Removed", "SmpNetwork", "build_smp", "remove_unused_encoder_modules"]

@@ -82,7 +82,8 @@ class TrainSection(Section):
     cutmix_box: Literal["unimatch", "half"] = Field(
         "unimatch",
         description=(
-            "'unimatch': a box of area 2-40% and aspect 0.3-3.3; 'half': half the image, width uniform "
+            "'unimatch': UniMatch's obtain_cutmix_box (area uniform in 2-40%, height/width uniform in (0.3, 1/0.3), "
+            "redrawn with its position until the box fits); 'half': half the image, width uniform "
             "in (W/2, W) (DDFP's reference code, from U2PL)"
         ),
     )
@@ -152,7 +153,12 @@ class TrainSection(Section):
         ),
     )
     sync_bn: bool = Field(
-        False, description="SyncBatchNorm in the student when several processes run on CUDA devices"
+        False,
+        description=(
+            "the student's and the teacher's BatchNorms normalise over every process's batch (SyncBatchNorm on "
+            "CUDA, the same statistics through gloo on CPU processes): N processes then train what one process "
+            "trains on the concatenated batch"
+        ),
     )
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch import distributions as D
 
-from sandbox_builtins.density_gmm import GaussianMixtureDensity
+from sandbox_builtins.density_gmm import FALLBACK_SEED, GaussianMixtureDensity
 from sandbox_builtins.density_nflows import NflowsDensity
 from sandbox.api import DensityEstimator
 from sandbox.errors import SandboxError
@@ -104,7 +104,9 @@ def test_fit_step_learns_separable_clusters(name: str, options: dict[str, Any]) 
         nll_after = -est.log_prob(x, partial).mean().item()
         accuracy = (class_log_probs(est, x, 3).argmax(dim=1) == y).float().mean().item()
     assert nll_after < 0.6 * nll_before  # e.g. 85 -> 19 (glow), 47 -> 12 (gmm)
-    assert history[-1]["nll"] < history[0]["nll"]
+    # the NLL logged at the last update is below the one before any update (not the first logged one:
+    # gmm's data initialisation already starts the first update at the moment estimates, about 12)
+    assert history[-1]["nll"] < nll_before
     assert accuracy > 0.9
     assert history[-1]["accuracy"] > 0.9
     assert all(math.isfinite(stats["nll"]) for stats in history)
@@ -258,13 +260,15 @@ def test_gmm_data_initialisation() -> None:
     """The first batch sets class means and the pooled within-class variance; once, and checkpointed."""
     torch.manual_seed(0)
     x, y = make_clusters(400, 5, 3, torch.Generator().manual_seed(3))
-    y[y == 2] = -1  # class 2 has no labeled pixel: its mean is a feature of the batch
+    y[y == 2] = -1  # class 2 has no labeled pixel: its mean is batch mean + std x a fixed N(0, I) draw
     est = GaussianMixtureDensity(5, 3, 10)
     assert not bool(est.initialized)
     est.prior.initialize_from(x, y)
     for k in range(2):
         torch.testing.assert_close(est.prior.means[k].detach(), x[y == k].mean(dim=0))
-    assert (est.prior.means[2].detach() == x).all(dim=1).any()
+    draw = torch.randn(3, 5, generator=torch.Generator().manual_seed(FALLBACK_SEED))[2]
+    expected = x.mean(dim=0) + x.var(dim=0, unbiased=False).sqrt() * draw
+    torch.testing.assert_close(est.prior.means[2].detach(), expected, rtol=1e-4, atol=1e-5)
     residuals = torch.cat([x[y == k] - x[y == k].mean(dim=0) for k in range(2)])
     pooled = residuals.pow(2).sum(dim=0) / (residuals.shape[0] - 2)
     torch.testing.assert_close(est.prior.log_vars.detach(), pooled.log().expand(3, 5))

@@ -2,9 +2,13 @@
 
 The step runs with stub models whose logits are their input images (3 classes = 3 channels), so
 a test controls the teacher's confidence and can trace every pixel back to its source image.
+At the end, a small real network runs DDFP's step against a transcription of it. Wherever a
+loss is compared with one written out here, so are its gradients w.r.t. every parameter.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -12,12 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.api import ClassifierOutput, ConsistencyLoss, Perturbation, PerturbationContext
-from sandbox.api import SegmentationOutput
+from sandbox.api import SegmentationNetwork, SegmentationOutput, classifier_layers
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import apply_cutmix, cutmix_boxes
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+from sandbox_builtins.consistency_losses import PseudoLabelCrossEntropy
+from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
 
 # -- CutMix -------------------------------------------------------------------------------------
 
@@ -118,8 +124,15 @@ class StubModel(nn.Module):
         return SegmentationOutput(images * self.scale, images, perturbed_logits)
 
 
+def fixed_value_loss(value: float, logits: Tensor) -> Tensor:
+    """``value``, with the gradient of ``value x mean(logits)``: a loss whose value a test knows
+    and whose gradient still says which logits (and so which parameters) it was given."""
+    mean = logits.float().mean()
+    return value * (1.0 + (mean - mean.detach()))
+
+
 class RecordingLoss(ConsistencyLoss):
-    """A loss of fixed value that records what it was given."""
+    """A loss of fixed value (see :func:`fixed_value_loss`) that records what it was given."""
 
     def __init__(self, value: float) -> None:
         super().__init__()
@@ -128,7 +141,7 @@ class RecordingLoss(ConsistencyLoss):
 
     def forward(self, logits: Tensor, target_probs: Tensor, valid: Tensor) -> Tensor:
         self.calls.append((logits, target_probs, valid))
-        return logits.sum() * 0.0 + self.value
+        return fixed_value_loss(self.value, logits)
 
 
 class ShiftPerturbation(Perturbation):
@@ -162,8 +175,23 @@ def batches(size: int = 8) -> tuple[LabeledBatch, UnlabeledBatch]:
     return labeled, UnlabeledBatch(weak, strong, padding)
 
 
-def sup_loss(model_input: Tensor, labeled: LabeledBatch) -> float:
-    return F.cross_entropy(model_input[: labeled.images.shape[0]], labeled.masks).item()
+def stub_step_loss(student: StubModel, labeled: LabeledBatch, strong_weight: float, perturbed_weight: float | None) -> Tensor:
+    """The step's loss with :func:`make_step`'s losses, written out from the student's one pass
+    (labeled + strong images): CE of the labeled logits + ``strong_weight`` x 0.7 on the strong
+    logits + ``perturbed_weight`` x 0.3 on the perturbed ones (the features + 1; None: no view)."""
+    images, count = student.inputs[0], labeled.images.shape[0]
+    loss = F.cross_entropy(images[:count] * student.scale, labeled.masks)
+    loss = loss + strong_weight * fixed_value_loss(0.7, images[count:] * student.scale)
+    if perturbed_weight is not None:
+        loss = loss + perturbed_weight * fixed_value_loss(0.3, (images[count:] + 1.0) * student.scale)
+    return loss
+
+
+def assert_loss_and_gradients(loss: Tensor, expected: Tensor, student: nn.Module) -> None:
+    """``loss`` equals ``expected`` in value and in its gradient w.r.t. every parameter of ``student``."""
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+    parameters = dict(student.named_parameters())
+    assert "scale" in reached(assert_same_gradients(loss, parameters, expected, parameters))
 
 
 def test_trusted_pixels_are_the_confident_unpadded_ones_for_both_views() -> None:
@@ -178,6 +206,13 @@ def test_trusted_pixels_are_the_confident_unpadded_ones_for_both_views() -> None
     assert torch.equal(perturbation.valid[0], expected), "the perturbation sees the same trusted pixels"
 
 
+def test_trusted_ratio_is_trusted_over_non_padding_pixels_of_the_pseudo_labelled_view() -> None:
+    step, *_ = make_step(cutmix_p=1.0)  # the strong view's mixing must not change it
+    labeled, unlabeled = batches()  # top half confident, two of eight columns padding
+    _, logs = step.semi_supervised(5, StubModel(), StubModel(), labeled, unlabeled)
+    assert logs["trusted_ratio"].item() == pytest.approx(0.5), "4 x 6 trusted of 8 x 6 non-padding pixels"
+
+
 def test_threshold_is_strict_and_teacher_probabilities_are_the_targets() -> None:
     step, strong, _, _ = make_step(threshold=1 / 3)
     labeled, unlabeled = batches()
@@ -188,12 +223,13 @@ def test_threshold_is_strict_and_teacher_probabilities_are_the_targets() -> None
 
 
 def test_loss_weights_with_and_without_the_perturbed_view() -> None:
+    """The loss and its gradients: each view's loss enters with its weight, from that view's logits."""
     labeled, unlabeled = batches()
-    for step_index, expected_extra in ((4, 1.0 * 0.7), (5, 0.5 * 0.7 + 0.5 * 0.3)):
+    for step_index, strong_weight, perturbed_weight in ((4, 1.0, None), (5, 0.5, 0.5)):
         step, _, perturbed, _ = make_step()
         student = StubModel()
         loss, logs = step.semi_supervised(step_index, student, StubModel(), labeled, unlabeled)
-        assert loss.item() == pytest.approx(sup_loss(student.inputs[0], labeled) + expected_extra, rel=1e-5)
+        assert_loss_and_gradients(loss, stub_step_loss(student, labeled, strong_weight, perturbed_weight), student)
         assert ("loss_perturbed" in logs) == (step_index >= 5), "the perturbed view starts at perturbation_start_iters"
         assert len(perturbed.calls) == (1 if step_index >= 5 else 0)
 
@@ -204,11 +240,11 @@ def test_strong_weight_alone_and_a_perturbation_without_view() -> None:
     student = StubModel()
     loss, logs = step.semi_supervised(9, student, StubModel(), labeled, unlabeled)
     assert "loss_perturbed" not in logs and not perturbed.calls
-    assert loss.item() == pytest.approx(sup_loss(student.inputs[0], labeled) + 1.0 * 0.7, rel=1e-5)
+    assert_loss_and_gradients(loss, stub_step_loss(student, labeled, 1.0, None), student)
     step, _, _, _ = make_step(makes_view=False, strong_weight_alone=0.25)
     student = StubModel()
     loss, _ = step.semi_supervised(9, student, StubModel(), labeled, unlabeled)
-    assert loss.item() == pytest.approx(sup_loss(student.inputs[0], labeled) + 0.25 * 0.7, rel=1e-5)
+    assert_loss_and_gradients(loss, stub_step_loss(student, labeled, 0.25, None), student)
 
 
 def test_the_perturbed_view_is_of_the_mixed_strong_images_and_shares_their_targets() -> None:
@@ -283,3 +319,96 @@ def test_a_single_unlabeled_image_is_not_mixed_with_itself() -> None:
     step.semi_supervised(5, student, StubModel(), labeled, single)
     assert torch.equal(student.inputs[0][2:], single.strong), "the strong image reaches the student as it is"
     assert torch.equal(strong.calls[0][1], single.weak.softmax(dim=1))
+
+
+# -- DDFP's step against a transcription ---------------------------------------------------------
+
+DDFP_SETTINGS = {"threshold": 0.47, "cutmix_p": 1.0, "perturbation_start_iters": 0}
+"""DDFP's defaults otherwise: teacher pseudo-labels (strict threshold), one strong view CutMixed with
+the batch's previous image, its classifier input perturbed, 1 x sup + 0.5 x strong + 0.5 x perturbed,
+each unlabeled term a mean over trusted pixels. Threshold 0.47: about half the pixels trusted
+(3 classes, random weights)."""
+DDFP_SEED, DDFP_STEP, DDFP_SIZE = 3, 11, 16
+
+
+class SmallNetwork(SegmentationNetwork):
+    """A stride-2 conv-BN-ReLU encoder and a Mix-BN classifier layer (no dropout): every kind of
+    parameter a DDFP step trains, at a resolution the logits are upsampled from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.classifier = classifier_layers(4, 4, 1, dropout=0.0, mix_bn=True)
+        self.final = nn.Conv2d(4, CLASSES, 1)
+        self.feature_channels = self.embedding_channels = 4
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.conv.parameters())
+
+    def encode(self, images: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(images)))
+
+
+def ddfp_batches() -> tuple[LabeledBatch, UnlabeledBatch]:
+    """Two labeled images (some pixels ignored) and three unlabeled ones, two padded on the right."""
+    generator = torch.Generator().manual_seed(1)
+    images = lambda count: torch.randn(count, 3, DDFP_SIZE, DDFP_SIZE, generator=generator)  # noqa: E731
+    masks = torch.randint(0, CLASSES, (2, DDFP_SIZE, DDFP_SIZE), generator=generator)
+    masks[:, :2] = 255
+    padding = torch.zeros(3, DDFP_SIZE, DDFP_SIZE, dtype=torch.bool)
+    padding[:2, :, -4:] = True
+    return LabeledBatch(images(2), masks), UnlabeledBatch(images(3), images(3), padding)
+
+
+def ddfp_loss(student: SmallNetwork, teacher: SmallNetwork, labeled: LabeledBatch, unlabeled: UnlabeledBatch) -> Tensor:
+    """DDFP's step written out (``ShiftPerturbation``'s features + 1 for the perturbation): the
+    teacher's train-mode pass over labeled + weak images gives the pseudo-labels; each strong image
+    gets a box of the previous image (and its pseudo-labels, padding); the student's one pass over
+    labeled + mixed images; the mixed images' features + 1 through the auxiliary BatchNorms."""
+    count, size = labeled.images.shape[0], (DDFP_SIZE, DDFP_SIZE)
+    with torch.no_grad():
+        probs = teacher(torch.cat([labeled.images, unlabeled.weak])).logits[count:].softmax(dim=1)
+    generator = torch.Generator().manual_seed(DDFP_SEED * 1_000_003 + DDFP_STEP)
+    boxes = cutmix_boxes(unlabeled.weak.shape[0], *size, 1.0, generator)
+    assert boxes.flatten(1).any(dim=1).all(), "the check covers mixed pixels of every image"
+
+    def mix(values: Tensor) -> Tensor:
+        box = boxes if values.dim() == 3 else boxes[:, None]
+        return torch.where(box, values.roll(1, dims=0), values)
+
+    images, probs, padding = mix(unlabeled.strong), mix(probs), mix(unlabeled.padding)
+    trusted = (probs.max(dim=1).values > DDFP_SETTINGS["threshold"]) & ~padding
+    targets = probs.argmax(dim=1)
+    features = student.encode(torch.cat([labeled.images, images]))
+    logits = F.interpolate(student.classify(features).logits, size=size, mode="bilinear", align_corners=True)
+    perturbed = student.classify(features[count:] + 1.0, auxiliary=True).logits
+    perturbed = F.interpolate(perturbed, size=size, mode="bilinear", align_corners=True)
+
+    def unsupervised(view_logits: Tensor) -> Tensor:
+        return F.cross_entropy(view_logits, targets, reduction="none")[trusted].sum() / trusted.sum()
+
+    supervised = F.cross_entropy(logits[:count], labeled.masks, ignore_index=255)
+    return supervised + 0.5 * unsupervised(logits[count:]) + 0.5 * unsupervised(perturbed)
+
+
+def test_the_step_computes_ddfps_loss_and_its_gradients() -> None:
+    """Loss and d loss / d every student parameter within RTOL/ATOL of the transcription; the same
+    BatchNorm statistics (student: main and auxiliary; teacher: its own train-mode pass)."""
+    torch.manual_seed(0)
+    student = SmallNetwork().train()
+    torch.manual_seed(1)
+    teacher = SmallNetwork().train()
+    student_copy, teacher_copy = copy.deepcopy(student), copy.deepcopy(teacher)
+    loss_fn = PseudoLabelCrossEntropy()
+    step = SemiSupervisedStep(TrainSection(**DDFP_SETTINGS), MethodComponents(ShiftPerturbation(), None, loss_fn, loss_fn),
+                              255, seed=DDFP_SEED)
+    labeled, unlabeled = ddfp_batches()
+    loss, logs = step.semi_supervised(DDFP_STEP, student, teacher, labeled, unlabeled)
+    expected = ddfp_loss(student_copy, teacher_copy, labeled, unlabeled)
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+    assert "loss_perturbed" in logs and 0.1 < float(logs["trusted_ratio"]) < 0.9, "trusted and untrusted pixels"
+    gradients = assert_same_gradients(loss, dict(student.named_parameters()), expected, dict(student_copy.named_parameters()))
+    assert reached(gradients) == set(gradients), "every parameter's gradient is compared, none trivially zero"
+    for ours, theirs in ((student, student_copy), (teacher, teacher_copy)):
+        for name, buffer in ours.named_buffers():
+            torch.testing.assert_close(buffer, dict(theirs.named_buffers())[name], rtol=RTOL, atol=ATOL, msg=name)

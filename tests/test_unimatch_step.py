@@ -6,7 +6,9 @@ reproducible by hand: the test computes UniMatch's loss line by line as its trai
 (partners' pseudo-labels in eval mode, two strong views CutMixed with the partner stream's own
 strong views by two boxes, the feature perturbation of the encoder maps of labeled + weak images
 decoded in one pass with the clean maps, each unlabeled term summed over confident pixels and
-divided by the non-padding ones, (x + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2) and compares.
+divided by the non-padding ones, (x + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2) and compares the loss,
+its gradient w.r.t. every parameter (a detached branch leaves the value alone) and the BatchNorm
+statistics.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import cutmix_boxes
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox_builtins.consistency_losses import PseudoLabelCrossEntropy
+from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
 
 CLASSES, SIZE, SEED, STEP = 3, 16, 5, 7
 UNIMATCH = {
@@ -129,7 +132,8 @@ def unimatch_loss(model: nn.Module, labeled: LabeledBatch, unlabeled: UnlabeledB
     return (loss_x + terms[0] * 0.25 + terms[1] * 0.25 + loss_u_w_fp * 0.5) / 2.0
 
 
-def test_the_step_computes_unimatchs_loss() -> None:
+def test_the_step_computes_unimatchs_loss_and_its_gradients() -> None:
+    """Loss within RTOL/ATOL, d loss / d every parameter within RTOL/ATOL, the same BatchNorm statistics."""
     torch.manual_seed(0)
     network = TwoMapNetwork()
     reference = copy.deepcopy(network)
@@ -140,8 +144,10 @@ def test_the_step_computes_unimatchs_loss() -> None:
     network.train()
     loss, logs = step.semi_supervised(STEP, network, None, labeled, unlabeled, partners)
     expected = unimatch_loss(reference, labeled, unlabeled, partners)
-    assert torch.allclose(loss, expected, atol=1e-6), (float(loss), float(expected))
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
     assert "loss_perturbed" in logs and float(logs["trusted_ratio"]) > 0.2, "the check covers trusted pixels"
+    gradients = assert_same_gradients(loss, dict(network.named_parameters()), expected, dict(reference.named_parameters()))
+    assert reached(gradients) == set(gradients), "every parameter's gradient is compared, none trivially zero"
     for name in ("running_mean", "running_var"):  # the same BatchNorm passes: partners in eval, two in train
         assert torch.allclose(getattr(network.norm, name), getattr(reference.norm, name))
 

@@ -2,7 +2,8 @@
 
 A third-party estimator can reuse what the built-in ``glow``, ``nflows`` and ``gmm`` share:
 :class:`OnlineMixtureDensity` (pixel sampling, input noise, one Adam step with clipping and a
-decaying learning rate, pooling across processes weighted by pixel count, checkpoint state) and
+decaying learning rate, a sampled-pixel budget shared by all processes, pooling across processes
+weighted by real pixel count, checkpoint state) and
 :class:`GaussianMixturePrior` (one Gaussian per class in latent space, DDFP's equal-weight
 mixture for unlabeled features).
 """
@@ -11,10 +12,10 @@ from sandbox.density.mixture_prior import GaussianMixturePrior
 from sandbox.density.online import (
     OnlineMixtureDensity,
     pool_gradients_and_sum,
-    process_count,
-    process_rank,
+    proportional_shares,
     require_positive,
 )
+from sandbox.distributed import process_count, process_rank, sum_over_processes
 
 __all__ = [
     "GaussianMixturePrior",
@@ -22,5 +23,7 @@ __all__ = [
     "pool_gradients_and_sum",
     "process_count",
     "process_rank",
+    "proportional_shares",
     "require_positive",
+    "sum_over_processes",
 ]

@@ -4,8 +4,8 @@ An :class:`OnlineMixtureDensity` scores a feature ``x`` against every class ``k`
 ``log p(x | k) = log p_prior(z | k) + log|det dz/dx|`` with ``z`` a latent (for a flow; ``z = x``
 and ``log|det| = 0`` for a density without one). A labeled feature uses its class alone, an
 unlabeled one the equal-weight mixture (:meth:`GaussianMixturePrior.combine`, DDFP's semantics).
-This module owns what every such estimator trains the same way: pixel sampling, input noise, one
-Adam step with gradient-norm clipping, an exponential learning-rate decay over ``total_steps``,
+This module owns what every such estimator trains the same way: pixel sampling (a total over
+every process), input noise, one Adam step with gradient-norm clipping, pooling across processes, an exponential learning-rate decay over ``total_steps``,
 the FlowGMM posterior-accuracy diagnostic and the optimizer's checkpoint state.
 """
 
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sandbox.density.mixture_prior import GaussianMixturePrior
 from sandbox.api import DensityEstimator
+from sandbox.distributed import process_count, process_rank, sum_over_processes
 
 
 def require_positive(**values: int) -> None:
@@ -30,22 +31,36 @@ def require_positive(**values: int) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
 
-def process_count() -> int:
-    """The number of processes of an initialised torch.distributed group (1 without one)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+def proportional_shares(counts: list[int], budget: int) -> list[int]:
+    """How many of ``budget`` sampled pixels each process draws from its ``counts`` pixels.
+
+    Every pixel when all processes together have at most ``budget``; otherwise shares
+    proportional to the counts, rounded by largest remainder (ties to the lower rank), so they sum
+    to exactly ``budget`` whatever the number of processes. The same on every process.
+    """
+    total = sum(counts)
+    if total <= budget:
+        return list(counts)
+    exact = [count * budget / total for count in counts]
+    shares = [int(value) for value in exact]
+    order = sorted(range(len(counts)), key=lambda index: (-(exact[index] - shares[index]), index))
+    for index in order[: budget - sum(shares)]:
+        shares[index] += 1
+    return shares
 
 
-def process_rank() -> int:
-    """This process's rank in an initialised torch.distributed group (0 without one)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+def pixel_counts_of_every_process(count: int, device: torch.device) -> list[int]:
+    """Every process's pixel count, in rank order (one all-reduce; ``[count]`` on one process)."""
+    processes = process_count()
+    if processes == 1:
+        return [count]
+    slots = torch.zeros(processes, dtype=torch.int64, device=device)
+    slots[process_rank()] = count
+    return [int(value) for value in sum_over_processes(slots).tolist()]
 
 
 def pool_gradients_and_sum(parameters: list[nn.Parameter], weight: float, summary: Tensor) -> Tensor:
-    """Gradients weighted by ``weight`` (this process's pixel count) summed over processes, and ``summary`` summed.
+    """Gradients weighted by ``weight`` (this process's real pixel count) summed over processes, and ``summary`` summed.
 
     One all-reduce of one flat buffer. ``summary``'s last element must be the pixel count: the
     pooled gradients are divided by the total, so they are those of the mean loss over every
@@ -123,26 +138,31 @@ class OnlineMixtureDensity(DensityEstimator):
         return components.argmax(dim=1)
 
     def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, float]:
-        """One Adam update on at most ``sampled_pixels`` noisy pixels; returns nll, accuracy, lr.
+        """One Adam update on ``sampled_pixels`` noisy pixels of every process; returns nll, accuracy, lr.
 
+        ``sampled_pixels`` is the total over all processes: each process samples its share,
+        proportional to its real pixel count (:func:`proportional_shares`; every pixel when all of
+        them fit). Each process's mean gradient and NLL is weighted by its real pixel count, so
+        the pooled gradient estimates the gradient of the mean loss over every process's pixels,
+        and equals it when nothing is sampled away: what one process computes on all the pixels.
         ``accuracy`` is the FlowGMM posterior classification accuracy on the labeled sampled
         pixels (absent when none is labeled). With no pixels at all, no update is made (the
-        schedule still advances) and ``nll`` is NaN. On several processes ``nll``, the accuracy
-        and the gradients are pooled over every process's pixels (weighted by their counts): a
-        process without pixels contributes nothing.
+        schedule still advances) and ``nll`` is NaN; a process without pixels contributes nothing.
         """
         lr = float(self.optimizer.param_groups[0]["lr"])
         features, labels = features.detach(), labels.detach()
         count = features.shape[0]
         processes = process_count()
-        if count == 0 and processes == 1:
+        counts = pixel_counts_of_every_process(count, self.prior.means.device)
+        share = proportional_shares(counts, self.sampled_pixels)[process_rank()]
+        if sum(counts) == 0:
             self.scheduler.step()
             return {"nll": math.nan, "lr": lr}
         self.optimizer.zero_grad(set_to_none=True)
-        pixels = min(count, self.sampled_pixels)
-        if count > 0:
-            if count > self.sampled_pixels:
-                index = torch.randperm(count, device=features.device)[: self.sampled_pixels]
+        weight = count if share > 0 else 0
+        if share > 0:
+            if count > share:
+                index = torch.randperm(count, device=features.device)[:share]
                 features, labels = features[index], labels[index]
             features = features.float()
             noisy = features + self.input_noise * torch.randn_like(features)
@@ -153,11 +173,11 @@ class OnlineMixtureDensity(DensityEstimator):
             with torch.no_grad():
                 labeled = labels >= 0
                 correct = ((components.argmax(dim=1) == labels) & labeled).sum()
-                summary = torch.stack([loss.detach() * pixels, correct.float(), labeled.sum().float(), loss.new_tensor(pixels)])
-        else:  # this process has no pixels but must join the others' reduction, contributing nothing
+                summary = torch.stack([loss.detach() * weight, correct.float(), labeled.sum().float(), loss.new_tensor(weight)])
+        else:  # this process has no pixels (or no share) but must join the others' reduction, contributing nothing
             summary = torch.zeros(4, device=self.prior.means.device)
         if processes > 1:
-            summary = pool_gradients_and_sum(list(self.parameters()), pixels, summary)
+            summary = pool_gradients_and_sum(list(self.parameters()), weight, summary)
         nll_sum, num_correct, num_labeled, total = summary.tolist()  # the one host synchronisation
         nll = nll_sum / total if total > 0 else math.nan
         if math.isfinite(nll):  # a non-finite NLL (on any process) skips the update everywhere

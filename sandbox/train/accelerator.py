@@ -1,7 +1,7 @@
 """The Accelerator every command uses, and what training on several processes needs.
 
 Devices, processes and mixed precision come from the recipe; the learning-rate scaling rule,
-SyncBatchNorm and the teacher's buffer averaging are for multi-process runs.
+SyncBatchNorm and making buffers identical across processes are for multi-process runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from accelerate import Accelerator, PartialState
 from torch import nn
 
 from sandbox.errors import SandboxError
+from sandbox.train.sync_batchnorm import synchronise_batchnorm
 
 
 def has_accelerator_device() -> bool:
@@ -83,34 +84,50 @@ def scaled_lr(lr: float, batch_size: int, num_processes: int, reference_total_ba
 
 
 def maybe_sync_batchnorm(model: nn.Module, accelerator: Accelerator, enabled: bool) -> nn.Module:
-    """``model`` with SyncBatchNorm layers when ``enabled`` and several processes run on CUDA devices.
+    """``model`` whose BatchNorms normalise over every process's batch when ``enabled`` and several processes run.
 
-    SyncBatchNorm only runs on CUDA: asked for on CPU (or other) processes, the main process prints
-    one warning line and the BatchNorms stay. A single process keeps BatchNorm (nothing to sync).
-    Call before ``accelerator.prepare``.
+    On CUDA devices torch's SyncBatchNorm; on CPU (gloo) processes the same statistics through
+    :mod:`sandbox.train.sync_batchnorm`. A single process keeps BatchNorm (nothing to sync). Call
+    before ``accelerator.prepare`` (the student) and on the teacher alike.
     """
     if not enabled or accelerator.num_processes == 1:
         return model
-    if accelerator.device.type != "cuda":
-        if accelerator.is_main_process:
-            print(
-                f"warning: train.sync_bn needs CUDA devices; the {accelerator.num_processes} "
-                f"{accelerator.device.type} processes keep per-process BatchNorm",
-                file=sys.stderr,
-            )
-        return model
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return synchronise_batchnorm(model, accelerator.device)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Make ``module``'s buffers those of the main process on every process (one collective per dtype).
+
+    Without ``sync_bn`` every process's BatchNorm statistics follow its own batches (DDP
+    broadcasts the main process's at each forward pass and each process then updates them with its
+    own batch); before evaluation and checkpointing every process takes the main process's, so all
+    evaluate and save one and the same model.
+    """
+    if accelerator.num_processes == 1:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
 
 
 @torch.no_grad()
 def average_buffers(module: nn.Module, accelerator: Accelerator) -> None:
     """Make ``module``'s buffers identical on every process: floating ones averaged, others the main process's.
 
-    After a forward pass every process holds BatchNorm statistics of its own shard (the teacher's
-    own passes, or a student's copied by the EMA); the mean over processes is what a SyncBatchNorm
-    teacher (the reference) would collect, and keeps one teacher on every process. Integer
-    buffers (``num_batches_tracked``) are equal anyway and taken from the main process. One
-    collective per buffer dtype.
+    Without ``sync_bn`` every process holds BatchNorm statistics of its own shard (the teacher's
+    own passes, or a student's copied by the EMA); their mean keeps one teacher on every process.
+    It approximates what a SyncBatchNorm teacher collects (the mean is exact, the variance misses
+    the spread between the processes' means); with ``sync_bn`` the teacher normalises over the
+    global batch and needs no averaging. Integer buffers (``num_batches_tracked``) are equal
+    anyway and taken from the main process. One collective per buffer dtype.
     """
     if accelerator.num_processes == 1:
         return

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from sandbox.recipe import TrainSection
 from sandbox.train.accelerator import average_buffers
 from sandbox.train.ema import ema_decay, update_teacher
+from sandbox.train.sync_batchnorm import is_synchronised
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 
 
@@ -69,6 +70,8 @@ class TrainingIteration:
         self.accelerator, self.model, self.teacher = accelerator, model, teacher
         self.optimizer, self.scheduler, self.step_fn, self.settings = optimizer, scheduler, step_fn, settings
         self.copy_buffers = settings.teacher_statistics == "student"
+        self.average_teacher_buffers = not is_synchronised(teacher)
+        """Without sync_bn each process's teacher collects statistics of its own shard: averaged each step."""
 
     def __call__(
         self, step: int, labeled: LabeledBatch, unlabeled: UnlabeledBatch | None, partners: UnlabeledBatch | None = None
@@ -98,8 +101,8 @@ class TrainingIteration:
         self.scheduler.step()
         if stepped and step >= settings.warmup_iters:
             update_teacher(self.teacher, student, ema_decay(step, settings.warmup_iters, settings.ema_decay), self.copy_buffers)
-        if step >= settings.warmup_iters or not self.copy_buffers:  # statistics of this process's shard
-            average_buffers(self.teacher, self.accelerator)
+        if self.average_teacher_buffers and (step >= settings.warmup_iters or not self.copy_buffers):
+            average_buffers(self.teacher, self.accelerator)  # statistics of this process's shard
         return IterationResult(logs, finite, stepped)
 
     def all_finite(self, loss: Tensor) -> bool:

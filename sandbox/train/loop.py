@@ -18,11 +18,13 @@ from torch.utils.data import DataLoader
 from sandbox import __version__
 from sandbox.api import DensityEstimator
 from sandbox.data.errors import read_batches
+from sandbox.distributed import mean_over_processes
 from sandbox.data.views import StreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
 from sandbox.train.accelerator import (
+    broadcast_buffers,
     effective_precision,
     make_accelerator,
     maybe_sync_batchnorm,
@@ -52,6 +54,7 @@ from sandbox.train.rundir import (
     verify_checkpoint,
 )
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+from sandbox.train.sync_batchnorm import is_synchronised
 
 CHECKPOINTS_KEPT = 2
 NONFINITE_WARNINGS = 3
@@ -176,8 +179,10 @@ class Trainer:
                     f"[perturbation] {recipe.perturbation.name!r} uses the density of the classifier's embedding: "
                     "it perturbs the classifier's input (train.perturb_at = 'classifier'), not the encoder's maps"
                 )
-        self.teacher = copy.deepcopy(model).requires_grad_(False).to(self.accelerator.device)
-        model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)  # the teacher stays plain
+        # with sync_bn both normalise over every process's batch: the teacher's train-mode passes too
+        teacher = maybe_sync_batchnorm(copy.deepcopy(model), self.accelerator, settings.sync_bn)
+        self.teacher = teacher.requires_grad_(False).to(self.accelerator.device)
+        model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)
         self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
         """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, *build_optimizer(model, settings, self.lr))
@@ -240,8 +245,19 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def _agree_on_student(self) -> None:
+        """Every process holds the main process's student buffers (identical already with ``sync_bn``).
+
+        Called before evaluation and checkpointing: every process then evaluates, and the
+        checkpoint holds, one model; a resume on N processes continues with what they held.
+        """
+        student = self.accelerator.unwrap_model(self.model)
+        if not is_synchronised(student):
+            broadcast_buffers(student, self.accelerator)
+
     def _save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N``; it counts once its ``COMPLETE`` marker exists (written last, atomically)."""
+        self._agree_on_student()
         folder = self.run_dir.checkpoints / f"step_{self.state.step:08d}"
         if self.accelerator.is_main_process and folder.exists():
             shutil.rmtree(folder)  # a leftover of an earlier attempt at this step: never mix two states
@@ -335,6 +351,7 @@ class Trainer:
         With ``eval.model = "both"`` the student and the teacher are evaluated and the better one
         counts (the reference's ``max(prec_s, prec_t)``); both mIoUs are logged.
         """
+        self._agree_on_student()
         models = self._eval_models()
         loader = val_loader(self.source, self.recipe.eval, self.accelerator)
         results = {
@@ -440,7 +457,8 @@ class Trainer:
                         warned = self._warn_nonfinite(reporter, logs, warned)
                 if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
                     elapsed = time.perf_counter() - window_start
-                    record = {"step": self.state.step, **{k: float(v) / counts[k] for k, v in sums.items()}}
+                    means = mean_over_processes({key: value / counts[key] for key, value in sums.items()})
+                    record = {"step": self.state.step, **means}
                     record["lr"] = self.scheduler.get_last_lr()[0]
                     record["skipped_updates"] = self.state.skipped_updates
                     if self.method.density is not None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.api import ClassifierOutput, PerturbationContext, PerturbFn
+from sandbox.distributed import share_of_total, sum_over_processes
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import apply_cutmix, cutmix_boxes, paste
@@ -48,13 +49,16 @@ def resize_mask(mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
 
 @torch.no_grad()
 def relative_step(features: Tensor, perturbed: Tensor, valid: Tensor) -> Tensor:
-    """Mean over trusted pixels (all pixels when none is) of ``||perturbed - features|| / ||features||``.
+    """Mean over trusted pixels with non-zero features of ``||perturbed - features|| / ||features||`` (0 without any).
 
     How far a perturbation moves the classifier input relative to the features' own size: the
-    scale on which a fixed ``eps`` has to be judged.
+    scale on which a fixed ``eps`` has to be judged. Pixels whose features are all zero (a dead
+    ReLU map) have no relative size and are left out.
     """
-    ratio = (perturbed - features).float().norm(dim=1) / features.float().norm(dim=1).clamp(min=1e-12)
-    return ratio[valid].mean() if valid.any() else ratio.mean()
+    size = features.float().norm(dim=1)
+    ratio = (perturbed - features).float().norm(dim=1) / size.clamp(min=1e-12)
+    counted = (valid & (size > 0)).float()
+    return (ratio * counted).sum() / counted.sum().clamp(min=1.0)
 
 
 class SemiSupervisedStep:
@@ -83,8 +87,17 @@ class SemiSupervisedStep:
             with torch.no_grad():
                 teacher(labeled.images)
         logits = student(labeled.images).logits
-        loss = F.cross_entropy(logits.float(), labeled.masks, ignore_index=self.ignore_index)
+        loss = self.supervised_loss(logits, labeled.masks, sum_over_processes(self.labeled_pixels(labeled)))
         return loss, {"loss": loss.detach(), "loss_sup": loss.detach()}
+
+    def labeled_pixels(self, labeled: LabeledBatch) -> Tensor:
+        """The number of labeled pixels (not ``ignore_index``) of this process's labeled batch."""
+        return (labeled.masks != self.ignore_index).sum()
+
+    def supervised_loss(self, logits: Tensor, masks: Tensor, total_pixels: Tensor) -> Tensor:
+        """This process's share of the cross-entropy averaged over every process's ``total_pixels`` labeled pixels."""
+        summed = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index, reduction="sum")
+        return summed * share_of_total(torch.ones((), device=summed.device), total_pixels)
 
     def semi_supervised(
         self,
@@ -133,15 +146,25 @@ class SemiSupervisedStep:
 
         views = self.mixed_strong_views(step, unlabeled, probs, partners, partner_probs)
         valids = [self.trusted(view_probs, padding) for _, view_probs, padding in views]
+        perturb_strong = perturbing and not weak_perturbed
+        target_valid = valids[0] if perturb_strong else weak_valid
+        target_padding = views[0][2] if perturb_strong else unlabeled.padding
+        # every loss is a mean over every process's pixels: their counts, summed in one all-reduce
+        totals = sum_over_processes(torch.stack([
+            self.labeled_pixels(labeled),
+            weak_valid.sum(),
+            (~unlabeled.padding).sum(),
+            *[self.loss_denominator(valid, padding) for valid, (_, _, padding) in zip(valids, views)],
+            self.loss_denominator(target_valid, target_padding),
+        ]))
+        total_labeled, total_weak_pixels, view_totals, perturbed_total = totals[0], totals[2], totals[3:-1], totals[-1]
 
         strong_images = [images for images, _, _ in views]
         if by_teacher:  # one student pass: labeled, strong views (the first last), the weak view if perturbed
             order = [labeled.images, *strong_images[1:], strong_images[0]] + ([unlabeled.weak] if weak_perturbed else [])
         else:  # pass B: the strong views (the first last), after pass A above
             order = [*strong_images[1:], strong_images[0]]
-        perturb_strong = perturbing and not weak_perturbed
         perturb_here = perturbing and (perturb_strong or (weak_perturbed and by_teacher))
-        target_valid = valids[0] if perturb_strong else weak_valid
         out = student(
             torch.cat(order),
             perturb=self.perturbation_hook(logs, target_valid, None) if perturb_here else None,
@@ -155,22 +178,21 @@ class SemiSupervisedStep:
             logits_by_view[view_index] = out.logits[start : start + num_unlabeled]
         labeled_logits = out.logits[:num_labeled] if by_teacher else weak_out.logits[:num_labeled]
 
-        loss_sup = F.cross_entropy(labeled_logits.float(), labeled.masks, ignore_index=self.ignore_index)
+        loss_sup = self.supervised_loss(labeled_logits, labeled.masks, total_labeled)
         strong_losses = [
-            self.unlabeled_loss("strong_loss", logits, view_probs, valid, padding)
-            for logits, (_, view_probs, padding), valid in zip(logits_by_view, views, valids)
+            self.unlabeled_loss("strong_loss", logits, view_probs, valid, total)
+            for logits, (_, view_probs, _), valid, total in zip(logits_by_view, views, valids, view_totals)
         ]
         loss_unsup = sum(strong_losses) / len(strong_losses)
         perturbed_logits = weak_out.perturbed_logits if (weak_out is not None and weak_perturbed) else out.perturbed_logits
         perturbed_view = perturbed_logits is not None
         loss = settings.supervised_weight * loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
-        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=valids[0].float().mean())
+        # trusted / non-padding pixels of the pseudo-labelled (weak) view, as this process's share
+        trusted_ratio = share_of_total(weak_valid.sum(), total_weak_pixels)
+        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=trusted_ratio)
         if perturbed_view:
-            if weak_perturbed:
-                target_probs, target_padding = probs, unlabeled.padding
-            else:
-                _, target_probs, target_padding = views[0]
-            loss_perturbed = self.unlabeled_loss("perturbed_loss", perturbed_logits, target_probs, target_valid, target_padding)
+            target_probs = probs if weak_perturbed else views[0][1]
+            loss_perturbed = self.unlabeled_loss("perturbed_loss", perturbed_logits, target_probs, target_valid, perturbed_total)
             loss = loss + settings.perturbed_weight * loss_perturbed
             logs["loss_perturbed"] = loss_perturbed.detach()
         logs["loss"] = loss.detach()
@@ -263,13 +285,19 @@ class SemiSupervisedStep:
 
         return perturb
 
-    def unlabeled_loss(self, role: str, logits: Tensor, target_probs: Tensor, valid: Tensor, padding: Tensor) -> Tensor:
-        """The consistency loss in ``role`` over trusted pixels, normalised per ``unsupervised_normalisation``:
-        by the trusted pixels (the loss's own mean) or by the non-padding pixels (UniMatch)."""
+    def loss_denominator(self, valid: Tensor, padding: Tensor) -> Tensor:
+        """What an unlabeled loss is divided by (this process's part, per ``unsupervised_normalisation``):
+        its trusted pixels (DDFP's reference) or its non-padding pixels (UniMatch)."""
+        return (~padding).sum() if self.settings.unsupervised_normalisation == "valid" else valid.sum()
+
+    def unlabeled_loss(self, role: str, logits: Tensor, target_probs: Tensor, valid: Tensor, total: Tensor) -> Tensor:
+        """This process's share of the consistency loss in ``role``: summed over every process's trusted
+        pixels and divided by ``total``, every process's :meth:`loss_denominator` summed.
+
+        The plugin returns the mean over this process's trusted pixels; times their count it is their sum.
+        """
         loss = self.consistency(role, logits, target_probs, valid)
-        if self.settings.unsupervised_normalisation == "valid":
-            loss = loss * valid.sum() / (~padding).sum().clamp(min=1)
-        return loss
+        return loss * share_of_total(valid.sum(), total)
 
     def nonfinite_sources(self, logs: dict[str, Tensor]) -> str:
         """Which of this process's losses in ``logs`` are not finite, and the plugins behind them."""

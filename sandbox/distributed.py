@@ -1,0 +1,79 @@
+"""What the code of every process needs to compute what one process computes (public).
+
+A run on N processes means one process on the concatenated batch (README, "What N processes
+compute"). The step, the density estimators and plugins reach the other processes only through
+these helpers, which are plain no-ops without an initialised ``torch.distributed`` group (one
+process, ``sandbox bench``, a unit test).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def process_count() -> int:
+    """The number of processes of an initialised torch.distributed group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def process_rank() -> int:
+    """This process's rank in an initialised torch.distributed group (0 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def sum_over_processes(values: Tensor) -> Tensor:
+    """``values`` summed over every process (a new tensor; ``values`` itself on one process).
+
+    One all-reduce, no host synchronisation: the sum stays on the device.
+    """
+    if process_count() == 1:
+        return values
+    values = values.clone()
+    torch.distributed.all_reduce(values)
+    return values
+
+
+def differentiable_sum_over_processes(values: Tensor) -> Tensor:
+    """``values`` summed over every process, with gradients flowing back to each process's share.
+
+    The backward pass all-reduces the incoming gradients, so ``d(sum of every process's loss) /
+    d(values)`` reaches every process: what a SyncBatchNorm does with its statistics. Every
+    process must call it the same number of times, in the same order, forward and backward.
+    """
+    if process_count() == 1:
+        return values
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(values)
+
+
+def share_of_total(count: Tensor, total: Tensor) -> Tensor:
+    """``processes * count / total``: the factor that turns a mean over this process's ``count``
+    items into its share of the mean over every process's ``total`` items, as DDP averages
+    gradients over processes (1 on one process; 0 for a process without items; total 0 -> 0)."""
+    return count.float() * process_count() / total.float().clamp(min=1.0)
+
+
+def mean_over_processes(values: dict[str, Tensor]) -> dict[str, float]:
+    """Each scalar of ``values`` averaged over every process (logged values: the step logs each
+    process's share of a global mean, whose average over processes is the global mean).
+
+    Keys only some processes have keep this process's own value. One object gather and one
+    all-reduce; call on every process at the same point (a logging interval).
+    """
+    processes = process_count()
+    common = sorted(values)
+    if processes > 1:
+        gathered: list[list[str] | None] = [None] * processes
+        torch.distributed.all_gather_object(gathered, common)
+        common = sorted(set.intersection(*(set(keys or []) for keys in gathered)))
+    result = {key: float(value) for key, value in values.items() if key not in common}
+    if common:
+        stacked = torch.stack([values[key].detach().float().reshape(()) for key in common])
+        result.update(zip(common, (sum_over_processes(stacked) / processes).tolist()))
+    return result

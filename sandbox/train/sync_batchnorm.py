@@ -1,0 +1,129 @@
+"""BatchNorm over the batch of every process (``train.sync_bn``), on any device.
+
+On CUDA devices the BatchNorms become torch's ``SyncBatchNorm`` (timm's converter, which also
+keeps timm's ``BatchNormAct2d`` activation). torch's ``SyncBatchNorm`` runs on CUDA only, so on
+other devices (CPU processes talking through gloo: the tests, CPU clusters) each BatchNorm's class
+is swapped for a subclass that computes the same thing with one differentiable all-reduce per
+layer: the statistics of the global batch in the forward pass, and in the backward pass the
+gradient of every process's loss with respect to them. Parameters, buffers, state-dict keys and
+hooks stay those of the original module, so checkpoints load with or without ``sync_bn``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from sandbox.distributed import differentiable_sum_over_processes, process_count, process_rank
+from sandbox.errors import SandboxError
+
+try:  # timm's BatchNorm + activation layer (timm is a dependency; the guard only keeps this module importable alone)
+    from timm.layers import BatchNormAct2d
+except ImportError:  # pragma: no cover
+    BatchNormAct2d = None
+
+
+def global_batch_statistics(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased variance, count)`` per channel of ``x`` ``(B, C, ...)`` over every process's batch, float32.
+
+    Each process contributes its mean, sum of squared deviations and count; they are combined with
+    Chan's parallel formula (stable, as torch's SyncBatchNorm). Differentiable through the all-reduce.
+    """
+    channels = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    values = x.float()
+    count = values.numel() // max(channels, 1)
+    mean = values.sum(dims) / max(count, 1)
+    squared = (values - mean.view(1, channels, *[1] * (x.dim() - 2))).pow(2).sum(dims)
+    local = torch.cat([mean, squared, mean.new_tensor([float(count)])])
+    processes, rank = process_count(), process_rank()
+    slots = torch.stack([local if index == rank else torch.zeros_like(local) for index in range(processes)])
+    gathered = differentiable_sum_over_processes(slots)
+    means, squares, counts = gathered[:, :channels], gathered[:, channels : 2 * channels], gathered[:, -1:].detach()
+    total = counts.sum()
+    global_mean = (means * counts).sum(0) / total.clamp(min=1.0)
+    global_squares = (squares + counts * (means - global_mean).pow(2)).sum(0)
+    return global_mean, global_squares / total.clamp(min=1.0), total
+
+
+class ProcessGroupBatchNorm:
+    """Mixed into a BatchNorm's class: train-mode statistics of every process's batch together.
+
+    In eval mode, or on a single process, the layer is its original class. The running statistics
+    are updated as torch's SyncBatchNorm updates them (momentum, or the cumulative average when
+    ``momentum`` is None; the unbiased variance of the global batch).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - the name nn.Module's BatchNorms use
+        """Normalise ``input`` with the global batch's statistics while training on several processes."""
+        module: _BatchNorm = self  # type: ignore[assignment]
+        if not module.training or process_count() == 1:
+            return super().forward(input)  # type: ignore[misc]
+        module._check_input_dim(input)
+        mean, variance, total = global_batch_statistics(input)
+        if module.track_running_stats and module.running_mean is not None:
+            with torch.no_grad():
+                module.num_batches_tracked.add_(1)
+                factor = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+                unbiased = variance.detach() * total / (total - 1).clamp(min=1.0)
+                module.running_mean.lerp_(mean.detach().to(module.running_mean.dtype), factor)
+                module.running_var.lerp_(unbiased.to(module.running_var.dtype), factor)
+        shape = (1, input.shape[1], *[1] * (input.dim() - 2))
+        output = (input.float() - mean.view(shape)) * torch.rsqrt(variance + module.eps).view(shape)
+        if module.affine:
+            output = output * module.weight.float().view(shape) + module.bias.float().view(shape)
+        output = output.to(input.dtype)
+        if BatchNormAct2d is not None and isinstance(module, BatchNormAct2d):
+            output = module.act(module.drop(output))
+        return output
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def _process_group_class(cls: type) -> type:
+    """The subclass of BatchNorm class ``cls`` with :class:`ProcessGroupBatchNorm` mixed in (cached)."""
+    if cls not in _SWAPPED:
+        _SWAPPED[cls] = type(f"ProcessGroup{cls.__name__}", (ProcessGroupBatchNorm, cls), {"__module__": __name__})
+    return _SWAPPED[cls]
+
+
+def _plain_forward(cls: type) -> bool:
+    """Whether BatchNorm class ``cls`` normalises as torch's BatchNorm does (then it can be synchronised)."""
+    if BatchNormAct2d is not None and issubclass(cls, BatchNormAct2d):
+        return cls.forward is BatchNormAct2d.forward
+    return cls.forward is _BatchNorm.forward
+
+
+def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with every BatchNorm normalising over the batch of every process.
+
+    CUDA: torch's SyncBatchNorm (new modules, same parameters). Other devices: each BatchNorm's
+    class swapped for its :class:`ProcessGroupBatchNorm` subclass in place. A BatchNorm subclass
+    with a forward of its own cannot be synchronised faithfully: a one-line error names it.
+    """
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+    for name, module in norms:
+        if not isinstance(module, ProcessGroupBatchNorm) and not _plain_forward(type(module)):
+            raise SandboxError(
+                f"train.sync_bn: {name or 'the model'} is a {type(module).__qualname__}, a BatchNorm with its own forward "
+                "that cannot be synchronised across processes; set sync_bn = false or use torch's BatchNorm"
+            )
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    for _, module in norms:
+        if not isinstance(module, ProcessGroupBatchNorm):
+            module.__class__ = _process_group_class(type(module))
+    return model
+
+
+def is_synchronised(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorms and every one of them normalises over every process's batch."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return bool(norms) and all(isinstance(m, (nn.SyncBatchNorm, ProcessGroupBatchNorm)) for m in norms)
+
+
+__all__ = ["ProcessGroupBatchNorm", "global_batch_statistics", "is_synchronised", "synchronise_batchnorm"]

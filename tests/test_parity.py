@@ -1,0 +1,241 @@
+"""N processes train the model one process trains (README, "What N processes compute").
+
+The same recipes run on 1 process with the global batch (4 labeled + 4 unlabeled images) and on 2
+CPU (gloo) processes with 2 + 2 each, ``sync_bn = true``; the random draws are made equal: no
+dropout, threshold 0 (every non-padding pixel trusted: the counts still differ between processes,
+through padding), no estimator input noise and no pixel sampling, CutMix off with in-batch
+partners and a fixed box with a partner stream. The consistency losses are the soft KL: a hard
+pseudo-label (argmax) flips where two classes are tied within float noise, which moves a few
+parameters by up to 2e-3 of their norm (measured with "ce"): a discrete choice, not a difference
+of what the processes compute. After warm-up and several semi-supervised steps
+every parameter and buffer of the student, the EMA teacher and the density estimator (Adam's
+moments included), and every logged value, equal one process's up to float tolerance. A control
+run without ``sync_bn`` must differ (the comparison can fail).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_distributed import accelerate_command, finish, free_port, launch_env, start
+
+RECIPE = """
+name = "parity"
+seed = 5
+output_dir = "{output_dir}"
+
+[dataset]
+name = "shapes"
+num_labeled = 8
+num_unlabeled = 16
+num_val = 4
+image_size = 40
+
+[backbone]
+name = "timm"
+model = "resnet18"
+
+[model]
+aspp_dilations = [1, 2, 3]
+channels = 16
+low_level_channels = 8
+dropout = 0.0
+
+[density]
+name = "glow"
+hidden = 16
+sampled_pixels = 100000
+input_noise = 0.0
+
+[perturbation]
+name = "ddfp"
+
+[consistency.strong]
+name = "kl"
+
+[consistency.perturbed]
+name = "kl"
+
+[train]
+iters = 6
+warmup_iters = 2
+perturbation_start_iters = 2
+lr = 0.01
+crop_size = 32
+scale_range = [0.7, 1.3]
+threshold = 0.0
+cutmix_p = 0.0
+sync_bn = true
+log_every = 1
+eval_every = 6
+checkpoint_every = 6
+"""
+
+UNIMATCH = [
+    "train.pseudo_labels=student", "train.strong_views=2", "train.cutmix_partners=stream", "train.cutmix_p=1.0",
+    "train.perturbed_view=weak", "train.unsupervised_normalisation=valid", "train.threshold_inclusive=true",
+    "train.supervised_weight=0.5", "train.unsupervised_weight=0.25", "train.perturbed_weight=0.25",
+    "model.mix_bn=false", "eval.model=student",
+]
+
+CONFIGS: dict[str, list[str]] = {
+    "mean_teacher": ["perturbation.name=none"],
+    "ddfp_glow": [],
+    "ddfp_nflows": ["density.name=nflows", "density.sampled_pixels=100000", "density.input_noise=0.0"],
+    "ddfp_gmm": ["density.name=gmm", "density.sampled_pixels=100000", "density.input_noise=0.0"],
+    "unimatch": [*UNIMATCH, "perturbation.name=dropout", "perturbation.p=0.0", "train.perturb_at=encoder"],
+    "unimatch_ddfp": [*UNIMATCH, "model.mix_bn=true"],
+    "control_without_sync_bn": ["perturbation.name=none", "train.sync_bn=false"],
+}
+
+WORKER = '''
+"""Train every parity configuration on this launch's processes; save each end state to OUT/NAME/rank{i}.pt."""
+import json, os, sys
+from pathlib import Path
+
+import torch
+
+import sandbox.train.step as step_module
+from sandbox.plugins import load_registry
+from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train.loop import start_run
+
+
+def fixed_boxes(batch, height, width, p, generator, box="unimatch", decision="sample"):
+    """The same box in every image (none with p = 0): CutMix pairs each image with its own partner-stream image."""
+    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    if p > 0:
+        masks[:, height // 4 : height // 2, width // 3 : 3 * width // 4] = True
+    return masks
+
+
+step_module.cutmix_boxes = fixed_boxes
+recipe_path, out, configs = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+world = int(os.environ.get("WORLD_SIZE", "1"))
+registry = load_registry()
+for name, overrides in configs.items():
+    per_process = [f"train.batch_size={4 // world}", f"train.unlabeled_batch_size={4 // world}"]
+    recipe = load_recipe(recipe_path, [*overrides, *per_process, f"name={name}_{world}"])
+    recipe = resolve_components(recipe, registry)
+    trainer = start_run(recipe, registry, resume=False, overwrite=False)
+    summary = trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    density = trainer.method.density
+    state = {
+        "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+        "teacher": {k: v.detach().cpu() for k, v in trainer.teacher.state_dict().items()},
+        "density": {k: v.detach().cpu() for k, v in density.state_dict().items()} if density is not None else {},
+        "density_adam": density.optimizer_state()["optimizer"]["state"] if density is not None else {},
+        "miou": summary["final_miou"],
+    }
+    (out / name).mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / name / f"rank{trainer.accelerator.process_index}.pt")
+    trainer.accelerator.wait_for_everyone()
+'''
+
+RELATIVE_TOLERANCE = 1e-4
+"""Float noise: summation order differs between one batch of 4 and two of 2. A tensor's difference is
+measured relative to its norm (measured: below 1e-5; a handful of elements can differ by more, where a
+density-descending direction was normalised from a near-zero gradient). Without sync_bn: 1e-2 and more."""
+ABSOLUTE_TOLERANCE = 2e-6
+"""For tensors near zero (a BatchNorm bias that started at 0): measured up to 3e-7."""
+
+
+def assert_tensor_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Integers exactly; floats within :data:`RELATIVE_TOLERANCE` of ``expected``'s norm."""
+    assert actual.shape == expected.shape, what
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), what
+        return
+    difference = float((actual.double() - expected.double()).norm())
+    bound = RELATIVE_TOLERANCE * float(expected.double().norm()) + ABSOLUTE_TOLERANCE
+    assert difference <= bound, f"{what}: |difference| {difference:.3g} > {bound:.3g} (norm {float(expected.norm()):.3g})"
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Every configuration trained on 1 process and on 2 processes (the two launches run side by side)."""
+    root = tmp_path_factory.mktemp("parity")
+    recipe = root / "parity.toml"
+    recipe.write_text(RECIPE.format(output_dir=(root / "runs").as_posix()))
+    script = root / "worker.py"
+    script.write_text(WORKER)
+    configs = json.dumps(CONFIGS)
+    processes, logs, outs = [], [], {}
+    for world in (1, 2):
+        outs[world] = root / f"world{world}"
+        outs[world].mkdir()
+        logs.append(root / f"world{world}.log")
+        if world == 1:
+            command = [sys.executable, str(script)]
+        else:
+            command = accelerate_command("--num_processes", "2", "--main_process_port", str(free_port()), str(script))
+        processes.append(start([*command, str(recipe), str(outs[world]), configs], launch_env(root), logs[-1]))
+    finish(processes, logs)
+    return outs
+
+
+def load_states(outs: dict[int, Path], name: str) -> tuple[dict, list[dict]]:
+    """One process's end state and each of the two processes' end states of configuration ``name``."""
+    single = torch.load(outs[1] / name / "rank0.pt", weights_only=True)
+    pair = [torch.load(outs[2] / name / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    return single, pair
+
+
+def metrics(outs: dict[int, Path], name: str, world: int) -> list[dict]:
+    """The training records (not evaluation) of the run of ``name`` on ``world`` processes."""
+    path = next((outs[world].parent / "runs").glob(f"{name}_{world}/*/metrics.jsonl"))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    drop = {"images_per_s", "lr"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in records if "loss" in r]
+
+
+def assert_states_close(single: dict, other: dict, part: str) -> None:
+    """Every tensor of ``single[part]`` equals ``other[part]``'s (:func:`assert_tensor_close`)."""
+    assert set(single[part]) == set(other[part])
+    for key, value in single[part].items():
+        assert_tensor_close(other[part][key], value, f"{part} {key}")
+
+
+@pytest.mark.parametrize("name", [name for name in CONFIGS if not name.startswith("control")])
+def test_two_processes_train_what_one_process_trains(parity_runs: dict[int, Path], name: str) -> None:
+    single, pair = load_states(parity_runs, name)
+    for rank, state in enumerate(pair):
+        for part in ("student", "teacher", "density"):
+            assert_states_close(single, state, part)
+        for index, moments in single["density_adam"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert_tensor_close(state["density_adam"][index][key], moments[key], f"density Adam {index} {key}")
+    assert pair[0]["miou"] == pytest.approx(single["miou"], abs=1e-6)
+    one, two = metrics(parity_runs, name, 1), metrics(parity_runs, name, 2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert set(a) == set(b)
+        for key in a:
+            if key != "perturbation_relative_norm":  # a mean of per-process means (README)
+                assert b[key] == pytest.approx(a[key], rel=2e-4, abs=2e-5), f"step {a['step']}: {key}"
+    if name.startswith("ddfp"):
+        assert any("density_nll" in r for r in one) and any("loss_perturbed" in r for r in one)
+
+
+def test_without_sync_bn_the_batchnorm_statistics_differ_from_one_process(parity_runs: dict[int, Path]) -> None:
+    """The control: per-process BatchNorm is not one process's, and the comparison above notices."""
+    single, pair = load_states(parity_runs, "control_without_sync_bn")
+    with pytest.raises(AssertionError, match="student"):
+        assert_states_close(single, pair[0], "student")
+    running = [key for key in single["student"] if key.endswith("running_var")]
+    differing = []
+    for key in running:
+        try:
+            assert_tensor_close(pair[0]["student"][key], single["student"][key], key)
+        except AssertionError:
+            differing.append(key)
+    assert len(differing) > len(running) // 2, "per-process BatchNorm statistics are not one process's"
+    for part in ("student", "teacher"):  # yet every process holds the same model (made identical before saving)
+        for key, value in pair[0][part].items():
+            assert torch.equal(pair[1][part][key], value), f"{part} {key} differs between the processes"
