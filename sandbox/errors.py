@@ -17,6 +17,11 @@ def error_line(message: str) -> str:
     return "error: " + " ".join(message.split())
 
 
+def on_process(text: str, rank: int) -> str:
+    """``text`` as every process of a group reports it: suffixed with `` (on process R)`` unless R is 0."""
+    return text if rank == 0 else f"{text} (on process {rank})"
+
+
 def describe_exception(error: BaseException) -> str:
     """One line: a ``SandboxError``'s message, else the exception's type and message."""
     text = str(error) if isinstance(error, SandboxError) else f"{type(error).__name__}: {error}"

@@ -17,8 +17,9 @@ CLAIM_FILE = "CLAIM"
 
 
 def is_claim_file(name: str) -> bool:
-    """Whether a file of a run directory belongs to its claim (``CLAIM``, ``CLAIM.*``): not the run's content."""
-    return name == CLAIM_FILE or name.startswith(CLAIM_FILE + ".")
+    """Whether a file of a run directory belongs to its claim (``CLAIM``, ``CLAIM.*``, a claim's temporary
+    ``.CLAIM.tmp.*``): not the run's content."""
+    return name == CLAIM_FILE or name.startswith(CLAIM_FILE + ".") or name.startswith(f".{CLAIM_FILE}.")
 
 
 def flatten_keys(data: dict, prefix: str = "") -> dict:

@@ -197,3 +197,137 @@ def test_overwriting_a_run_directory_keeps_its_claim(tmp_path: Path, tiny_recipe
     run_dir.prepare(recipe, resume=False, overwrite=True)
     assert sorted(p.name for p in run_dir.path.iterdir()) == ["CLAIM", "recipe.toml"]
     assert read_claim(claim_path(run_dir.path)) == mine
+
+
+# -- fencing: a late refresh never undoes a takeover; a holder that lost its claim stops ------------
+
+
+def slowed_refresh(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> threading.Event:
+    """Make the refresh of the thread named ``refresher`` pause ``delay_s`` right after it has seen its
+    token in ``CLAIM`` (before it writes); the event is set when it has seen it."""
+    import sandbox.analysis.claims as claims
+
+    seen = threading.Event()
+    real = claims.read_claim
+
+    def read(path: Path) -> Claim | None:
+        claim = real(path)
+        if threading.current_thread().name == "refresher" and path.name == "CLAIM":
+            seen.set()
+            time.sleep(delay_s)
+        return claim
+
+    monkeypatch.setattr(claims, "read_claim", read)
+    return seen
+
+
+def test_a_refresh_delayed_past_a_takeover_attempt_never_restores_the_old_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live but slow holder: its claim went stale, a taker comes while its refresh is under way."""
+    path = claim_path(tmp_path)
+    old = stale_claim(path, silent_s=5.0, timeout_s=4.0)  # stale to the taker; the refresh began in time
+    keeper = ClaimKeeper(path, old)
+    seen = slowed_refresh(monkeypatch, delay_s=0.5)
+    outcome: list[bool] = []
+    refresher = threading.Thread(target=lambda: outcome.append(keeper.refresh()), name="refresher")
+    refresher.start()
+    assert seen.wait(10)
+    taker = Claim.new(600)
+    attempt = acquire(path, taker)  # while the refresh sleeps between its check and its write
+    refresher.join()
+    current = read_claim(path)
+    if attempt.won:  # never both: the taker's claim must stay, and the holder must know it lost
+        assert current.token == taker.token and outcome == [False] and keeper.lost
+    else:
+        assert outcome == [True] and current.token == old.token and not keeper.lost
+    assert attempt.won + outcome[0] == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_a_refresh_after_a_takeover_finds_it_and_the_guard_stops_the_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from sandbox.errors import SandboxError
+
+    path = claim_path(tmp_path)
+    old = stale_claim(path, silent_s=5.0, timeout_s=4.0)
+    keeper = ClaimKeeper(path, old)
+    taker = replace(Claim.new(600, shard="1/2"), host="node7", pid=4242)
+    assert acquire(path, taker).won
+    assert not keeper.refresh() and keeper.lost
+    assert read_claim(path).token == taker.token, "the late refresh left the taker's claim"
+    with pytest.raises(SandboxError, match=r"was taken over \(now held by node7:4242 \(shard 1/2\)\): this process stops"):
+        keeper.check()
+    keeper.release()
+    assert read_claim(path).token == taker.token
+
+
+def test_the_guard_stops_a_holder_whose_claim_was_replaced_before_its_next_refresh(tmp_path: Path) -> None:
+    from sandbox.errors import SandboxError
+
+    path = claim_path(tmp_path)
+    mine = Claim.new(600)
+    assert acquire(path, mine).won
+    with ClaimKeeper(path, mine) as keeper:
+        keeper.check()  # held: writing goes on
+        replace_file(path, replace(Claim.new(600), host="node7", pid=4242).encode())
+        with pytest.raises(SandboxError, match="now held by node7:4242"):
+            keeper.check()
+        assert keeper.lost
+
+
+def test_refresh_errors_are_reported_once_and_stop_the_holder_after_half_the_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sandbox.analysis.claims as claims
+    from sandbox.errors import SandboxError
+
+    path = claim_path(tmp_path)
+    mine = Claim.new(0.6)  # refreshed every 0.06 s; the guard stops after 0.3 s without one
+    assert acquire(path, mine).won
+
+    def broken(target: Path, data: bytes) -> None:
+        raise OSError(5, "Input/output error", str(target))
+
+    monkeypatch.setattr(claims, "replace_file", broken)
+    with ClaimKeeper(path, mine) as keeper:
+        keeper.check()
+        began = time.monotonic()
+        while keeper.problem is None and time.monotonic() < began + 30:  # a refresh has failed
+            time.sleep(0.01)
+        time.sleep(max(0.0, began + 0.45 - time.monotonic()))
+        with pytest.raises(SandboxError, match=r"could not be refreshed for \d+ s \(Input/output error \(.*CLAIM\)\), half its 0.6 s"):
+            keeper.check()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: the claim {path} could not be refreshed: Input/output error")
+
+
+def dead_pid() -> int:
+    """The pid of a process of this machine that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_claim_of_a_dead_process_of_this_machine_is_stale_at_once(tmp_path: Path) -> None:
+    path = claim_path(tmp_path)
+    dead = replace(Claim.new(600), pid=dead_pid())
+    assert dead.holder_is_gone() and dead.is_stale() and not dead.silent_for() > 1
+    replace_file(path, dead.encode())
+    mine = Claim.new(600)
+    assert acquire(path, mine) == Attempt(True, dead)
+    assert not mine.holder_is_gone() and not mine.is_stale()
+    elsewhere = replace(dead, host="node7")  # another machine's pids say nothing here
+    assert not elsewhere.holder_is_gone() and not elsewhere.is_stale()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times come from /proc")
+def test_a_reused_pid_does_not_keep_a_dead_holders_claim_alive(tmp_path: Path) -> None:
+    mine = Claim.new(600)
+    assert mine.process is not None and not mine.holder_is_gone()
+    machine, _, start = mine.process.rpartition("/")
+    reused = replace(mine, process=f"{machine}/{int(start) - 1}")  # this pid, but an earlier process's
+    assert reused.holder_is_gone() and reused.is_stale()
+    other_namespace = replace(mine, pid=dead_pid(), process=f"another-boot/pid:[1]/{start}")
+    assert not other_namespace.holder_is_gone(), "a container with this host name has pids of its own"

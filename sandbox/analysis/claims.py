@@ -30,8 +30,23 @@ id, shard), a random token, when it was claimed and last refreshed, and the hold
   :func:`released_on_sigterm`). Only a kill -9 or a lost machine leaves a claim behind, stale once
   its timeout has passed; the run then resumes from its last checkpoint in the next job.
 
-A holder that cannot refresh for the whole timeout (suspended, its filesystem unreachable) is
-deemed dead; if it comes back, its refresh thread finds the claim taken and prints a warning.
+- A claim whose holder runs on this machine (same host name, boot and pid namespace) and whose
+  process is gone (``os.kill(pid, 0)`` fails with ``ProcessLookupError``, or the pid now belongs to a
+  process started at another time: pid reuse) is stale at once: a SIGKILLed job's rerun on the same
+  machine does not wait for the timeout. The claim records ``process``, ``<boot id>/<pid namespace>/
+  <start time in clock ticks>`` (from ``/proc``); without ``/proc`` only the host name and the dead
+  pid count (a reused pid then looks alive: the claim waits for its timeout, the safe side).
+
+Fencing: a holder that cannot refresh for the whole timeout (suspended, its filesystem unreachable)
+is deemed dead and may be taken over. So that it never writes into a run someone else now trains,
+the run directory calls :meth:`ClaimKeeper.check` before each write: it raises a one-line
+:class:`SandboxError` when ``CLAIM`` holds another token (taken over, or deleted by hand) or when no
+refresh succeeded for half the timeout (the taker waits for the whole of it). A refresh never undoes
+a takeover: it takes the same exclusive ``CLAIM.takeover.<its own token>.<n>`` file a taker of its
+claim would take, checks under it that ``CLAIM`` still holds its token, and only then replaces it;
+a holder stalled for half its timeout while holding that file gives up instead of writing (a
+taker can only take the file once the refresher's copy in it is stale). Refresh errors print one
+warning line (once until a refresh succeeds again).
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from sandbox.atomic_files import temporary_beside, write_atomically, write_new_file
+from sandbox.errors import SandboxError
 from sandbox.run_files import CLAIM_FILE
 
 CLAIM_TIMEOUT_S = 600.0
@@ -62,7 +79,6 @@ TIMEOUT_ENV = "SANDBOX_CLAIM_TIMEOUT"
 _HELD: set[ClaimKeeper] = set()
 """The claims this process holds (the SIGTERM handler of :func:`released_on_sigterm` releases them)."""
 _TAKEOVER = ".takeover."
-_TEMPORARY = ".tmp."
 _MAX_TAKEOVER_FILES = 100
 
 
@@ -77,6 +93,32 @@ def _iso(seconds: float) -> str:
 
 def _seconds(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
+
+
+def _machine() -> str | None:
+    """``<boot id>/<pid namespace>`` of this process (Linux), or None: where a pid means one process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}"
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _process_identity(pid: int) -> str | None:
+    """``<boot id>/<pid namespace>/<start ticks>`` of process ``pid`` on this machine, or None."""
+    machine, start = _machine(), _start_ticks(pid)
+    return None if machine is None or start is None else f"{machine}/{start}"
 
 
 def job_id() -> str | None:
@@ -96,12 +138,15 @@ class Claim:
     claimed_at: float
     refreshed_at: float
     timeout_s: float
+    process: str | None = None
+    """``<boot id>/<pid namespace>/<start ticks>`` of the holder (see :meth:`holder_is_gone`), if known."""
 
     @classmethod
     def new(cls, timeout_s: float, shard: str | None = None) -> Claim:
         """A claim by this process, made now."""
         now = _now()
-        return cls(socket.gethostname(), os.getpid(), job_id(), shard, uuid.uuid4().hex, now, now, float(timeout_s))
+        return cls(socket.gethostname(), os.getpid(), job_id(), shard, uuid.uuid4().hex, now, now, float(timeout_s),
+                   _process_identity(os.getpid()))
 
     def encode(self) -> bytes:
         """The file's content."""
@@ -116,6 +161,7 @@ class Claim:
         return cls(
             str(fields["host"]), int(fields["pid"]), fields.get("job"), fields.get("shard"), str(fields["token"]),
             _seconds(fields["claimed_at"]), _seconds(fields["refreshed_at"]), float(fields["timeout_s"]),
+            fields.get("process"),
         )
 
     def silent_for(self, now: float | None = None) -> float:
@@ -123,8 +169,34 @@ class Claim:
         return (time.time() if now is None else now) - self.refreshed_at
 
     def is_stale(self, now: float | None = None) -> bool:
-        """Whether the holder has not refreshed for longer than its timeout (it died)."""
-        return self.silent_for(now) > self.timeout_s
+        """Whether the holder has not refreshed for longer than its timeout, or its process is gone (it died)."""
+        return self.silent_for(now) > self.timeout_s or self.holder_is_gone()
+
+    def holder_is_gone(self) -> bool:
+        """Whether the holder ran on this machine and its process no longer exists (a dead or reused pid).
+
+        Only a claim of this host name counts, and when both sides know their ``<boot id>/<pid
+        namespace>``, only one of this boot and pid namespace (another container with this host name
+        has its own pids: it cannot be told, and its claim waits for its timeout).
+        """
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        here = _machine()
+        recorded_machine, _, recorded_start = (self.process or "").rpartition("/")
+        if self.process and here is not None and recorded_machine != here:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive: another user's process
+            pass
+        except OSError:
+            return False
+        if not self.process or here is None:
+            return False
+        start = _start_ticks(self.pid)
+        return start is not None and start != recorded_start  # the pid was reused by a newer process
 
     def holder(self) -> str:
         """``host:pid`` with the job id and shard when known, e.g. ``node12:4242 (job 81234, shard 3/8)``."""
@@ -171,20 +243,10 @@ def read_claim(path: Path) -> Claim | None:
         return Claim("unknown", 0, None, None, token, stat.st_mtime, stat.st_mtime, CLAIM_TIMEOUT_S)
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (``FileExistsError`` if it exists) holding ``data``, flushed to disk."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(descriptor, data)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _temporary(path: Path, data: bytes) -> Path:
     """``data`` in a new file beside ``path``, flushed to disk."""
-    temporary = path.with_name(f"{path.name}{_TEMPORARY}{uuid.uuid4().hex}")
-    _write_new(temporary, data)
+    temporary = temporary_beside(path)
+    write_new_file(temporary, data)
     return temporary
 
 
@@ -202,7 +264,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     finally:
         temporary.unlink(missing_ok=True)
     try:  # no hard links here
-        _write_new(path, data)
+        write_new_file(path, data)
     except FileExistsError:
         return False
     return True
@@ -210,12 +272,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Replace (or create) ``path`` with ``data`` atomically (a temporary file, then ``rename``)."""
-    temporary = _temporary(path, data)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, data)
 
 
 @dataclass(frozen=True)
@@ -256,29 +313,42 @@ def take_over(path: Path, stale: Claim, mine: Claim) -> tuple[bool, Claim | None
     Returns whether this process won and, when it lost to a process taking over at this moment,
     that process's claim.
     """
-    lock = None
-    for attempt in range(_MAX_TAKEOVER_FILES):
-        candidate = path.with_name(f"{path.name}{_TAKEOVER}{stale.token}.{attempt}")
-        if create_exclusive(candidate, mine.encode()):
-            lock = candidate
-            break
-        rival = read_claim(candidate)
-        if rival is None:  # that taker has finished: the claim is no longer the stale one
-            return False, None
-        if not rival.is_stale():  # another process is taking over right now
-            return False, rival
+    lock, rival = _lock(path, stale.token, mine.encode())
     if lock is None:
-        return False, None
+        return False, rival
     try:
         current = read_claim(path)
         if current is None or current.token != stale.token or not current.is_stale():
             return False, None
         replace_file(path, mine.encode())
         for attempt in range(_MAX_TAKEOVER_FILES):  # nobody can win with the stale token any more
-            path.with_name(f"{path.name}{_TAKEOVER}{stale.token}.{attempt}").unlink(missing_ok=True)
+            _lock_name(path, stale.token, attempt).unlink(missing_ok=True)
         return True, None
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _lock_name(path: Path, token: str, attempt: int) -> Path:
+    return path.with_name(f"{path.name}{_TAKEOVER}{token}.{attempt}")
+
+
+def _lock(path: Path, token: str, content: bytes) -> tuple[Path | None, Claim | None]:
+    """Create the exclusive file that lets one process change the claim holding ``token`` (a taker
+    of it, or its holder refreshing or releasing it); ``content`` is that process's own claim.
+
+    Returns the file, or None and the claim of the process holding it now (None when it just finished).
+    A file whose content is stale (its writer died) is passed over for the next ``<n>``.
+    """
+    for attempt in range(_MAX_TAKEOVER_FILES):
+        candidate = _lock_name(path, token, attempt)
+        if create_exclusive(candidate, content):
+            return candidate, None
+        rival = read_claim(candidate)
+        if rival is None:  # that process has finished: the claim may have changed
+            return None, None
+        if not rival.is_stale():  # another process is changing the claim right now
+            return None, rival
+    return None, None
 
 
 def holds(path: Path, mine: Claim) -> bool:
@@ -288,13 +358,22 @@ def holds(path: Path, mine: Claim) -> bool:
 
 
 def release(path: Path, mine: Claim) -> None:
-    """Remove the claim if it is still ``mine``."""
-    if holds(path, mine):
-        path.unlink(missing_ok=True)
+    """Remove the claim if it is still ``mine`` (under its lock: never a taker's claim)."""
+    if not holds(path, mine):
+        return
+    lock, _ = _lock(path, mine.token, replace(mine, refreshed_at=_now()).encode())
+    if lock is None:  # a taker is at work: the claim is no longer ours to remove
+        return
+    try:
+        if holds(path, mine):
+            path.unlink(missing_ok=True)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 class ClaimKeeper:
-    """Holds an acquired claim: refreshes it from a background thread, releases it at the end.
+    """Holds an acquired claim: refreshes it from a background thread, releases it at the end, and
+    fences the holder's writes (:meth:`check`).
 
     Use as a context manager (or :meth:`start` and :meth:`release`); releasing twice is harmless.
     """
@@ -303,7 +382,13 @@ class ClaimKeeper:
         self.path = path
         self.mine = mine
         self.lost = False
-        """Set when another process took the claim over (this one was silent past its timeout)."""
+        """Set when the claim no longer holds this token (taken over: this process was deemed dead; or removed)."""
+        self.taker: Claim | None = None
+        """Who holds the claim since it was lost (None: it was removed)."""
+        self.problem: str | None = None
+        """The error of the last refresh, while refreshing fails."""
+        self._refreshed = time.monotonic()
+        """When (``time.monotonic``) the last successful refresh (or the claim) was made."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh_loop, name="sandbox-claim-refresh", daemon=True)
 
@@ -318,27 +403,83 @@ class ClaimKeeper:
         self._thread.start()
         return self
 
+    def _lose(self, current: Claim | None) -> None:
+        """Record (and say once) that the claim is no longer ours."""
+        if self.lost:
+            return
+        self.lost, self.taker = True, current
+        taker = f"now held by {current.holder()}" if current else "removed"
+        print(f"warning: the claim {self.path} was taken over ({taker}): this process was silent "
+              f"for longer than its {self.mine.timeout_s:g} s timeout", file=sys.stderr, flush=True)
+
     def refresh(self) -> bool:
-        """Write a new ``refreshed_at`` now; False (and a warning, once) when the claim is no longer ours."""
-        if not holds(self.path, self.mine):
-            if not self.lost:
-                self.lost = True
-                current = read_claim(self.path)
-                taker = f"now held by {current.holder()}" if current else "removed"
-                print(f"warning: the claim {self.path} was taken over ({taker}): this process was silent "
-                      f"for longer than its {self.mine.timeout_s:g} s timeout", file=sys.stderr, flush=True)
+        """Write a new ``refreshed_at`` now, if ``CLAIM`` still holds this token; False (and a warning,
+        once) when the claim is no longer ours, or when another process is changing it right now.
+
+        Under the claim's exclusive takeover file (see the module's docstring): a takeover and a
+        refresh never interleave, so a late refresh cannot restore a claim taken over meanwhile.
+        """
+        began = time.monotonic()
+        fresh = replace(self.mine, refreshed_at=_now())
+        lock, _ = _lock(self.path, self.mine.token, fresh.encode())
+        if lock is None:  # a taker holds it: it finds this claim fresh, or takes it (seen next time)
+            current = read_claim(self.path)
+            if current is None or current.token != self.mine.token:
+                self._lose(current)
             return False
-        self.mine = replace(self.mine, refreshed_at=_now())
-        replace_file(self.path, self.mine.encode())
-        return True
+        try:
+            current = read_claim(self.path)
+            if current is None or current.token != self.mine.token:
+                self._lose(current)
+                return False
+            if time.monotonic() - began > self.mine.timeout_s / 2:  # stalled: a taker may be at work
+                return False
+            replace_file(self.path, fresh.encode())
+            self.mine = fresh
+            self._refreshed = began
+            return True
+        finally:
+            lock.unlink(missing_ok=True)
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                if not self.refresh():
-                    return
-            except OSError:  # the filesystem hiccuped: try again at the next interval
+                self.refresh()
+            except OSError as error:  # the filesystem hiccuped: said once, tried again at the next interval
+                problem = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+                if self.problem is None:
+                    print(f"warning: the claim {self.path} could not be refreshed: {problem}; retrying every "
+                          f"{self.interval_s:g} s (the run stops after {self.mine.timeout_s / 2:g} s without a refresh)",
+                          file=sys.stderr, flush=True)
+                self.problem = problem
                 continue
+            self.problem = None
+            if self.lost:
+                return
+
+    def check(self) -> None:
+        """Raise a one-line :class:`SandboxError` unless this process may still write into the run: the
+        claim holds this token, and a refresh succeeded within half the timeout (a taker waits for all
+        of it). The run directory calls this before each write (``RunDirectory.guard``)."""
+        if not self.lost:
+            try:
+                current = read_claim(self.path)
+            except OSError:  # unreadable now: the refresh age below decides
+                pass
+            else:
+                if current is None or current.token != self.mine.token:
+                    self._lose(current)
+        if self.lost:
+            holder = f"now held by {self.taker.holder()}" if self.taker else "removed"
+            raise SandboxError(f"the claim {self.path} was taken over ({holder}): this process stops before "
+                               "writing into the run again")
+        silent = time.monotonic() - self._refreshed
+        if silent > self.mine.timeout_s / 2:
+            problem = f" ({self.problem})" if self.problem else ""
+            raise SandboxError(
+                f"the claim {self.path} could not be refreshed for {duration(silent)}{problem}, half its "
+                f"{self.mine.timeout_s:g} s timeout: this process stops before another one takes the run over"
+            )
 
     def release(self) -> None:
         """Stop refreshing and remove the claim (if still ours)."""

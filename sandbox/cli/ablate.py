@@ -11,7 +11,8 @@ Several jobs may share one sweep folder (``--shard K/N``: a deterministic share 
 :mod:`sandbox.analysis.shards`). Before training a run, the main process of a job claims it
 (:mod:`sandbox.analysis.claims`) and tells its other processes what to do (one broadcast per run),
 so every process of the job skips or trains the same runs; a run claimed by another live process
-is left to it. ``--list`` prints every run's state (:mod:`sandbox.analysis.sweep_status`).
+is left to it; every write into the run is fenced by the claim (a holder that lost it stops, see
+:meth:`sandbox.analysis.claims.ClaimKeeper.check`). ``--list`` prints every run's state (:mod:`sandbox.analysis.sweep_status`).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def sweep(
     from sandbox.analysis.claims import released_on_sigterm
     from sandbox.train.accelerator import process_state
     from sandbox.train.failures import ProcessGroupLost
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.train.rundir import RunDirectory, guarded_writes
 
     state = process_state()
     main = state.is_main_process
@@ -362,11 +363,12 @@ def sweep(
                 console.print(f"{prefix}: {doing}{decision.note}")
                 if main:
                     clear_failure(run_dir.path)
-                summary = train_one(resolved, run_registry, resume=resume, release=keeper.release if keeper else None)
+                with guarded_writes(run_dir.path, keeper.check if keeper is not None else None):  # the claim's fence
+                    summary = train_one(resolved, run_registry, resume=resume, release=keeper.release if keeper else None)
             except Exception as error:  # recorded; the sweep goes on (KeyboardInterrupt stops it)
                 if debug_enabled(context):
                     traceback.print_exc()
-                if main:  # every process has the same error (agreed_errors, agree_on)
+                if main and may_write(keeper):  # every process has the same error (agreed_errors, agree_on)
                     mark_failed(run_dir.path, describe_exception(error), console)
                 tally.failed += 1
                 console.print(f"{prefix}: FAILED: {describe_exception(error)}")
@@ -382,6 +384,17 @@ def sweep(
                 f"({time.perf_counter() - start:.0f} s)"
             )
     return tally
+
+
+def may_write(keeper: ClaimKeeper | None) -> bool:
+    """Whether this process may still write into the run: its claim was not lost (None: not claimed here)."""
+    if keeper is None:
+        return True
+    try:
+        keeper.check()
+    except SandboxError:  # taken over: the run is another process's now
+        return False
+    return True
 
 
 def mark_failed(run_path: Path, message: str, console: Console) -> None:

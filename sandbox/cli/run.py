@@ -1,14 +1,29 @@
-"""``sandbox run``: train a recipe into its run directory (or resume it)."""
+"""``sandbox run``: train a recipe into its run directory (or resume it).
+
+One run, one writer: before anything is written, the main process claims the run directory as
+``sandbox ablate`` claims a run of a sweep (:mod:`sandbox.analysis.claims`), and tells the other
+processes of the launch the outcome (one broadcast). A run held by a live process is refused with
+one line naming the holder (``--overwrite`` and ``--resume`` too); every write into the run is
+fenced by the claim; the claim is released at the end, on an error, Ctrl-C or SIGTERM.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 
+from sandbox.analysis.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+
+if TYPE_CHECKING:
+    from sandbox.analysis.claims import ClaimKeeper
+    from sandbox.cli.ablate import Decision
+    from sandbox.recipe import Recipe
+    from sandbox.registry import Registry
 
 
 def run(
@@ -17,21 +32,54 @@ def run(
     plugin: Optional[List[str]] = PluginOption,
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    claim_timeout: float = typer.Option(
+        CLAIM_TIMEOUT_S, "--claim-timeout", envvar=TIMEOUT_ENV, show_default=True,
+        help="Seconds without a refresh after which this run's claim counts as stale (refreshed every tenth).",
+    ),
 ) -> None:
     """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
+    from sandbox.analysis.claims import released_on_sigterm
+    from sandbox.cli.ablate import agree_on
     from sandbox.errors import SandboxError
-    from sandbox.train.loop import start_run
+    from sandbox.train.accelerator import process_state
+    from sandbox.train.rundir import RunDirectory, guarded_writes
 
     if resume and overwrite:
         raise SandboxError("--resume and --overwrite contradict each other: --resume continues the run, "
                            "--overwrite replaces it; give one")
+    if not claim_timeout > 0:
+        raise SandboxError(f"--claim-timeout {claim_timeout:g}: expected a positive number of seconds")
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    run_path = RunDirectory.for_recipe(resolved).path
+    state = process_state()
+    created = first_missing(run_path) if state.is_main_process else None
+    with released_on_sigterm():  # scancel, kill: the claim is released before the process ends
+        decision, keeper = agree_on(state, lambda: claim_run_directory(run_path, claim_timeout))
+        try:
+            if decision.action in ("held", "error"):
+                raise SandboxError(decision.note)
+            with guarded_writes(run_path, keeper.check if keeper is not None else None):
+                train_claimed(resolved, registry, resume, overwrite, decision.note, keeper)
+        finally:
+            if keeper is not None:
+                keeper.release()
+                remove_empty(run_path, created)
+
+
+def train_claimed(
+    resolved: Recipe, registry: Registry, resume: bool, overwrite: bool, note: str, keeper: ClaimKeeper | None
+) -> None:
+    """Train the run whose claim this process (its main process) holds."""
+    from sandbox.train.loop import start_run
+
+    console = Console(stderr=True)
+    if note and keeper is not None:
+        console.print(note, highlight=False, soft_wrap=True)
     trainer = start_run(resolved, registry, resume=resume, overwrite=overwrite)
     run_dir = trainer.run_dir
-    console = Console(stderr=True)
     if trainer.accelerator.is_main_process:
         console.print(f"run directory: {run_dir.path}", highlight=False, soft_wrap=True)
-    summary = trainer.train(resume=resume)
+    summary = trainer.train(resume=resume, on_stop=(lambda message: keeper.release()) if keeper is not None else None)
     if trainer.accelerator.is_main_process:
         console.print(
             f"done: final mIoU {100 * summary['final_miou']:.2f}, best mIoU {100 * summary['best_miou']:.2f} "
@@ -40,6 +88,53 @@ def run(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def claim_run_directory(run_path: Path, timeout_s: float) -> tuple[Decision, ClaimKeeper | None]:
+    """On the main process: claim the run directory (``start``, with a note when a stale claim was
+    taken over) or say who holds it (``held``, the one-line error)."""
+    from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, claim_path, duration
+    from sandbox.cli.ablate import Decision
+    from sandbox.train.rundir import unwritable
+
+    mine = Claim.new(timeout_s)
+    try:
+        attempt = acquire(claim_path(run_path), mine)
+    except OSError as error:  # a read-only place, an output_dir that is a file, a full disk
+        raise unwritable(run_path, error) from None
+    if not attempt.won:
+        holder = attempt.other.describe() if attempt.other is not None else "another process"
+        return Decision("held", f"run directory {run_path} is being trained by {holder}; nothing was changed "
+                                "(wait for it, or stop that process; --resume continues the run afterwards)"), None
+    stale = attempt.other
+    note = "" if stale is None else (
+        f"took over the stale claim of {stale.holder()} on {run_path}, silent for {duration(stale.silent_for())}"
+        + (" (its process is gone)" if stale.holder_is_gone() else "")
+    )
+    return Decision("start", note), ClaimKeeper(claim_path(run_path), mine).start()
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def remove_empty(run_path: Path, created: Path | None) -> None:
+    """Remove the folders the claim created (up to ``created``) when the run left them empty."""
+    if created is None:
+        return
+    for folder in [run_path, *run_path.parents]:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        if folder == created:
+            return
 
 
 def skipped_note(summary: dict) -> str:

@@ -15,6 +15,7 @@ from accelerate import Accelerator, PartialState
 from torch import nn
 
 from sandbox.errors import SandboxError
+from sandbox.train.failures import join_restarted_attempt
 from sandbox.train.sync_batchnorm import synchronise_batchnorm
 
 
@@ -30,6 +31,7 @@ def process_state() -> PartialState:
     ``cpu=True`` without an accelerator device, as there: created first without it, the state
     would treat each CPU process as a separate single-process run.
     """
+    join_restarted_attempt(cpu=not has_accelerator_device())
     return PartialState(cpu=not has_accelerator_device())
 
 
@@ -42,6 +44,7 @@ def make_accelerator(
     ``accelerate launch --multi_gpu``) as a separate single-process run. ``trackers`` (e.g.
     ``["tensorboard"]``) log under ``project_dir``.
     """
+    join_restarted_attempt(cpu=not has_accelerator_device())
     try:
         return Accelerator(
             mixed_precision=mixed_precision,

@@ -5,6 +5,10 @@ A process that fails while the others go on would leave them waiting in the next
 says what went wrong. Each process runs a fallible phase inside :func:`agreed_errors`; at its end
 every process exchanges its outcome (one small all-gather), and if any failed, all raise the same
 :class:`SandboxError`: the message of the lowest-ranked failing process.
+
+The first such block also starts this process's failure watcher (:mod:`sandbox.train.failures`):
+a failure between the blocks (``accelerator.prepare``, moving the teacher to its device) ends
+every process too, with the line the failing process printed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Iterator
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
-from sandbox.errors import SandboxError, describe_exception
+from sandbox.errors import SandboxError, describe_exception, on_process
 
 
 def raise_if_any_failed(state: Accelerator | PartialState, error: BaseException | None) -> None:
@@ -32,7 +36,7 @@ def raise_if_any_failed(state: Accelerator | PartialState, error: BaseException 
         failed = [(rank, text) for rank, text in enumerate(gather_object([message])) if text is not None]
     if failed:
         rank, text = failed[0]
-        raise SandboxError(text if rank == 0 else f"{text} (on process {rank})") from error
+        raise SandboxError(on_process(text, rank)) from error
 
 
 @contextmanager
@@ -42,9 +46,13 @@ def agreed_errors(state: Accelerator | PartialState) -> Iterator[None]:
     Any exception of the block counts (a ``SandboxError`` keeps its message). The block must not
     itself wait for other processes before it can fail.
     """
+    from sandbox.train.failures import channel, collective_free
+
+    channel(state.process_index, state.num_processes)  # from here on a failure anywhere ends every process
     error = None
     try:
-        yield
+        with collective_free():  # a peer's failure leaves this process time to reach the exchange
+            yield
     except Exception as caught:  # noqa: BLE001 - reported on every process below
         error = caught
     raise_if_any_failed(state, error)

@@ -9,14 +9,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from sandbox import __version__
 from sandbox.api import DensityEstimator
+from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import read_batches
 from sandbox.distributed import mean_over_processes
 from sandbox.data.views import StreamSampler, small_image_note
@@ -42,7 +44,7 @@ from sandbox.train.builder import (
     check_crop_fits,
 )
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
-from sandbox.train.failures import shared_failures
+from sandbox.train.failures import beat, shared_failures
 from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
@@ -259,12 +261,16 @@ class Trainer:
         """Write ``checkpoints/step_N``; it counts once its ``COMPLETE`` marker exists (written last, atomically)."""
         self._agree_on_student()
         folder = self.run_dir.checkpoints / f"step_{self.state.step:08d}"
+        if self.accelerator.is_main_process:
+            self.run_dir.check_writable()  # the claim's fence: a holder that lost it stops here
         if self.accelerator.is_main_process and folder.exists():
             shutil.rmtree(folder)  # a leftover of an earlier attempt at this step: never mix two states
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(folder))
         self.accelerator.wait_for_everyone()  # every process's files are written before the marker
         if self.accelerator.is_main_process:
+            fsync_tree(folder)  # on disk before the marker that makes the checkpoint count
+            self.run_dir.check_writable()
             atomic_write_bytes(folder / COMPLETE_MARKER, str(self.state.step).encode())
             for old in self.run_dir.complete_checkpoints()[:-CHECKPOINTS_KEPT]:
                 shutil.rmtree(old)
@@ -272,10 +278,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
-        """Load the newest checkpoint that loads; a damaged one is set aside with a one-line warning.
+        """Load the newest checkpoint that loads on every process; damaged ones are set aside afterwards.
 
-        Only a file that fails to decode or is refused as unsafe makes a checkpoint ``corrupt-*``;
-        any other error (I/O, out of memory) stops with one line and leaves the checkpoint alone.
+        Every process tries the same candidate, newest first, and the processes exchange the outcome
+        (one gather per candidate): all loaded it -> resume from it; any found a file that fails to
+        decode or is refused as unsafe -> all try the next one; any other error (I/O, memory) -> the
+        same line on every process and the checkpoint left alone. Only once they agree, and none
+        reads any more, does the main process rename the damaged ones ``corrupt-*`` (one warning
+        line each). The main process says which checkpoint the run resumed from.
         """
         if self.accelerator.is_main_process:
             self.run_dir.remove_incomplete_checkpoints()  # a kill during save_state left them
@@ -283,28 +293,52 @@ class Trainer:
         candidates = self.run_dir.complete_checkpoints()[::-1]
         if not candidates:
             return
-        for index, checkpoint in enumerate(candidates):
-            try:
-                verify_checkpoint(checkpoint)
-                self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-            except CorruptCheckpointError as error:
-                problem = " ".join(str(error).split())[:300]
+        damaged: list[tuple[Path, str]] = []
+        chosen = None
+        for checkpoint in candidates:
+            outcomes = self._agreed([self._try_loading(checkpoint)])
+            failures = [(rank, problem) for rank, (kind, problem) in enumerate(outcomes) if kind == "error"]
+            if failures:
+                rank, problem = failures[0]
+                where = f" on process {rank}" if rank else ""
+                raise SandboxError(f"--resume: loading {checkpoint} failed{where} ({problem}); the checkpoint is left as it is")
+            corrupt = [(rank, problem) for rank, (kind, problem) in enumerate(outcomes) if kind == "corrupt"]
+            if not corrupt:
+                chosen = checkpoint
+                break
+            rank, problem = corrupt[0]
+            damaged.append((checkpoint, problem + (f" on process {rank}" if rank else "")))
+        self.accelerator.wait_for_everyone()  # nobody reads a damaged checkpoint any more
+        if self.accelerator.is_main_process:
+            for index, (checkpoint, problem) in enumerate(damaged):
                 following = candidates[index + 1] if index + 1 < len(candidates) else None
                 fallback = f"resuming from {following.name}" if following else "no other checkpoint"
-                if self.accelerator.is_main_process:
-                    print(f"warning: checkpoint {checkpoint} could not be loaded ({problem}); {fallback}", file=sys.stderr)
-                    checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
-                continue
-            except Exception as error:  # not the files' content (I/O, memory, a mismatch): leave it as it is
-                problem = describe_exception(error)[:300]
-                raise SandboxError(f"--resume: loading {checkpoint} failed ({problem}); the checkpoint is left as it is") from None
-            break
-        else:
+                print(f"warning: checkpoint {checkpoint} could not be loaded ({problem}); {fallback}", file=sys.stderr)
+                checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
+        self.accelerator.wait_for_everyone()
+        if chosen is None:
             raise SandboxError(
                 f"--resume: no checkpoint in {self.run_dir.checkpoints} could be loaded; start again with --overwrite"
             )
         if self.accelerator.is_main_process:
+            print(f"resumed from {chosen} (step {self.state.step} of {self.recipe.train.iters})", file=sys.stderr)
             self.run_dir.truncate_metrics(self.state.step)
+
+    def _try_loading(self, checkpoint: Path) -> tuple[str, str]:
+        """``("ok", "")``, ``("corrupt", problem)`` (a file fails to decode or is refused as unsafe) or
+        ``("error", problem)`` (anything else: I/O, memory, a mismatch) for loading ``checkpoint`` here."""
+        try:
+            verify_checkpoint(checkpoint)
+            self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        except CorruptCheckpointError as error:
+            return "corrupt", " ".join(str(error).split())[:300]
+        except Exception as error:  # noqa: BLE001 - not the files' content: reported, checkpoint left alone
+            return "error", describe_exception(error)[:300]
+        return "ok", ""
+
+    def _agreed(self, values: list[Any]) -> list[Any]:
+        """Every process's ``values`` (one item each), in rank order (one gather; as is on one process)."""
+        return values if self.accelerator.num_processes == 1 else gather_object(values)
 
     # -- non-finite values ------------------------------------------------------------------------
 
@@ -378,6 +412,7 @@ class Trainer:
 
     def _save_weights(self, model: torch.nn.Module, path: Any, miou: float) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.run_dir.check_writable()  # the claim's fence (best.pt, last.pt)
         atomic_torch_save({"model": state, "step": self.state.step, "miou": miou, "recipe": self.recipe.to_toml()}, path)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -387,9 +422,18 @@ class Trainer:
 
         Any error (a plugin raising, a full disk) becomes a one-line :class:`SandboxError`, and on
         several processes every process ends with that same line (:func:`shared_failures`);
-        ``on_stop(message)`` runs on a process that a peer's failure ends.
+        ``on_stop(message)`` runs on a process that a peer's failure ends. Before a process reports
+        a failure or ends, its trackers are flushed and (main process) interrupted writes' temporary
+        files removed.
         """
-        with shared_failures(self.accelerator.process_index, self.accelerator.num_processes, on_stop):
+
+        def cleanup() -> None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            if self.accelerator.is_main_process:
+                self.run_dir.remove_temporaries()
+
+        with shared_failures(self.accelerator.process_index, self.accelerator.num_processes, on_stop, cleanup):
             try:
                 return self._train(resume)
             except SandboxError as error:
@@ -433,6 +477,7 @@ class Trainer:
         warned = 0
         with reporter:
             while self.state.step < settings.iters:
+                beat()  # the main thread moves on: a peer's failure leaves it time to fail by itself
                 step = self.state.step
                 images, masks = next(labeled)
                 batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))

@@ -5,42 +5,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
+from sandbox.atomic_files import remove_temporaries, write_atomically
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, is_claim_file
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` whole or not at all, flushed to disk (:func:`sandbox.atomic_files.write_atomically`)."""
+    write_atomically(path, data)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to ``path`` whole or not at all, flushed to disk."""
+    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 """The files of a run directory that tools reading runs (``sandbox compare``, ``plot``) look for."""
@@ -102,11 +87,40 @@ def verify_checkpoint(folder: Path) -> None:
             raise
 
 
+_GUARDS: dict[str, Callable[[], None]] = {}
+"""The write guards of run directories (by absolute path) that this process holds a claim on."""
+
+
+@contextmanager
+def guarded_writes(path: Path, guard: Callable[[], None] | None) -> Iterator[None]:
+    """While active, every :class:`RunDirectory` of ``path`` in this process calls ``guard`` before each
+    write (the claim holder's fence, :meth:`sandbox.analysis.claims.ClaimKeeper.check`); None: no guard."""
+    if guard is None:
+        yield
+        return
+    key = os.path.abspath(path)
+    _GUARDS[key] = guard
+    try:
+        yield
+    finally:
+        if _GUARDS.get(key) is guard:
+            del _GUARDS[key]
+
+
 class RunDirectory:
     """``<output_dir>/<name>/seed<seed>/`` and the files a run writes there."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.guard: Callable[[], None] | None = None
+        """Called before each write into the run (raises ``SandboxError`` to stop it); when None, the
+        guard :func:`guarded_writes` set for this path, if any."""
+
+    def check_writable(self) -> None:
+        """Call the guard (see :attr:`guard`): the claim holder's fence before a write."""
+        guard = self.guard if self.guard is not None else _GUARDS.get(os.path.abspath(self.path))
+        if guard is not None:
+            guard()
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> RunDirectory:
@@ -139,19 +153,18 @@ class RunDirectory:
                     f"run directory {self.path} already exists; use --resume to continue it, --overwrite to "
                     f"replace it, or --set name=... for a new run"
                 )
+            self.check_writable()
             remove_all(content)
+        self.check_writable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.recipe_file, recipe.to_toml().encode())
         except OSError as error:  # a read-only place, an output_dir that is a file, a full disk
-            culprit = f" ({error.filename})" if error.filename else ""
-            raise SandboxError(
-                f"run directory {self.path} cannot be written: {error.strerror or error}{culprit}; "
-                "check output_dir (recipe or --set output_dir=...)"
-            ) from None
+            raise unwritable(self.path, error) from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to ``metrics.jsonl``."""
+        self.check_writable()
         with self.metrics_file.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -167,10 +180,12 @@ class RunDirectory:
                 continue
             if isinstance(record, dict) and record.get("step", 0) <= after_step:
                 kept.append(line)
+        self.check_writable()
         atomic_write_bytes(self.metrics_file, "".join(line + "\n" for line in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json``."""
+        self.check_writable()
         atomic_write_bytes(self.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
 
     def complete_checkpoints(self) -> list[Path]:
@@ -178,17 +193,34 @@ class RunDirectory:
         return sorted(p for p in self.checkpoints.glob("step_*") if (p / COMPLETE_MARKER).is_file())
 
     def remove_incomplete_checkpoints(self) -> None:
-        """Delete checkpoint folders without ``COMPLETE`` (a kill during saving) and stray temporary files."""
+        """Delete checkpoint folders without ``COMPLETE`` (a kill during saving) and the temporary files
+        of interrupted writes (run directory and checkpoint folders)."""
+        self.check_writable()
         for folder in self.checkpoints.glob("step_*"):
             if folder.is_dir() and not (folder / COMPLETE_MARKER).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
-        for stray in [*self.path.glob(".*.pt.*"), *self.checkpoints.glob(f"step_*/.{COMPLETE_MARKER}.*")]:
-            stray.unlink(missing_ok=True)
+        self.remove_temporaries()
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files interrupted writes left (``.<name>.tmp.*``); the main process only."""
+        if self.path.is_dir():
+            remove_temporaries(self.path, keep=is_claim_file)  # a claim's are its holder's or a rival's
+        for folder in self.checkpoints.glob("step_*"):
+            remove_temporaries(folder)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder, or None."""
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
+
+
+def unwritable(path: Path, error: OSError) -> SandboxError:
+    """The one-line error for a run directory ``path`` that cannot be written (read-only, a file, a full disk)."""
+    culprit = f" ({error.filename})" if error.filename else ""
+    return SandboxError(
+        f"run directory {path} cannot be written: {error.strerror or error}{culprit}; "
+        "check output_dir (recipe or --set output_dir=...)"
+    )
 
 
 def remove_all(content: list[Path]) -> None:

@@ -1,0 +1,220 @@
+"""One run, one writer: ``sandbox run`` claims its run directory as ``sandbox ablate`` does.
+
+Real ``python -m sandbox run`` processes on one run directory: two started at once (one trains, the
+other exits 2 naming the holder), ``--overwrite`` of a running run (refused, nothing touched), a run
+whose claim is taken over (it stops before its next write) and a SIGKILLed run (its rerun takes the
+dead process's claim over at once). The guard of the run directory is tested in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from run_records import records
+from sandbox.analysis.claims import Claim, claim_path, read_claim, replace_file
+from sandbox.cli import main
+from sandbox.errors import SandboxError
+from sandbox.train.rundir import RunDirectory, guarded_writes
+from test_distributed import LAUNCH_TIMEOUT_S, launch_env, start, wait_bounded
+
+LONG = ["--set", "train.iters=16", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=8",
+        "--set", "train.threads=1"]
+"""A run that lasts several seconds after its first checkpoint."""
+
+
+def run_path(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "tiny" / "seed3"
+
+
+def command(tiny_recipe: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sandbox", "run", str(tiny_recipe), *LONG, *extra]
+
+
+def wait_for(condition, process, log: Path) -> None:
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not condition():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def assert_trained_once(run: Path) -> None:
+    """Finished, every step logged once, in order, no claim left."""
+    steps = [r["step"] for r in records(run) if "loss" in r]
+    assert steps == list(range(2, 17, 2)), steps
+    assert json.loads((run / "summary.json").read_text())["iters"] == 16
+    assert not claim_path(run).exists() and not list(run.glob("CLAIM*"))
+
+
+def test_two_runs_of_one_run_started_at_once_train_it_once(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Both with ``--overwrite`` (neither is refused by an existing directory): before claims, both
+    trained in one directory (steps 2,4,6,4,6,...) and one died deleting the other's checkpoints."""
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    processes = []
+    try:
+        for log in logs:
+            processes.append(start(command(tiny_recipe, "--overwrite"), launch_env(tmp_path), log))
+    finally:
+        wait_bounded(processes)
+    texts = [log.read_text() for log in logs]
+    codes = sorted(process.returncode for process in processes)
+    assert codes == [0, 2], texts
+    winner, loser = (0, 1) if processes[0].returncode == 0 else (1, 0)
+    errors = error_lines(texts[loser])
+    assert len(errors) == 1 and errors[0] == texts[loser].strip().splitlines()[-1], texts[loser]
+    holder = f":{processes[winner].pid}"
+    assert re.match(rf"error: run directory {re.escape(str(run_path(tmp_path)))} is being trained by \S+{holder}, "
+                    r"refreshed \d+ s ago; nothing was changed", errors[0]), errors[0]
+    assert "Traceback" not in texts[loser] and "SafetensorError" not in texts[winner]
+    assert_trained_once(run_path(tmp_path))
+
+
+def test_overwrite_or_resume_of_a_running_run_is_refused_and_touches_nothing(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = run_path(tmp_path)
+    log = tmp_path / "running.log"
+    process = start(command(tiny_recipe), launch_env(tmp_path), log)
+    try:
+        wait_for(lambda: list(run.glob("checkpoints/step_*/COMPLETE")), process, log)
+        metrics = (run / "metrics.jsonl").read_bytes()
+        recipe = (run / "recipe.toml").read_bytes()
+        for extra in (["--overwrite"], ["--resume"], []):  # in this process: another pid of this machine
+            with pytest.raises(SystemExit) as exit_info:
+                main(["run", str(tiny_recipe), *LONG, *extra])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2, err
+            errors = error_lines(err)
+            assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
+            assert "is being trained by " in errors[0] and f":{process.pid}, refreshed" in errors[0], errors[0]
+            assert read_claim(claim_path(run)).pid == process.pid
+            assert process.poll() is None, "the first run is still training"
+            assert (run / "metrics.jsonl").read_bytes().startswith(metrics), "its metrics are intact"
+            assert (run / "recipe.toml").read_bytes() == recipe
+            assert list(run.glob("checkpoints/step_*/COMPLETE")), "its checkpoints are intact"
+    finally:
+        wait_bounded([process])
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert_trained_once(run)
+
+
+def test_a_run_whose_claim_is_taken_over_stops_before_its_next_write(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = run_path(tmp_path)
+    log = tmp_path / "holder.log"
+    process = start(command(tiny_recipe), launch_env(tmp_path), log)
+    try:
+        wait_for(lambda: list(run.glob("checkpoints/step_*/COMPLETE")), process, log)
+        now = round(time.time(), 3)
+        taker = replace(Claim.new(600, "1/2"), host="node7", pid=4242, claimed_at=now, refreshed_at=now)
+        replace_file(claim_path(run), taker.encode())  # this process was deemed dead and taken over
+        before = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name != "CLAIM")
+        metrics = (run / "metrics.jsonl").read_bytes()
+    finally:
+        wait_bounded([process])
+    text = log.read_text()
+    assert process.returncode == 2, text[-3000:]
+    errors = error_lines(text)
+    assert len(errors) == 1 and errors[0] == text.strip().splitlines()[-1], text[-3000:]
+    assert "was taken over (now held by node7:4242 (shard 1/2)): this process stops" in errors[0]
+    # at most the write under way when the claim was replaced completed; nothing after it
+    after = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name != "CLAIM")
+    assert not (run / "summary.json").exists() and not (run / "last.pt").exists()
+    assert len((run / "metrics.jsonl").read_bytes().splitlines()) <= len(metrics.splitlines()) + 1
+    assert len([p for p in after if p.endswith("COMPLETE")]) <= len([p for p in before if p.endswith("COMPLETE")]) + 1
+    assert read_claim(claim_path(run)) == taker, "the taker's claim is left as it is"
+
+
+def test_a_killed_runs_claim_is_taken_over_at_once_by_its_rerun(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = run_path(tmp_path)
+    log = tmp_path / "killed.log"
+    process = start(command(tiny_recipe), launch_env(tmp_path), log)
+    try:
+        wait_for(lambda: list(run.glob("checkpoints/step_*/COMPLETE")), process, log)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        wait_bounded([process])
+    assert process.returncode == -signal.SIGKILL
+    left = read_claim(claim_path(run))
+    assert left is not None and left.pid == process.pid and not left.silent_for() > left.timeout_s
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_recipe), *LONG, "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code in (0, None), err
+    assert f"took over the stale claim of {left.holder()} on {run}, silent for " in err and "(its process is gone)" in err
+    assert not claim_path(run).exists()
+
+
+def test_the_run_directory_calls_its_guard_before_each_write(tmp_path: Path) -> None:
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.path.mkdir()
+    calls: list[str] = []
+
+    def guard() -> None:
+        calls.append("checked")
+        if len(calls) > 1:
+            raise SandboxError("the claim was taken over")
+
+    with guarded_writes(run_dir.path, guard):
+        other = RunDirectory(tmp_path / "run")  # e.g. the one start_run makes
+        other.append_metrics({"step": 1})
+        with pytest.raises(SandboxError, match="taken over"):
+            other.append_metrics({"step": 2})
+        with pytest.raises(SandboxError, match="taken over"):
+            other.write_summary({"iters": 2})
+    assert (run_dir.metrics_file.read_text(), run_dir.summary_file.exists()) == ('{"step": 1}\n', False)
+    RunDirectory(tmp_path / "run").append_metrics({"step": 3})  # the guard ended with the block
+    assert len(calls) == 3
+
+
+@pytest.mark.slow  # the claim's release on SIGTERM is ablate's (tests/test_claims.py); this is the CLI's wiring
+def test_sigterm_releases_the_runs_claim(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = run_path(tmp_path)
+    log = tmp_path / "terminated.log"
+    process = start(command(tiny_recipe), launch_env(tmp_path), log)
+    try:
+        wait_for(lambda: list(run.glob("checkpoints/step_*/COMPLETE")), process, log)
+        assert read_claim(claim_path(run)).pid == process.pid
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        wait_bounded([process])
+    assert process.returncode == -signal.SIGTERM, log.read_text()[-3000:]
+    assert not list(run.glob("CLAIM*"))
+
+
+@pytest.mark.slow
+def test_a_held_run_ends_every_process_of_a_launch_with_the_same_line(tiny_recipe: Path, tmp_path: Path) -> None:
+    """``accelerate launch ... -m sandbox run``: the main process claims, the other learns the outcome."""
+    from test_distributed import accelerate_command, free_port
+
+    run = run_path(tmp_path)
+    run.mkdir(parents=True)
+    now = round(time.time(), 3)
+    holder = replace(Claim.new(600), host="node7", pid=4242, job="81234", claimed_at=now, refreshed_at=now)
+    replace_file(claim_path(run), holder.encode())
+    log = tmp_path / "launch.log"
+    launch = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+                                "-m", "sandbox", "run", str(tiny_recipe), *LONG, "--overwrite")
+    process = start(launch, launch_env(tmp_path), log)
+    wait_bounded([process])
+    text = log.read_text()
+    assert process.returncode != 0, text[-3000:]
+    errors = error_lines(text)
+    assert len(errors) == 2 and len(set(errors)) == 1, text[-3000:]
+    assert "is being trained by node7:4242 (job 81234), refreshed " in errors[0]
+    assert sorted(p.name for p in run.iterdir()) == ["CLAIM"] and read_claim(claim_path(run)) == holder
