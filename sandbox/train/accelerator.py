@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -107,14 +107,18 @@ def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
     own batch); before evaluation and checkpointing every process takes the main process's, so all
     evaluate and save one and the same model.
     """
-    if accelerator.num_processes == 1:
-        return
+    if accelerator.num_processes > 1:
+        _exchange_buffers(module, lambda flat: torch.distributed.broadcast(flat, src=0))
+
+
+def _exchange_buffers(module: nn.Module, exchange: Callable[[torch.Tensor], None]) -> None:
+    """Apply the in-place collective ``exchange`` to ``module``'s buffers, one flat tensor per dtype."""
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
         groups.setdefault(buffer.dtype, []).append(buffer)
     for buffers in groups.values():
         flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
-        torch.distributed.broadcast(flat, src=0)
+        exchange(flat)
         offset = 0
         for buffer in buffers:
             buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
@@ -132,22 +136,18 @@ def average_buffers(module: nn.Module, accelerator: Accelerator) -> None:
     global batch and needs no averaging. Integer buffers (``num_batches_tracked``) are equal
     anyway and taken from the main process. One collective per buffer dtype.
     """
-    if accelerator.num_processes == 1:
+    processes = accelerator.num_processes
+    if processes == 1:
         return
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for buffer in module.buffers():
-        groups.setdefault(buffer.dtype, []).append(buffer)
-    for dtype, buffers in groups.items():
-        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
-        if dtype.is_floating_point:
+
+    def average(flat: torch.Tensor) -> None:
+        if flat.dtype.is_floating_point:
             torch.distributed.all_reduce(flat)
-            flat /= accelerator.num_processes
+            flat /= processes
         else:
             torch.distributed.broadcast(flat, src=0)
-        offset = 0
-        for buffer in buffers:
-            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
-            offset += buffer.numel()
+
+    _exchange_buffers(module, average)
 
 
 def process_seed(seed: int, rank: int) -> int:
