@@ -10,6 +10,16 @@ class SandboxError(Exception):
     """
 
     exit_code = 2
+    shared = False
+    """True for an error every process of a group raises with the same message, which already names
+    the failing process (see :func:`on_process`); other errors are suffixed when they are printed."""
+
+
+def shared_error(message: str) -> SandboxError:
+    """A :class:`SandboxError` that every process of a group raises with this same ``message``."""
+    error = SandboxError(message)
+    error.shared = True
+    return error
 
 
 def error_line(message: str) -> str:

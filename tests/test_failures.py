@@ -132,6 +132,49 @@ def test_a_failure_after_the_agreed_set_up_on_one_process_ends_both(tiny_recipe:
     assert lines[0] == lines[1] == "error: RuntimeError: planted failure while moving to the device (on process 1)"
 
 
+def test_ablate_ends_when_a_failure_during_construction_stops_a_peer(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Process 1 fails building the first run's trainer (after ``accelerator.prepare``) while process 0
+    waits for it: process 0 is ended by its watcher (the run recorded as failed) and the sweep ends on
+    both with the same line, instead of process 1 going on to the next run alone."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "ablate.log"
+    command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+                                 "-m", "sandbox", "ablate", str(tiny_recipe), *planted(tmp_path),
+                                 "--grid", "perturbation.to_rank=1,-1", "--set", "train.threads=1", "--output", str(out))
+    started = time.monotonic()
+    wait_bounded([start(command, launch_env(tmp_path), log)])
+    assert time.monotonic() - started < LAUNCH_TIMEOUT_S
+    text = log.read_text()
+    line = "error: RuntimeError: planted failure while moving to the device (on process 1)"
+    assert [entry for entry in text.splitlines() if entry.startswith("error:")] == [line] * 2, text[-3000:]
+    runs = out / "tiny"
+    assert (runs / "perturbation.to_rank=1" / "seed3" / "FAILED").read_text() == line[len("error: "):] + "\n"
+    assert not (runs / "perturbation.to_rank=-1" / "seed3" / "summary.json").exists(), "no process went on alone"
+    assert not OUR_FRAME.search(text), text[-3000:]
+
+
+def test_an_error_of_one_process_names_it(monkeypatch, capsys) -> None:
+    """A one-line error raised by process 1 alone, outside every agreed phase, says which process it
+    was; an error every process raised together is printed as it is."""
+    import pytest
+
+    from sandbox import cli
+    from sandbox.errors import SandboxError, shared_error
+
+    ended = []
+    monkeypatch.setattr(cli, "in_process_group", lambda: True)
+    monkeypatch.setattr("torch.distributed.get_rank", lambda: 1)
+    monkeypatch.setattr("sandbox.train.failures.exit_together", lambda code, message=None: ended.append((code, message)))
+    for error, printed in ((SandboxError("disk full"), "disk full (on process 1)"), (shared_error("bad"), "bad")):
+        def fail(**_: object) -> None:
+            raise error
+
+        monkeypatch.setattr(cli, "app", fail)
+        cli.main(["run", "x.toml"])
+        assert capsys.readouterr().err == f"error: {printed}\n"
+        assert ended.pop() == (2, printed)
+
+
 def test_a_stalled_store_cannot_stretch_a_store_call(monkeypatch, capsys) -> None:
     """A store host that accepts connections but never answers: connecting gives up within
     ``STORE_CALL_S`` (one warning line), and any call is abandoned at its deadline."""

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, recipe, run
-from sandbox.errors import SandboxError, error_line
+from sandbox.errors import SandboxError, error_line, on_process
 
 app = typer.Typer(
     help="A plugin-architecture research sandbox for semi-supervised semantic segmentation (DDFP).",
@@ -41,12 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     except SandboxError as error:
         if "--debug" in args:
             raise
-        print(error_line(str(error)), file=sys.stderr)
-        if in_process_group():  # every process prints its line before any of them exits
-            from sandbox.train.failures import exit_together
+        if not in_process_group():
+            print(error_line(str(error)), file=sys.stderr)
+            sys.exit(error.exit_code)
+        from torch import distributed
 
-            exit_together(error.exit_code)
-        sys.exit(error.exit_code)
+        from sandbox.train.failures import exit_together
+
+        message = str(error) if error.shared else on_process(str(error), distributed.get_rank())
+        print(error_line(message), file=sys.stderr)
+        exit_together(error.exit_code, message)  # every process prints its line before any of them exits
 
 
 def in_process_group() -> bool:

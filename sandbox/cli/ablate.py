@@ -32,7 +32,7 @@ from sandbox.analysis.compare import compare_runs
 from sandbox.analysis.report import print_table
 from sandbox.analysis.runs import clear_failure, find_runs, write_failure
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
-from sandbox.errors import SandboxError, describe_exception
+from sandbox.errors import SandboxError, describe_exception, shared_error
 from sandbox.run_files import FAILED_MARKER, SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -77,9 +77,11 @@ def train_one(
 
     from sandbox.train.loop import start_run
 
+    from sandbox.train.accelerator import process_state
+    from sandbox.train.rundir import RunDirectory
+
     AcceleratorState._reset_state()  # each run may use its own mixed precision
-    trainer = start_run(recipe, registry, resume=resume, overwrite=not resume)
-    main, run_path = trainer.accelerator.is_main_process, trainer.run_dir.path
+    main, run_path = process_state().is_main_process, RunDirectory.for_recipe(recipe).path
 
     def record_failure(message: str) -> None:
         if main:
@@ -87,6 +89,7 @@ def train_one(
             if release is not None:
                 release()
 
+    trainer = start_run(recipe, registry, resume=resume, overwrite=not resume, on_stop=record_failure)
     try:
         return trainer.train(resume=resume, on_stop=record_failure)
     finally:
@@ -355,7 +358,7 @@ def sweep(
                     tally.failed_elsewhere += 1
                     continue
                 if decision.action == "error":
-                    raise SandboxError(decision.note)
+                    raise shared_error(decision.note)  # the main process's decision, told to every process
                 resolved, run_registry = combination_recipe(path, overrides, plugins, combination, seed, folder)
                 checkpoint = run_dir.latest_checkpoint()
                 resume = decision.action == "resume"

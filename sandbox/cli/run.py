@@ -40,7 +40,7 @@ def run(
     """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
     from sandbox.analysis.claims import released_on_sigterm
     from sandbox.cli.ablate import agree_on
-    from sandbox.errors import SandboxError
+    from sandbox.errors import SandboxError, shared_error
     from sandbox.train.accelerator import process_state
     from sandbox.train.rundir import RunDirectory, guarded_writes
 
@@ -57,7 +57,7 @@ def run(
         decision, keeper = agree_on(state, lambda: claim_run_directory(run_path, claim_timeout))
         try:
             if decision.action in ("held", "error"):
-                raise SandboxError(decision.note)
+                raise shared_error(decision.note)  # the main process's decision, told to every process
             with guarded_writes(run_path, keeper.check if keeper is not None else None):
                 train_claimed(resolved, registry, resume, overwrite, decision.note, keeper)
         finally:
@@ -75,11 +75,12 @@ def train_claimed(
     console = Console(stderr=True)
     if note and keeper is not None:
         console.print(note, highlight=False, soft_wrap=True)
-    trainer = start_run(resolved, registry, resume=resume, overwrite=overwrite)
+    on_stop = (lambda message: keeper.release()) if keeper is not None else None
+    trainer = start_run(resolved, registry, resume=resume, overwrite=overwrite, on_stop=on_stop)
     run_dir = trainer.run_dir
     if trainer.accelerator.is_main_process:
         console.print(f"run directory: {run_dir.path}", highlight=False, soft_wrap=True)
-    summary = trainer.train(resume=resume, on_stop=(lambda message: keeper.release()) if keeper is not None else None)
+    summary = trainer.train(resume=resume, on_stop=on_stop)
     if trainer.accelerator.is_main_process:
         console.print(
             f"done: final mIoU {100 * summary['final_miou']:.2f}, best mIoU {100 * summary['best_miou']:.2f} "

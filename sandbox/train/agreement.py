@@ -2,13 +2,11 @@
 
 A process that fails while the others go on would leave them waiting in the next collective
 (a barrier, DDP's parameter broadcast) until a timeout, or dying with a transport error that never
-says what went wrong. Each process runs a fallible phase inside :func:`agreed_errors`; at its end
-every process exchanges its outcome (one small all-gather), and if any failed, all raise the same
-:class:`SandboxError`: the message of the lowest-ranked failing process.
-
-The first such block also starts this process's failure watcher (:mod:`sandbox.train.failures`):
-a failure between the blocks (``accelerator.prepare``, moving the teacher to its device) ends
-every process too, with the line the failing process printed.
+says what went wrong. Each process runs a fallible set-up block inside :func:`agreed_errors`; at
+its end every process learns every outcome, through the launch's key-value store as every other
+failure (:func:`sandbox.train.failures.agreed_phase`), and if any failed, all raise the same
+:class:`SandboxError`: the message of the lowest-ranked failing process. Without a reachable
+store the processes exchange their outcomes in one small all-gather instead.
 """
 
 from __future__ import annotations
@@ -19,11 +17,11 @@ from typing import Iterator
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
-from sandbox.errors import SandboxError, describe_exception, on_process
+from sandbox.errors import describe_exception, on_process, shared_error
 
 
 def raise_if_any_failed(state: Accelerator | PartialState, error: BaseException | None) -> None:
-    """Every process calls this at the same point with its own error (or None).
+    """Every process calls this at the same point with its own error (or None); one all-gather.
 
     If any process has one, every process raises ``SandboxError`` with the first failing
     process's one-line description (suffixed with its rank when it is not the main process),
@@ -36,7 +34,7 @@ def raise_if_any_failed(state: Accelerator | PartialState, error: BaseException 
         failed = [(rank, text) for rank, text in enumerate(gather_object([message])) if text is not None]
     if failed:
         rank, text = failed[0]
-        raise SandboxError(on_process(text, rank)) from error
+        raise shared_error(on_process(text, rank)) from error
 
 
 @contextmanager
@@ -46,13 +44,15 @@ def agreed_errors(state: Accelerator | PartialState) -> Iterator[None]:
     Any exception of the block counts (a ``SandboxError`` keeps its message). The block must not
     itself wait for other processes before it can fail.
     """
-    from sandbox.train.failures import channel, collective_free
+    from sandbox.train.failures import agreed_phase
 
-    channel(state.process_index, state.num_processes)  # from here on a failure anywhere ends every process
-    error = None
-    try:
-        with collective_free():  # a peer's failure leaves this process time to reach the exchange
+    with agreed_phase(state.process_index, state.num_processes) as through_store:
+        if through_store:
             yield
-    except Exception as caught:  # noqa: BLE001 - reported on every process below
-        error = caught
-    raise_if_any_failed(state, error)
+            return
+        error = None
+        try:
+            yield
+        except Exception as caught:  # noqa: BLE001 - reported on every process below
+            error = caught
+        raise_if_any_failed(state, error)

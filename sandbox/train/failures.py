@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import torch.distributed as dist
 
-from sandbox.errors import SandboxError, describe_exception, error_line, on_process
+from sandbox.errors import SandboxError, describe_exception, error_line, on_process, shared_error
 
 POLL_S = 0.2
 """How often a watcher looks for a peer's error."""
@@ -60,7 +60,7 @@ STORE_TIMEOUT = timedelta(seconds=5)
 STORE_CALL_S = STORE_TIMEOUT.total_seconds() + 1.0
 """The longest any one store call may take, whatever the store's host does (then it is given up)."""
 
-_ERROR, _FAILED, _STOPPED, _EXIT = "error", "failed", "stopped", "exit"
+_ERROR, _FAILED, _STOPPED, _EXIT, _ANSWERED = "error", "failed", "stopped", "exit", "answered"
 _EXITING = "exiting"
 """Counts the processes that are ending with an error (once per launch attempt)."""
 _watches = itertools.count()
@@ -167,6 +167,8 @@ class Channel:
         self.free = 0
         """How many collective-free blocks the main thread is in (it is then never stuck)."""
         self.phase: FailureWatch | None = None
+        self.previous: FailureWatch | None = None
+        """The phase this process left last without an error: a peer may still have failed in it."""
         self.on_stop: Callable[[str], None] | None = None
         self.exit_hooks: list[Callable[[], None]] = []
         self.claim = threading.Lock()  # held by whichever of the main thread and the watcher reports
@@ -206,10 +208,12 @@ class Channel:
                 print(f"warning: cleaning up after the failure: {describe_exception(error)}", file=sys.stderr)
 
     def _peer_error(self) -> tuple[str | None, FailureWatch | None]:
-        """The message of a peer's error this process should react to (or None), and its phase."""
-        phase = self.phase
-        if phase is not None and not phase.done and self.call("check", [phase.key(_ERROR)]):
-            return phase.message(self.call("get", phase.key(_ERROR)).decode()), phase
+        """The message of a peer's error this process should react to (or None), and its phase: the
+        current phase, or the one this process left last (a peer may have failed in it after this
+        process moved on, e.g. moving a module to its device after ``accelerator.prepare``)."""
+        for phase in (self.phase, self.previous):
+            if phase is not None and not phase.done and self.call("check", [phase.key(_ERROR)]):
+                return phase.message(self.call("get", phase.key(_ERROR)).decode()), phase
         if self.call("check", [_EXIT]):
             rank, _, text = self.call("get", _EXIT).decode().partition("\n")
             if rank != str(self.rank):
@@ -221,7 +225,7 @@ class Channel:
         the phase that failed (False)."""
         last, still_since = self.heartbeat, time.monotonic()
         while not self.closed.is_set():
-            if self.claim.locked() or (phase is not None and (phase.done or self.phase is not phase)):
+            if self.claim.locked() or (phase is not None and (phase.done or phase not in (self.phase, self.previous))):
                 return False
             now = time.monotonic()
             if self.heartbeat != last or self.free:
@@ -244,8 +248,8 @@ class Channel:
             if not self.claim.acquire(blocking=False):
                 continue
             try:
-                if self.phase is not None:
-                    self.call("add", self.phase.key(_STOPPED), 1)
+                if phase is not None:
+                    self.call("add", phase.key(_STOPPED), 1)
                 self.recorded = True  # a peer's error, not this process's
                 self.run_exit_hooks()
                 if self.on_stop is not None:
@@ -319,6 +323,9 @@ class FailureWatch:
         failed by itself, :class:`ProcessGroupLost` when a peer was stopped or did not answer.
         """
         owner = self.owner
+        if isinstance(error, SandboxError) and error.shared:  # every process raised it together: in step
+            self.done = True
+            raise error
         owner.claim.acquire()  # if the watcher holds it, it is ending this process already
         entry = f"{owner.rank}\n{describe_exception(error)}"
         try:
@@ -338,8 +345,43 @@ class FailureWatch:
             self.done = True
             owner.claim.release()  # in step again (or ending): the watcher may act on a later failure
         if stopped or failed < owner.world_size:
-            raise ProcessGroupLost(message) from error
-        raise SandboxError(message) from error
+            lost = ProcessGroupLost(message)
+            lost.shared = True
+            raise lost from error
+        raise shared_error(message) from error
+
+    def agree(self, error: BaseException | None) -> None:
+        """The end of an agreed phase: every process records its outcome (``error`` or None) and waits
+        for every other's; if any failed, all raise the same :class:`SandboxError` (the lowest-ranked
+        failing process's line).
+
+        The wait has no deadline: the phase's blocks wait for no other process, so every process
+        reaches this point, unless it failed before the phase, in the enclosing phase or on its way
+        out, where it recorded its error: the watcher then ends this waiting process.
+        """
+        owner = self.owner
+        try:
+            if error is not None:
+                entry = f"{owner.rank}\n{describe_exception(error)}"
+                owner.call("set", self.key(f"{_ERROR}/{owner.rank}"), entry)
+                owner.call("compare_set", self.key(_ERROR), "", entry)
+            answered = owner.call("add", self.key(_ANSWERED), 1)
+            while answered < owner.world_size:
+                time.sleep(POLL_S / 2)
+                try:
+                    answered = owner.call("add", self.key(_ANSWERED), 0)
+                except StoreUnreachable:  # the store's host stalls: ask again
+                    continue
+            failed = owner.call("check", [self.key(_ERROR)])
+            message = self.message(self._first_by_rank()) if failed else None
+        except RuntimeError:  # the store is gone with its host: report this process's own error
+            if error is None:
+                raise
+            message = self.message(f"{owner.rank}\n{describe_exception(error)}")
+        finally:
+            self.done = True
+        if message is not None:
+            raise shared_error(message) from error
 
     def _first_by_rank(self) -> str:
         """The recorded error of the lowest-ranked failing process (the same on every process)."""
@@ -426,12 +468,14 @@ def shared_failures(
     on_stop: Callable[[str], None] | None = None,
     cleanup: Callable[[], None] | None = None,
 ) -> Iterator[None]:
-    """Run a phase (training) so that an error on any process ends all of them with the same line.
+    """Run a phase (building the trainer, training) so that an error on any process ends all of them
+    with the same line.
 
     ``cleanup`` runs after a failure before this process reports it or ends (trackers flushed,
     temporary files removed); ``on_stop(message)`` runs on a process that a peer's failure ends.
     On one process (or without a launch store) an error simply propagates. Errors raised in the
     block should be :class:`SandboxError`\\ s (their message is the line every process prints).
+    Phases may nest (the inner one is watched while it runs).
     """
     owner = channel(rank, world_size)
     if owner is None:
@@ -443,16 +487,44 @@ def shared_failures(
             raise
         return
     watch = FailureWatch(owner, next(_watches))
-    owner.phase, owner.on_stop = watch, on_stop
+    outer = owner.phase, owner.on_stop
+    owner.phase, owner.on_stop = watch, on_stop if on_stop is not None else owner.on_stop
     if cleanup is not None:
         owner.exit_hooks.append(cleanup)
+    failed = False
     try:
         yield
     except Exception as error:  # noqa: BLE001 - shared with every process, then raised again
+        failed = True
         owner.run_exit_hooks()
         watch.fail(error)
     finally:
         if owner.phase is watch:
-            owner.phase, owner.on_stop = None, None
+            owner.phase, owner.on_stop = outer
+            if not failed:
+                owner.previous = watch  # a peer may still fail in it: the watcher keeps looking
         if cleanup in owner.exit_hooks:
             owner.exit_hooks.remove(cleanup)
+
+
+@contextmanager
+def agreed_phase(rank: int, world_size: int) -> Iterator[bool]:
+    """A block that waits for no other process, after which every process learns every outcome: if
+    it failed on any process, all raise the same :class:`SandboxError` (and may go on in step).
+
+    Yields False when no launch store is reachable (one process, or a store that did not answer):
+    the caller then agrees by other means. The block runs collective-free (a peer's failure
+    elsewhere leaves this process the time to reach the end of the block).
+    """
+    owner = channel(rank, world_size)
+    if owner is None:
+        yield False
+        return
+    watch = FailureWatch(owner, next(_watches))
+    error = None
+    try:
+        with collective_free():
+            yield True
+    except Exception as caught:  # noqa: BLE001 - every process reports it below
+        error = caught
+    watch.agree(error)  # waiting: a peer that failed before the block, and never comes, ends this process

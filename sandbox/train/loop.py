@@ -22,7 +22,7 @@ from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import read_batches
 from sandbox.distributed import mean_over_processes
 from sandbox.data.views import StreamSampler, small_image_note
-from sandbox.errors import PluginError, SandboxError, describe_exception
+from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Registry
 from sandbox.train.accelerator import (
@@ -31,6 +31,7 @@ from sandbox.train.accelerator import (
     make_accelerator,
     maybe_sync_batchnorm,
     process_seed,
+    process_state,
     scaled_lr,
     warn_about_precision,
 )
@@ -44,7 +45,7 @@ from sandbox.train.builder import (
     check_crop_fits,
 )
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
-from sandbox.train.failures import beat, shared_failures
+from sandbox.train.failures import beat, collective_free, shared_failures
 from sandbox.train.iteration import TrainingIteration, build_optimizer
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
@@ -133,16 +134,23 @@ def package_versions(registry: Registry) -> dict[str, str]:
     return versions
 
 
-def start_run(recipe: Recipe, registry: Registry, resume: bool, overwrite: bool) -> "Trainer":
+def start_run(
+    recipe: Recipe, registry: Registry, resume: bool, overwrite: bool, on_stop: Callable[[str], None] | None = None
+) -> "Trainer":
     """Build the trainer and prepare its run directory (main process); an error on any process ends all.
 
-    What ``sandbox run`` and ``sandbox ablate`` do before :meth:`Trainer.train`.
+    What ``sandbox run`` and ``sandbox ablate`` do before :meth:`Trainer.train`. The whole
+    construction is one phase of :func:`shared_failures` (``on_stop`` as for :meth:`Trainer.train`):
+    a failure on one process between its agreed blocks (moving the teacher to its device,
+    ``accelerator.prepare``) ends the peers waiting for it in a collective.
     """
     run_dir = RunDirectory.for_recipe(recipe)
-    trainer = Trainer(recipe, registry, run_dir)
-    with agreed_errors(trainer.accelerator):  # e.g. a run-directory conflict seen by the main process
-        if trainer.accelerator.is_main_process:
-            run_dir.prepare(recipe, resume=resume, overwrite=overwrite)
+    state = process_state()
+    with shared_failures(state.process_index, state.num_processes, on_stop):
+        trainer = Trainer(recipe, registry, run_dir)
+        with agreed_errors(trainer.accelerator):  # e.g. a run-directory conflict seen by the main process
+            if trainer.accelerator.is_main_process:
+                run_dir.prepare(recipe, resume=resume, overwrite=overwrite)
     return trainer
 
 
@@ -181,13 +189,15 @@ class Trainer:
                     f"[perturbation] {recipe.perturbation.name!r} uses the density of the classifier's embedding: "
                     "it perturbs the classifier's input (train.perturb_at = 'classifier'), not the encoder's maps"
                 )
-        # with sync_bn both normalise over every process's batch: the teacher's train-mode passes too
-        teacher = maybe_sync_batchnorm(copy.deepcopy(model), self.accelerator, settings.sync_bn)
-        self.teacher = teacher.requires_grad_(False).to(self.accelerator.device)
-        model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)
-        self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
-        """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, *build_optimizer(model, settings, self.lr))
+        with collective_free():  # local work, however long: a peer's failure leaves this process time to fail too
+            # with sync_bn both normalise over every process's batch: the teacher's train-mode passes too
+            teacher = maybe_sync_batchnorm(copy.deepcopy(model), self.accelerator, settings.sync_bn)
+            self.teacher = teacher.requires_grad_(False).to(self.accelerator.device)
+            model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)
+            self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
+            """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
+            optimizer, scheduler = build_optimizer(model, settings, self.lr)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.teacher, self.state)
@@ -266,10 +276,13 @@ class Trainer:
         if self.accelerator.is_main_process and folder.exists():
             shutil.rmtree(folder)  # a leftover of an earlier attempt at this step: never mix two states
         self.accelerator.wait_for_everyone()
+        beat()  # writing, not waiting: a peer's failure leaves this process time to fail by itself
         self.accelerator.save_state(str(folder))
+        beat()
         self.accelerator.wait_for_everyone()  # every process's files are written before the marker
         if self.accelerator.is_main_process:
             fsync_tree(folder)  # on disk before the marker that makes the checkpoint count
+            beat()
             self.run_dir.check_writable()
             atomic_write_bytes(folder / COMPLETE_MARKER, str(self.state.step).encode())
             for old in self.run_dir.complete_checkpoints()[:-CHECKPOINTS_KEPT]:
@@ -301,7 +314,7 @@ class Trainer:
             if failures:
                 rank, problem = failures[0]
                 where = f" on process {rank}" if rank else ""
-                raise SandboxError(f"--resume: loading {checkpoint} failed{where} ({problem}); the checkpoint is left as it is")
+                raise shared_error(f"--resume: loading {checkpoint} failed{where} ({problem}); the checkpoint is left as it is")
             corrupt = [(rank, problem) for rank, (kind, problem) in enumerate(outcomes) if kind == "corrupt"]
             if not corrupt:
                 chosen = checkpoint
@@ -317,7 +330,7 @@ class Trainer:
                 checkpoint.rename(checkpoint.with_name(f"corrupt-{checkpoint.name}"))
         self.accelerator.wait_for_everyone()
         if chosen is None:
-            raise SandboxError(
+            raise shared_error(
                 f"--resume: no checkpoint in {self.run_dir.checkpoints} could be loaded; start again with --overwrite"
             )
         if self.accelerator.is_main_process:
