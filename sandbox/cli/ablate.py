@@ -75,9 +75,8 @@ def train_one(
     import torch
     from accelerate.state import AcceleratorState
 
-    from sandbox.train.loop import start_run
-
     from sandbox.train.accelerator import process_state
+    from sandbox.train.loop import start_run
     from sandbox.train.rundir import RunDirectory
 
     AcceleratorState._reset_state()  # each run may use its own mixed precision

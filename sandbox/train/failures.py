@@ -70,6 +70,8 @@ _watches = itertools.count()
 class ProcessGroupLost(SandboxError):
     """A peer process was ended (or did not answer) after a failure: no collective can run any more."""
 
+    shared = True  # raised by the failing process with the line its peers printed
+
 
 class StoreUnreachable(RuntimeError):
     """A store call did not return within ``STORE_CALL_S``."""
@@ -327,10 +329,9 @@ class FailureWatch:
             self.done = True
             raise error
         owner.claim.acquire()  # if the watcher holds it, it is ending this process already
-        entry = f"{owner.rank}\n{describe_exception(error)}"
+        entry = self.entry(error)
         try:
-            owner.call("set", self.key(f"{_ERROR}/{owner.rank}"), entry)
-            owner.call("compare_set", self.key(_ERROR), "", entry)  # the first error recorded alerts the watchers
+            self.record(entry)
             owner.call("add", self.key(_FAILED), 1)
             deadline = time.monotonic() + ANSWER_TIMEOUT_S
             while True:
@@ -345,10 +346,17 @@ class FailureWatch:
             self.done = True
             owner.claim.release()  # in step again (or ending): the watcher may act on a later failure
         if stopped or failed < owner.world_size:
-            lost = ProcessGroupLost(message)
-            lost.shared = True
-            raise lost from error
+            raise ProcessGroupLost(message) from error
         raise shared_error(message) from error
+
+    def entry(self, error: BaseException) -> str:
+        """How this process's ``error`` is recorded: its rank, a newline, its one-line description."""
+        return f"{self.owner.rank}\n{describe_exception(error)}"
+
+    def record(self, entry: str) -> None:
+        """Record this process's error ``entry``; the phase's first recorded error alerts the watchers."""
+        self.owner.call("set", self.key(f"{_ERROR}/{self.owner.rank}"), entry)
+        self.owner.call("compare_set", self.key(_ERROR), "", entry)
 
     def agree(self, error: BaseException | None) -> None:
         """The end of an agreed phase: every process records its outcome (``error`` or None) and waits
@@ -360,11 +368,10 @@ class FailureWatch:
         out, where it recorded its error: the watcher then ends this waiting process.
         """
         owner = self.owner
+        entry = None if error is None else self.entry(error)
         try:
-            if error is not None:
-                entry = f"{owner.rank}\n{describe_exception(error)}"
-                owner.call("set", self.key(f"{_ERROR}/{owner.rank}"), entry)
-                owner.call("compare_set", self.key(_ERROR), "", entry)
+            if entry is not None:
+                self.record(entry)
             answered = owner.call("add", self.key(_ANSWERED), 1)
             while answered < owner.world_size:
                 time.sleep(POLL_S / 2)
@@ -375,9 +382,9 @@ class FailureWatch:
             failed = owner.call("check", [self.key(_ERROR)])
             message = self.message(self._first_by_rank()) if failed else None
         except RuntimeError:  # the store is gone with its host: report this process's own error
-            if error is None:
+            if entry is None:
                 raise
-            message = self.message(f"{owner.rank}\n{describe_exception(error)}")
+            message = self.message(entry)
         finally:
             self.done = True
         if message is not None:
