@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.analysis import claims
 from sandbox.analysis.claims import (
     Attempt,
     Claim,
@@ -331,3 +332,19 @@ def test_a_reused_pid_does_not_keep_a_dead_holders_claim_alive(tmp_path: Path) -
     assert reused.holder_is_gone() and reused.is_stale()
     other_namespace = replace(mine, pid=dead_pid(), process=f"another-boot/pid:[1]/{start}")
     assert not other_namespace.holder_is_gone(), "a container with this host name has pids of its own"
+
+
+def test_without_proc_only_the_host_name_and_a_dead_pid_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``/proc`` (not Linux): no boot id, namespace or start time; a dead pid of this host name is
+    still stale at once, a live one is kept (a reused pid looks alive: the claim waits, the safe side)."""
+    recorded = Claim.new(600)  # made where /proc exists: it names its process
+    monkeypatch.setattr(claims, "_machine", lambda: None)
+    monkeypatch.setattr(claims, "_start_ticks", lambda pid: None)
+    mine = Claim.new(600)
+    assert mine.process is None and not mine.holder_is_gone() and not mine.is_stale()
+    dead = replace(mine, pid=dead_pid())
+    assert dead.holder_is_gone() and dead.is_stale()
+    assert dead.staleness().endswith(", its process is gone")
+    assert not replace(recorded, process=f"{recorded.process}0").holder_is_gone(), "a live pid is kept, start unknown"
+    assert replace(recorded, pid=dead.pid).holder_is_gone()
+    assert not replace(dead, host="node7").holder_is_gone()

@@ -37,13 +37,32 @@ def rank() -> int:
 class Planted(Perturbation):
     """Identity; raises ``RuntimeError("planted failure")`` on call ``call`` on ``only_rank`` (-1: every
     process; -2: none), after ``delay_s`` seconds on ``delay_rank``, in launch attempt ``attempt`` only
-    (-1: every attempt); ``to_rank``: raises when moved to its device (after ``accelerator.prepare``)."""
+    (-1: every attempt); ``to_rank``: raises when moved to its device (after ``accelerator.prepare``);
+    ``eval_call`` (>= 0): evaluation's ``predict`` raises on its call ``eval_call`` on every process,
+    ``delay_rank`` sleeping ``delay_s`` before each of its calls up to that one."""
 
     def __init__(self, call: int = 1, only_rank: int = -1, delay_rank: int = -1, delay_s: float = 0.0,
-                 attempt: int = -1, to_rank: int = -1) -> None:
+                 attempt: int = -1, to_rank: int = -1, eval_call: int = -1) -> None:
         super().__init__()
         self.call, self.only_rank, self.count = call, only_rank, 0
         self.delay_rank, self.delay_s, self.attempt, self.to_rank = delay_rank, delay_s, attempt, to_rank
+        if eval_call >= 0:
+            self._plant_in_evaluation(eval_call)
+
+    def _plant_in_evaluation(self, failing_call: int) -> None:
+        import sandbox.train.evaluate as evaluate
+        original, calls = evaluate.predict, iter(range(failing_call + 1))
+
+        def predict(model, images, settings):
+            call = next(calls, None)
+            if call is not None and rank() == self.delay_rank:
+                time.sleep(self.delay_s)
+            if call == failing_call:
+                evaluate.predict = original
+                raise RuntimeError("planted failure in evaluation")
+            return original(model, images, settings)
+
+        evaluate.predict = predict
 
     def _apply(self, fn, *args, **kwargs):
         if self.to_rank == rank():
@@ -119,6 +138,33 @@ def test_ablate_goes_on_after_the_same_error_seconds_apart(tiny_recipe: Path, tm
     assert failed == f"training failed after 3 of 6 steps: {RAISED}\n"
     assert text.count("perturbation.only_rank=-1 seed3: FAILED") == 2, "both processes record it and go on"
     assert (runs / "perturbation.only_rank=-2" / "seed3" / "summary.json").is_file(), "the sweep went on"
+    assert not any(line.startswith("error:") for line in text.splitlines()), text[-3000:]
+    assert not OUR_FRAME.search(text), text[-3000:]
+
+
+def test_ablate_goes_on_after_the_same_error_in_a_long_evaluation_seconds_apart(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    """Process 0 evaluates slowly (2 s a batch) and fails 8 s after process 1, at the same batch: the
+    evaluation's heartbeat keeps its watcher from ending it (it would after ``STUCK_S``, 5 s), both
+    record the same failure, and the sweep goes on."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "ablate.log"
+    command = accelerate_command(
+        "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+        "-m", "sandbox", "ablate", str(tiny_recipe), *planted(tmp_path, only_rank=-2, delay_rank=0, delay_s=2),
+        "--grid", "perturbation.eval_call=3,-1", "--set", "dataset.num_val=8", "--set", "train.threads=1",
+        "--output", str(out),
+    )
+    wait_bounded([start(command, launch_env(tmp_path), log)])
+    text = log.read_text()
+    assert "exitcode  : 1" in text, text[-3000:]  # a failed run makes the sweep exit 1 after the others
+    runs = out / "tiny"
+    failed = (runs / "perturbation.eval_call=3" / "seed3" / "FAILED").read_text()
+    assert "RuntimeError: planted failure in evaluation" in failed, failed
+    assert "ProcessGroupLost" not in text and "stopped" not in failed, text[-3000:]
+    assert text.count("perturbation.eval_call=3 seed3: FAILED") == 2, "both processes record it and go on"
+    assert (runs / "perturbation.eval_call=-1" / "seed3" / "summary.json").is_file(), "the sweep went on"
     assert not any(line.startswith("error:") for line in text.splitlines()), text[-3000:]
     assert not OUR_FRAME.search(text), text[-3000:]
 

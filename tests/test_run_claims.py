@@ -137,6 +137,33 @@ def test_a_run_whose_claim_is_taken_over_stops_before_its_next_write(tiny_recipe
     assert read_claim(claim_path(run)) == taker, "the taker's claim is left as it is"
 
 
+def test_an_ablate_run_whose_claim_is_taken_over_stops_leaves_it_to_the_taker_and_goes_on(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    """``sandbox ablate``: the first run's claim is taken over while it trains; that run stops before
+    its next write without marking the taker's run FAILED, and the sweep trains the next run."""
+    out = tmp_path / "sweep"
+    first, second = (out / "tiny" / f"perturbation.name={name}" / "seed3" for name in ("ddfp", "none"))
+    log = tmp_path / "ablate.log"
+    process = start([sys.executable, "-m", "sandbox", "ablate", str(tiny_recipe), *LONG,
+                     "--grid", "perturbation.name=ddfp,none", "--output", str(out)], launch_env(tmp_path), log)
+    try:
+        wait_for(lambda: list(first.glob("checkpoints/step_*/COMPLETE")), process, log)
+        now = round(time.time(), 3)
+        taker = replace(Claim.new(600, "1/2"), host="node7", pid=4242, claimed_at=now, refreshed_at=now)
+        replace_file(claim_path(first), taker.encode())
+    finally:
+        wait_bounded([process])
+    text = log.read_text()
+    assert process.returncode == 1, text[-3000:]  # a run that did not finish here makes the sweep exit 1
+    assert ("[1/2] perturbation.name=ddfp seed3: FAILED: the claim "
+            f"{claim_path(first)} was taken over (now held by node7:4242 (shard 1/2)): this process stops") in text
+    assert not (first / "FAILED").exists() and not (first / "summary.json").exists(), "the taker's run is left alone"
+    assert read_claim(claim_path(first)) == taker
+    assert (second / "summary.json").is_file() and not claim_path(second).exists(), "the sweep went on"
+    assert not error_lines(text), text[-3000:]
+
+
 def test_a_killed_runs_claim_is_taken_over_at_once_by_its_rerun(
     tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -155,7 +182,7 @@ def test_a_killed_runs_claim_is_taken_over_at_once_by_its_rerun(
         main(["run", str(tiny_recipe), *LONG, "--resume"])
     err = capsys.readouterr().err
     assert exit_info.value.code in (0, None), err
-    assert f"took over the stale claim of {left.holder()} on {run}, silent for " in err and "(its process is gone)" in err
+    assert f"took over the stale claim of {left.holder()} on {run}, silent for " in err and ", its process is gone" in err
     assert not claim_path(run).exists()
 
 

@@ -181,7 +181,7 @@ def test_a_run_held_by_a_live_process_is_left_to_it_and_a_stale_claim_is_taken_o
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert ("[1/2] perturbation.name=none seed3: training (took over the stale claim of elsewhere:77 (shard 0/1), "
-            "silent for 10 min)") in err
+            "silent for 10 min (timeout 10 min))") in err
     assert "perturbation.name=dropout seed3: finished already, skipped" in err
     assert (held / "summary.json").is_file() and claim_files(out_dir) == []
 
@@ -281,6 +281,7 @@ def test_a_killed_shard_leaves_a_stale_claim_that_a_rerun_takes_over(
         time.sleep(0.1)
     code, out, err = run_cli([*args, "--output", str(sweep), "--list"], capsys)
     assert code == 0 and "stale claim" in out and "resumes from step_" in out
+    assert f"{left.holder()} silent for " in out and ", its process is gone: the next job takes it over" in out
     code, _, err = run_cli([*args, "--output", str(sweep)], capsys)
     assert code == 0, err
     assert f"perturbation.name=ddfp seed3: resuming from step_" in err

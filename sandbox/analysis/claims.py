@@ -204,6 +204,14 @@ class Claim:
         extra = [item for item in extra if item]
         return f"{self.host}:{self.pid}" + (f" ({', '.join(extra)})" if extra else "")
 
+    def staleness(self, now: float | None = None) -> str:
+        """Why a stale claim is stale: ``silent for 12 min (timeout 10 min)``, or ``silent for 3 s, its
+        process is gone`` (see :meth:`holder_is_gone`)."""
+        silent = self.silent_for(now)
+        if silent > self.timeout_s:
+            return f"silent for {duration(silent)} (timeout {duration(self.timeout_s)})"
+        return f"silent for {duration(silent)}" + (", its process is gone" if self.holder_is_gone() else "")
+
     def describe(self, now: float | None = None) -> str:
         """The holder and how long ago it refreshed, e.g. ``node12:4242 (job 81234), refreshed 12 s ago``."""
         return f"{self.holder()}, refreshed {duration(self.silent_for(now))} ago"

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbox.analysis.claims import claim_path, duration, read_claim
+from sandbox.analysis.claims import claim_path, read_claim
 from sandbox.analysis.runs import read_run
 from sandbox.analysis.shards import shard_of
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE
@@ -66,10 +66,7 @@ def run_state(path: Path, now: float | None = None) -> tuple[RunState, str]:
     if claim is not None and not claim.is_stale(now):
         return "running", f"{claim.describe(now)}; {progress(path)}"
     if claim is not None:
-        return "stale claim", (
-            f"{claim.holder()} silent for {duration(claim.silent_for(now))} (timeout {duration(claim.timeout_s)}): "
-            f"the next job takes it over; {progress(path)}"
-        )
+        return "stale claim", f"{claim.holder()} {claim.staleness(now)}: the next job takes it over; {progress(path)}"
     if record.failure is not None:
         return "failed", record.failure
     if path.is_dir() and any(path.iterdir()):

@@ -141,7 +141,7 @@ def claim_run(
     alone, so that concurrent jobs try each run once (rerun the sweep to retry it). Otherwise the
     claim is returned, refreshing, with ``start`` or ``resume``.
     """
-    from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, claim_path, duration
+    from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, claim_path
     from sandbox.analysis.sweep import plan
 
     if plan(run_dir) == "skip":
@@ -164,7 +164,7 @@ def claim_run(
             return Decision("failed elsewhere", failure), None
         stale = attempt.other
         note = "" if stale is None else (
-            f" (took over the stale claim of {stale.holder()}, silent for {duration(stale.silent_for())})"
+            f" (took over the stale claim of {stale.holder()}, {stale.staleness()})"
         )
         return Decision(action, note), keeper
     except BaseException:

@@ -94,7 +94,7 @@ def train_claimed(
 def claim_run_directory(run_path: Path, timeout_s: float) -> tuple[Decision, ClaimKeeper | None]:
     """On the main process: claim the run directory (``start``, with a note when a stale claim was
     taken over) or say who holds it (``held``, the one-line error)."""
-    from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, claim_path, duration
+    from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, claim_path
     from sandbox.cli.ablate import Decision
     from sandbox.train.rundir import unwritable
 
@@ -109,8 +109,7 @@ def claim_run_directory(run_path: Path, timeout_s: float) -> tuple[Decision, Cla
                                 "(wait for it, or stop that process; --resume continues the run afterwards)"), None
     stale = attempt.other
     note = "" if stale is None else (
-        f"took over the stale claim of {stale.holder()} on {run_path}, silent for {duration(stale.silent_for())}"
-        + (" (its process is gone)" if stale.holder_is_gone() else "")
+        f"took over the stale claim of {stale.holder()} on {run_path}, {stale.staleness()}"
     )
     return Decision("start", note), ClaimKeeper(claim_path(run_path), mine).start()
 
