@@ -141,14 +141,27 @@ class GaussianMixtureDensity(OnlineMixtureDensity):
         self.data_init = data_init
         self.prior = DiagonalGaussianMixture(num_classes, feature_dim, init_scale)
         self.register_buffer("initialized", torch.tensor(not data_init))
+        self._initialized_known: bool | None = not data_init
+        """``initialized`` as known in host memory (None: read it from the buffer)."""
         self.configure_training(total_steps, lr, betas, grad_clip, final_lr_ratio, sampled_pixels, input_noise)
 
     def component_scores(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(log N(x; mu_k, diag sigma_k^2) (N, K), zeros (N,))``: no change of variables."""
         return self.prior.component_log_probs(features), features.new_zeros(features.shape[0])
 
-    def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, float]:
+    def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, Tensor | float]:
         """As :meth:`OnlineMixtureDensity.fit_step`, after the data initialisation if still due."""
-        if not bool(self.initialized) and self.prior.initialize_from(features.detach(), labels.detach()):
+        if not self._is_initialized() and self.prior.initialize_from(features.detach(), labels.detach()):
             self.initialized.fill_(True)
+            self._initialized_known = True
         return super().fit_step(features, labels)
+
+    def _is_initialized(self) -> bool:
+        """The ``initialized`` buffer, read from the device once (then known here until a state is loaded)."""
+        if self._initialized_known is None:
+            self._initialized_known = bool(self.initialized)
+        return self._initialized_known
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._initialized_known = None  # the loaded buffer decides

@@ -56,11 +56,13 @@ class DensityDescending(Perturbation):
         noise = torch.zeros_like(features, requires_grad=True)
         with torch.enable_grad():
             embedding = context.classify(features + noise).embedding
-            pixels = embedding.permute(0, 2, 3, 1)[context.valid]
-            if pixels.shape[0] == 0:  # no trusted pixel here: a zero gradient, but still a backward pass,
-                nll = embedding.sum() * 0.0  # which a classifier with sync_bn needs on every process
-            else:
-                nll = -context.density.log_prob(pixels.float()).sum()
+            pixels = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).float()
+            trusted = context.valid.reshape(-1, 1)
+            # every pixel is scored, the untrusted ones as zeros and weighted 0 (no data-dependent
+            # selection: the host never waits for the device; without a trusted pixel the gradient
+            # is zero, after the backward pass a classifier with sync_bn needs on every process)
+            log_prob = context.density.log_prob(torch.where(trusted, pixels, 0.0))
+            nll = -(log_prob * trusted[:, 0]).sum()
             (grad,) = torch.autograd.grad(nll, noise)
         return grad.float()
 

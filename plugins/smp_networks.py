@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sandbox.api import Register, SegmentationNetwork, classifier_layers, hookimpl
-from sandbox_builtins.backbones import load_encoder_weights
+from sandbox_builtins.backbones import load_encoder_weights, read_weights_file
 
 Architecture = Literal[
     "Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN", "UPerNet",
@@ -326,8 +326,8 @@ def build_smp(
     if architecture == "DPT":
         arguments.setdefault("dynamic_img_size", True)  # whole-image evaluation at any (padded) size
     path = None if weights is None else Path(weights)
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(f"encoder weights {path} do not exist")
+    if path is not None:
+        read_weights_file(path, "encoder weights")  # a missing, unreadable or wrong file: one line naming it
     timm_file = path is not None and encoder.startswith("tu-")
     if timm_file:  # timm loads it while building the encoder: its key conversions, then the feature wrapper
         arguments["pretrained_cfg_overlay"] = {"file": str(path.resolve())}

@@ -7,9 +7,8 @@ A plugin module imports only this module and torch (a density estimator may buil
 from __future__ import annotations
 
 import abc
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import pluggy
 import torch
@@ -222,7 +221,8 @@ class SegmentationOutput(NamedTuple):
 
 
 PerturbFn = Callable[[Tensor, Callable[[Tensor], ClassifierOutput], "ClassifierOutput | None"], "Tensor | None"]
-"""``perturb(features, classify_auxiliary, clean) -> perturbed features or None`` (see ``forward``)."""
+"""``perturb(features, classify_auxiliary, clean) -> perturbed features or None`` (see
+``sandbox.train.student_pass.StudentPass.forward``)."""
 
 
 def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -241,8 +241,9 @@ class SegmentationNetwork(nn.Module, abc.ABC):
       *embedding* ``(B, embedding_channels, h, w)``, on which densities are estimated; its
       BatchNorms are :class:`DualBatchNorm2d` for Mix BN (the perturbed view uses the auxiliary
       statistics). ``final`` (a 1x1 conv) maps the embedding to class scores.
-    - :meth:`forward` returns logits at the input size (bilinear upsampling), the embedding and,
-      with ``perturb``, the perturbed view's logits.
+    - :meth:`forward` returns logits at the input size (bilinear upsampling) and the embedding.
+      The student's training pass (the perturbed view routed through the auxiliary statistics,
+      encoder-map perturbations, the DDP tie) is composed by the host from these parts.
 
     ``size_divisor``: input sides must be multiples of it (a stride-32 encoder: 32; a patch-14
     ViT under DPT: 28). Training crops must be (the host checks); other inputs are padded on the
@@ -287,99 +288,19 @@ class SegmentationNetwork(nn.Module, abc.ABC):
         encoder = {id(p) for p in self.encoder_parameters()}
         return [p for p in self.parameters() if id(p) not in encoder]
 
-    @contextmanager
-    def auxiliary_bn(self) -> Iterator[None]:
-        """Within this context the classifier normalises with its auxiliary statistics."""
-        norms = [m for m in self.classifier.modules() if isinstance(m, DualBatchNorm2d)]
-        for m in norms:
-            m.use_auxiliary = True
-        try:
-            yield
-        finally:
-            for m in norms:
-                m.use_auxiliary = False
+    def forward(self, images: Tensor) -> SegmentationOutput:
+        """Predict ``images`` (evaluation, the teacher): logits at the input size and the embedding.
 
-    def classify(self, features: Tensor, auxiliary: bool = False) -> ClassifierOutput:
-        """Run the classifier on :meth:`encode`'s output (with auxiliary BN statistics if asked)."""
-        if auxiliary:
-            with self.auxiliary_bn():
-                embedding = self.classifier(features)
-        else:
-            embedding = self.classifier(features)
-        return ClassifierOutput(self.final(embedding), embedding)
-
-    def forward(
-        self,
-        images: Tensor,
-        perturb: PerturbFn | None = None,
-        num_perturbed: int = 0,
-        perturb_at: str = "classifier",
-    ) -> SegmentationOutput:
-        """Predict ``images``; with ``perturb``, also the perturbed view of the last ``num_perturbed``.
-
-        ``perturb_at = "classifier"``: ``perturb(features, classify_auxiliary, clean)`` receives the
-        classifier inputs of those images, a function running the classifier with auxiliary
-        statistics and their clean classifier output; it returns perturbed features or None.
-        ``perturb_at = "encoder"``: ``perturb`` is called on each of :meth:`extract`'s maps of
-        every image (no classifier to call, ``clean`` None); the clean and perturbed maps are
-        decoded in one pass, as UniMatch does. Doing all of this in one forward keeps a
-        DDP-wrapped model correct.
+        Inputs whose sides are not multiples of ``size_divisor`` are padded on the bottom/right and
+        the logits cropped back. The student's training pass (perturbed view, Mix BN, the DDP tie)
+        is the host's, composed from ``encode``, ``classifier`` and ``final``
+        (``sandbox.train.student_pass``): a network need not, and cannot, change it here.
         """
         size = images.shape[-2:]
         padded = pad_to_multiple(images, self.size_divisor)
-        if perturb is not None and padded.shape != images.shape:
-            raise ValueError(
-                f"training inputs of {size[0]}x{size[1]} do not fit this network: sides must be multiples of "
-                f"{self.size_divisor}"
-            )
-        if perturb is not None and num_perturbed > 0 and perturb_at == "encoder":
-            output, perturbed_output = self._perturbing_encoder(padded, perturb, num_perturbed)
-        else:
-            features = self.encode(padded)
-            output, perturbed_output = self.classify(features), None
-            if perturb is not None and num_perturbed > 0:
-                clean = ClassifierOutput(output.logits[-num_perturbed:], output.embedding[-num_perturbed:])
-                perturbed = perturb(features[-num_perturbed:], lambda x: self.classify(x, auxiliary=True), clean)
-                if perturbed is not None:
-                    perturbed_output = self.classify(perturbed, auxiliary=True)
-        perturbed_logits = None if perturbed_output is None else upsample(perturbed_output.logits, size)
-        logits = output.logits
-        if self.training and perturbed_logits is None:
-            logits = logits + self._auxiliary_tie()
-        logits = upsample(logits, padded.shape[-2:])[..., : size[0], : size[1]]
-        return SegmentationOutput(logits, output.embedding, perturbed_logits)
-
-    def _perturbing_encoder(
-        self, images: Tensor, perturb: PerturbFn, num_perturbed: int
-    ) -> tuple[ClassifierOutput, ClassifierOutput | None]:
-        """Clean output of every image and perturbed output of the last ``num_perturbed``, the
-        encoder's maps perturbed (UniMatch's feature perturbation)."""
-
-        def no_classifier(features: Tensor) -> ClassifierOutput:
-            raise ValueError("a perturbation of the encoder's maps has no classifier to call (train.perturb_at = 'encoder')")
-
-        maps = self.extract(images)
-        perturbed = [perturb(feature_map, no_classifier, None) for feature_map in maps]
-        if any(p is None for p in perturbed):
-            return self.classify(self.decode(maps)), None
-        count = images.shape[0]
-        decoded = self.decode([torch.cat([m, p]) for m, p in zip(maps, perturbed)])
-        if any(isinstance(m, DualBatchNorm2d) for m in self.classifier.modules()):  # Mix BN: own statistics
-            return self.classify(decoded[:count]), self.classify(decoded[count:][-num_perturbed:], auxiliary=True)
-        both = self.classify(decoded)  # one pass over clean and perturbed features, as UniMatch
-        return (
-            ClassifierOutput(both.logits[:count], both.embedding[:count]),
-            ClassifierOutput(both.logits[count:][-num_perturbed:], both.embedding[count:][-num_perturbed:]),
-        )
-
-    def _auxiliary_tie(self) -> Tensor | float:
-        """Zero that depends on the auxiliary BatchNorm parameters.
-
-        Without a perturbed view they would get no gradient, and DistributedDataParallel would
-        need ``find_unused_parameters`` (a graph walk every step) to tolerate that.
-        """
-        auxiliary = [p for m in self.classifier.modules() if isinstance(m, DualBatchNorm2d) for p in m.auxiliary.parameters()]
-        return sum(p.sum() for p in auxiliary) * 0.0 if auxiliary else 0.0
+        embedding = self.classifier(self.encode(padded))
+        logits = upsample(self.final(embedding), padded.shape[-2:])[..., : size[0], : size[1]]
+        return SegmentationOutput(logits, embedding, None)
 
 
 def pad_to_multiple(images: Tensor, divisor: int) -> Tensor:

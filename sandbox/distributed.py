@@ -74,6 +74,7 @@ def mean_over_processes(values: dict[str, Tensor]) -> dict[str, float]:
         common = sorted(set.intersection(*(set(keys or []) for keys in gathered)))
     result = {key: float(value) for key, value in values.items() if key not in common}
     if common:
-        stacked = torch.stack([values[key].detach().float().reshape(()) for key in common])
+        device = next((v.device for v in values.values() if v.device.type != "cpu"), torch.device("cpu"))
+        stacked = torch.stack([values[key].detach().float().reshape(()).to(device) for key in common])
         result.update(zip(common, (sum_over_processes(stacked) / processes).tolist()))
     return result

@@ -138,6 +138,36 @@ class TrainSection(Section):
         ),
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    channels_last: bool = Field(
+        False,
+        description=(
+            "speed lever: the student's and the teacher's 4-D weights, and the images entering their encode "
+            "(and extract), in channels_last (NHWC) memory format, the layout tensor-core convolutions prefer; "
+            "the same computation, results equal up to floating-point rounding"
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "speed lever: torch.compile the student's and the teacher's compute, the network's encode (and "
+            "extract/decode where it has them) and its classifier's and final layer's forward, on each instance "
+            "(checkpoints keep their keys); the glue between them, the perturbation's callback, CutMix and the "
+            "losses stay eager. The density estimator is not compiled: it sees a different number of pixels "
+            "at every step (a recompilation each time), its update reads its loss on the host and the DDFP "
+            "perturbation differentiates its log-density inside the student's pass. The first steps are slow "
+            "(compilation); on a CPU it needs a C++ compiler; compiled dropout draws other random numbers than "
+            "eager dropout"
+        ),
+    )
+    optimizer_impl: Literal["default", "foreach", "fused"] = Field(
+        "default",
+        description=(
+            "speed lever: the implementation of the optimizer's update (same arithmetic): 'default' (torch's "
+            "choice: a loop over parameters on a CPU, 'foreach' on CUDA), 'foreach' (multi-tensor kernels) or "
+            "'fused' (one kernel per parameter group; not with mixed_precision = 'fp16', whose overflowing "
+            "steps the fused kernel would skip unseen by the skipped-update count and the EMA teacher)"
+        ),
+    )
     num_workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     log_every: PositiveInt = 10
@@ -176,6 +206,16 @@ class TrainSection(Section):
             raise ValueError(
                 f"train.warmup_iters ({self.warmup_iters}) > train.iters ({self.iters}): the run would end inside "
                 "its warm-up; for supervised-only training set warmup_iters = iters"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fused_optimizer_without_fp16(self) -> "TrainSection":
+        if self.optimizer_impl == "fused" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "train.optimizer_impl = 'fused' cannot run with train.mixed_precision = 'fp16': the fused kernel "
+                "skips an overflowing step itself, unseen by the skipped-update count and the EMA teacher; use "
+                "optimizer_impl = 'foreach' or mixed_precision = 'bf16'"
             )
         return self
 

@@ -58,6 +58,19 @@ def test_options_a_plugin_does_not_take_are_dropped_once(tiny_recipe: Path) -> N
     assert any("'dropout'" in note for note in notes) and any("'none'" in note for note in notes)
 
 
+def test_an_option_no_combination_takes_is_a_typo_and_an_error(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As in ``--set``: one line, exit 2, nothing trained or written (it was a note and one run)."""
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(["ablate", str(tiny_recipe), "--grid", "perturbation.epz=1,2", "--output", str(out)], capsys)
+    assert code == 2 and err == "error: --grid perturbation.epz: unknown option 'epz' for perturbation 'ddfp' (valid options: eps, norm)\n"
+    assert not out.exists()
+    axes = [parse_grid("perturbation.name=ddfp,none"), parse_grid("perturbation.epz=2,4")]
+    with pytest.raises(SandboxError, match="'epz' for perturbation 'ddfp' .*; perturbation 'none' "):
+        applicable_combinations(tiny_recipe, [], axes, load_registry())
+
+
 def test_plan_skips_finished_resumes_checkpointed_restarts_others(tmp_path: Path) -> None:
     finished, resumable, bare, partial = (RunDirectory(tmp_path / name) for name in ("a", "b", "c", "d"))
     for run_dir in (finished, resumable, bare, partial):
@@ -112,3 +125,12 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tiny_recipe: Path, capsy
         marker = folder / label / "seed3" / FAILED_MARKER
         assert "train.lr" in marker.read_text() and f"{label} seed3: FAILED" in err
     assert "2 of 2 runs failed" in err and out.count("failed: ") == 2
+
+
+def test_a_failed_runs_line_keeps_its_bracketed_table_names(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Rich markup ate ``[perturbation]`` from the live FAILED line."""
+    code, _, err = run_cli(["ablate", str(tiny_recipe), "--grid", "dataset.num_labeled=0", *SHORT,
+                            "--output", str(tmp_path / "sweep")], capsys)
+    assert code == 1
+    failed = [line for line in err.splitlines() if ": FAILED: " in line]
+    assert len(failed) == 1 and "FAILED: [dataset] 'shapes' has no labeled images" in failed[0], failed

@@ -34,7 +34,7 @@ def test_weights_from_a_local_classification_checkpoint(tmp_path: Path) -> None:
 
 def test_missing_or_mismatched_weights_are_one_line_errors(tmp_path: Path) -> None:
     component = load_registry().get("backbone", "timm")
-    with pytest.raises(SandboxError, match=r"backbone 'timm' .*weights .*nope\.pth do not exist"):
+    with pytest.raises(SandboxError, match=r"backbone 'timm' .*weights .*nope\.pth does not exist"):
         component.build({"model": "resnet18", "weights": str(tmp_path / "nope.pth")})
     wrong = tmp_path / "resnet34.pth"
     torch.save(timm.create_model("resnet34").state_dict(), wrong)
@@ -46,3 +46,25 @@ def test_missing_or_mismatched_weights_are_one_line_errors(tmp_path: Path) -> No
 
 def test_weights_none_switches_a_recipe_path_off() -> None:
     assert TimmBackbone("resnet18", weights="none").low_channels == 64
+
+
+@pytest.mark.parametrize("network", ["timm", "smp:resnet18", "smp:tu-resnet18"])
+def test_weights_that_are_a_folder_or_not_weights_are_one_line_errors(tmp_path: Path, network: str) -> None:
+    """Named, with what was expected; never torch's advice to load with ``weights_only=False``."""
+    text = tmp_path / "weights.pth"
+    text.write_text("not weights\n")
+    listed = tmp_path / "list.pth"
+    torch.save([1, 2], listed)
+    registry = load_registry()
+    for path, expected in ((tmp_path, "is a folder, not a weights file"),
+                           (text, r"cannot be read as weights \(UnpicklingError\); expected a state dict"),
+                           (listed, "holds a list, not a state dict")):
+        if network == "timm":
+            build = lambda: registry.get("backbone", "timm").build({"model": "resnet18", "weights": str(path)})  # noqa: E731
+        else:
+            encoder = network.partition(":")[2]
+            build = lambda: registry.get("network", "smp").build(  # noqa: E731
+                {"architecture": "Unet", "encoder": encoder, "weights": str(path)}, num_classes=3)
+        with pytest.raises(SandboxError, match=expected) as error:
+            build()
+        assert str(path) in str(error.value) and "weights_only" not in str(error.value) and "\n" not in str(error.value)

@@ -34,6 +34,12 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert code == 0 and f"Usage: sandbox {' '.join(command)}" in out and not err
 
 
+def test_bracketed_words_are_printed_as_written(capsys: pytest.CaptureFixture) -> None:
+    """Rich markup took ``[backbone]`` for a tag and printed "on the recipe's ."."""
+    code, out, _ = run_cli(["plugins"], capsys)
+    assert code == 0 and "on the recipe's [backbone]" in " ".join(out.replace("│", " ").split())
+
+
 def test_plugins_lists_builtins(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["plugins"], capsys)
     assert code == 0

@@ -98,6 +98,23 @@ def test_seed_name_and_output_dir_do_not_split_groups(tmp_path: Path) -> None:
     assert group.n == 2 and group.mean == pytest.approx(0.6) and group.label() == "all runs"
 
 
+def test_a_run_never_scored_is_not_ranked(tmp_path: Path) -> None:
+    """A summary's None (never evaluated) or NaN (an old summary) is no score: -100.00 ranked best before."""
+    write_run(tmp_path, "scored", 0, {"name": "ddfp"}, 0.5)
+    for seed, value in enumerate((None, float("nan")), start=1):
+        path = write_run(tmp_path, "scored", seed, {"name": "ddfp"}, 0.5)
+        summary = json.loads((path / "summary.json").read_text())
+        (path / "summary.json").write_text(json.dumps({**summary, "best_miou": value, "final_miou": value}))
+    comparison = compare_runs(find_runs([tmp_path]))
+    assert [group.n for group in comparison.groups] == [1] and comparison.groups[0].mean == pytest.approx(0.5)
+
+
+def test_an_empty_val_split_is_refused_before_training(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(["run", str(tiny_recipe), "--set", "dataset.num_val=0"], capsys)
+    assert code == 2 and err == "error: [dataset] 'shapes' has no val images; evaluation needs at least one\n"
+    assert not list((tmp_path / "runs").rglob("*.json")), "no summary, no metrics"
+
+
 def test_single_run_has_no_std(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = write_run(tmp_path, "solo", 0, {"name": "ddfp"}, 0.4321)
     assert compare_runs(find_runs([run])).groups[0].std is None

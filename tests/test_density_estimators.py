@@ -114,15 +114,37 @@ def test_fit_step_learns_separable_clusters(name: str, options: dict[str, Any]) 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
 def test_fit_step_edge_cases(name: str, options: dict[str, Any]) -> None:
-    """No accuracy key without labeled pixels; an empty batch makes no update and reports NaN."""
+    """A NaN accuracy without labeled pixels (left out of the logged mean); an empty batch makes no
+    update and reports NaN."""
     torch.manual_seed(0)
     est = build(name, 8, 2, 10, **options)
     stats = est.fit_step(torch.randn(40, 8), torch.full((40,), -1))
-    assert "accuracy" not in stats and math.isfinite(stats["nll"])
+    assert math.isnan(stats["accuracy"]) and math.isfinite(stats["nll"])
     before = copy.deepcopy(est.state_dict())
     stats = est.fit_step(torch.randn(0, 8), torch.zeros(0, dtype=torch.long))
     assert math.isnan(stats["nll"])
     assert all(torch.equal(before[key], value) for key, value in est.state_dict().items())
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_an_update_whose_nll_is_not_finite_is_undone_on_the_device(name: str, options: dict[str, Any]) -> None:
+    """Parameters and Adam's moments stay as they were (decided without reading the device)."""
+    torch.manual_seed(0)
+    x, y = make_clusters(200, 8, 3, torch.Generator().manual_seed(2))
+    est = build(name, 8, 3, 10, **options)
+    est.fit_step(x, y)  # moments exist
+    before = copy.deepcopy(est.state_dict())
+    moments = copy.deepcopy(est.optimizer.state_dict()["state"])
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    stats = est.fit_step(bad, y)
+    assert not math.isfinite(stats["nll"])
+    assert all(torch.equal(before[key], value) for key, value in est.state_dict().items())
+    after = est.optimizer.state_dict()["state"]
+    for index, state in moments.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(after[index][key], state[key]), f"Adam {index} {key}"
+    assert math.isfinite(est.fit_step(x, y)["nll"]), "the next finite batch updates again"
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)

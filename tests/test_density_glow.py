@@ -147,11 +147,11 @@ def test_fit_step_learns_separable_clusters() -> None:
 
 
 def test_fit_step_edge_cases() -> None:
-    """No accuracy key without labeled pixels; an empty batch makes no update."""
+    """A NaN accuracy without labeled pixels; an empty batch makes no update."""
     torch.manual_seed(0)
     est = GlowFlowDensity(8, 2, 10, hidden=8, sampled_pixels=16)
     stats = est.fit_step(torch.randn(40, 8), torch.full((40,), -1))
-    assert set(stats) == {"nll", "lr"} and math.isfinite(stats["nll"])
+    assert set(stats) == {"nll", "lr", "accuracy"} and math.isfinite(stats["nll"]) and math.isnan(stats["accuracy"])
     before = copy.deepcopy(est.state_dict())
     stats = est.fit_step(torch.randn(0, 8), torch.zeros(0, dtype=torch.long))
     assert math.isnan(stats["nll"])

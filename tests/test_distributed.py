@@ -46,6 +46,7 @@ from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train import loop
 from sandbox.train.evaluate import build_val_view, evaluate, val_loader
 from sandbox.train.loop import Trainer
+from sandbox.train.student_pass import network_of
 from sandbox.train.rundir import RunDirectory
 from sandbox.train.sync_batchnorm import is_synchronised
 
@@ -71,7 +72,7 @@ source = trainer.source
 loader = val_loader(source, recipe.eval, accelerator)
 result = evaluate(trainer.teacher, loader, source.class_names, accelerator, recipe.eval, source.ignore_index)
 expected = sum(int((mask != source.ignore_index).sum()) for _, mask in build_val_view(source, recipe.eval))
-student = accelerator.unwrap_model(trainer.model)
+student = network_of(accelerator.unwrap_model(trainer.model))
 torch.save(
     {
         "num_processes": accelerator.num_processes,

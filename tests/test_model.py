@@ -8,6 +8,7 @@ import torch
 from sandbox_builtins.backbones import TimmBackbone
 from sandbox.api import DualBatchNorm2d
 from sandbox_builtins.deeplabv3plus import DeepLabV3Plus
+from sandbox.train.student_pass import StudentPass, classify
 
 
 def small_model(mix_bn: bool = True) -> DeepLabV3Plus:
@@ -38,7 +39,7 @@ def test_perturbed_view_uses_auxiliary_batchnorm_only() -> None:
     main_before = [m.main.running_mean.clone() for m in norms]
     aux_before = [m.auxiliary.running_mean.clone() for m in norms]
     features = model.encode(torch.randn(2, 3, 64, 64))
-    model.classify(features, auxiliary=True)
+    classify(model, features, auxiliary=True)
     assert all(torch.equal(m.main.running_mean, b) for m, b in zip(norms, main_before))
     assert all(not torch.equal(m.auxiliary.running_mean, b) for m, b in zip(norms, aux_before))
     assert not any(m.use_auxiliary for m in norms), "the auxiliary mode must not leak out of the call"
@@ -53,10 +54,10 @@ def test_forward_with_perturbation_returns_the_perturbed_view_of_the_last_images
         seen["aux"] = classify(features).logits.shape
         return features + 1.0
 
-    out = model(torch.randn(5, 3, 64, 64), perturb=perturb, num_perturbed=2)
+    out = StudentPass(model)(torch.randn(5, 3, 64, 64), perturb=perturb, num_perturbed=2)
     assert seen["shape"] == (2, 40, 16, 16) and seen["aux"] == (2, 5, 16, 16)
     assert out.perturbed_logits.shape == (2, 5, 64, 64)
-    assert model(torch.randn(2, 3, 64, 64), perturb=lambda f, c, clean: None, num_perturbed=2).perturbed_logits is None
+    assert StudentPass(model)(torch.randn(2, 3, 64, 64), perturb=lambda f, c, clean: None, num_perturbed=2).perturbed_logits is None
 
 
 def test_parameter_groups_split_backbone_and_decoder() -> None:
@@ -89,3 +90,18 @@ def test_paper_model_shapes_at_513() -> None:
         out = model(torch.randn(1, 3, 513, 513))
     assert features.shape == (1, 304, 129, 129)
     assert out.logits.shape == (1, 21, 513, 513) and out.embedding.shape == (1, 256, 129, 129)
+
+
+def test_the_students_pass_loads_a_networks_own_state_and_predicts_as_the_network() -> None:
+    """A checkpoint saved before the pass existed (no ``network.`` prefix) loads; in eval mode the pass
+    predicts what the network's own forward predicts."""
+    torch.manual_seed(0)
+    saved = small_model().state_dict()
+    torch.manual_seed(1)
+    student = StudentPass(small_model())
+    student.load_state_dict(saved)
+    assert all(torch.equal(student.state_dict()[f"network.{key}"], value) for key, value in saved.items())
+    student.load_state_dict(student.state_dict())  # its own keys load as they are
+    images = torch.randn(2, 3, 64, 64)
+    student.eval()
+    assert torch.equal(student(images).logits, student.network(images).logits)

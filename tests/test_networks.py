@@ -20,6 +20,7 @@ from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.builder import build_model
 from sandbox_builtins.smp_networks import ARCHITECTURES, Removed, SmpNetwork, remove_unused_encoder_modules
+from sandbox.train.student_pass import StudentPass, network_of
 from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
 
 SMALL_ENCODER = {"DPT": "tu-vit_tiny_patch16_224"}
@@ -57,7 +58,7 @@ def count_used(model: torch.nn.Module, crop: int) -> int:
 def test_every_smp_architecture_trains_two_ddfp_steps(architecture: str, tiny_recipe: Path) -> None:
     recipe = smp_recipe(tiny_recipe, architecture)
     training = synthetic_training(recipe, load_registry(), 3, recipe.perturbation)
-    network = training.accelerator.unwrap_model(training.model)
+    network = network_of(training.accelerator.unwrap_model(training.model))
     assert isinstance(network, SegmentationNetwork)
     encoder_before = [p.detach().clone() for p in network.encoder_parameters()]
     for step in range(2):
@@ -184,7 +185,7 @@ def test_the_features_are_smps_decoder_output_in_value_and_gradient(case: SmpCas
 
 def test_the_perturbations_gradient_reaches_the_encoder_through_the_clean_features(tiny_recipe: Path) -> None:
     network = build_model(smp_recipe(tiny_recipe, "FPN"), load_registry(), 3).train()
-    out = network(torch.randn(4, 3, 64, 64), perturb=lambda features, classify, clean: features + 0.5, num_perturbed=2)
+    out = StudentPass(network)(torch.randn(4, 3, 64, 64), perturb=lambda features, classify, clean: features + 0.5, num_perturbed=2)
     out.perturbed_logits.sum().backward()
     encoder_grads = [p.grad for p in network.encoder_parameters() if p.grad is not None]
     assert encoder_grads and any(g.abs().sum() > 0 for g in encoder_grads)
@@ -208,7 +209,7 @@ def test_inputs_that_are_not_multiples_are_padded_for_prediction_and_refused_for
     assert network.size_divisor == 32
     assert network.eval()(torch.randn(1, 3, 50, 70)).logits.shape == (1, 3, 50, 70)
     with pytest.raises(ValueError, match="multiples of 32"):
-        network.train()(torch.randn(2, 3, 50, 50), perturb=lambda f, c, clean: f, num_perturbed=1)
+        StudentPass(network).train()(torch.randn(2, 3, 50, 50), perturb=lambda f, c, clean: f, num_perturbed=1)
 
 
 def test_encoder_weights_come_from_a_local_file(tiny_recipe: Path, tmp_path: Path) -> None:
@@ -325,7 +326,9 @@ def test_encoder_perturbation_needs_encoder_maps(tiny_recipe: Path, capsys: pyte
               "--set", "model.encoder=tu-vit_tiny_patch16_224", "--set", "train.crop_size=64",
               "--set", "train.perturb_at=encoder", "--set", "perturbation.name=dropout"])
     assert exit_info.value.code == 2
-    assert "train.perturb_at = 'encoder': [model] 'smp' does not expose its encoder's maps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("train.perturb_at = 'encoder': [model] 'smp' with architecture = 'DPT', encoder = 'tu-vit_tiny_patch16_224'"
+            " does not expose its encoder's maps") in err, "the architecture is named: smp's others have them"
     assert build_model(smp_recipe(tiny_recipe, "FPN"), load_registry(), 3).has_encoder_maps()
 
 
@@ -337,7 +340,7 @@ def ungraded_parameters(network: SmpNetwork, crop: int, perturb_at: str = "class
     fails on any of them, and they would sit in the optimizer and in checkpoints for nothing."""
     network.train()
     images = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    out = network(images, perturb=lambda features, classify, clean: features + 1.0, num_perturbed=1, perturb_at=perturb_at)
+    out = StudentPass(network)(images, perturb=lambda features, classify, clean: features + 1.0, num_perturbed=1, perturb_at=perturb_at)
     assert out.perturbed_logits is not None, "the perturbed view exists: the auxiliary classifier is used too"
     (weighted_sum(out.logits) + weighted_sum(out.perturbed_logits)).backward()
     return [name for name, p in network.named_parameters() if p.requires_grad and p.grad is None]

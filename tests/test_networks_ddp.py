@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from sandbox.plugins import load_registry
+from sandbox.train.student_pass import StudentPass
 
 out, cases = sys.argv[1], sys.argv[2:]
 dist.init_process_group("gloo")
@@ -33,7 +34,7 @@ for case in cases:  # one launch for every case: the imports are most of the tim
     torch.manual_seed(0)  # the same construction on every process, as the trainer's seed
     network = load_registry().get("network", "smp").build(
         {"architecture": architecture, "encoder": encoder, "options": options}, num_classes=3).train()
-    model = DistributedDataParallel(network)  # no find_unused_parameters: Accelerate's default, the trainer's
+    model = DistributedDataParallel(StudentPass(network))  # no find_unused_parameters: Accelerate's default, the trainer's
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     torch.manual_seed(100 + rank)  # each process's own batch
     try:

@@ -104,11 +104,12 @@ import sandbox.train.step as step_module
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.loop import start_run
+from sandbox.train.student_pass import network_of
 
 
-def fixed_boxes(batch, height, width, p, generator, box="unimatch", decision="sample"):
+def fixed_boxes(batch, height, width, p, generator, box="unimatch", decision="sample", device="cpu"):
     """The same box in every image (none with p = 0): CutMix pairs each image with its own partner-stream image."""
-    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    masks = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     if p > 0:
         masks[:, height // 4 : height // 2, width // 3 : 3 * width // 4] = True
     return masks
@@ -124,7 +125,7 @@ for name, overrides in configs.items():
     recipe = resolve_components(recipe, registry)
     trainer = start_run(recipe, registry, resume=False, overwrite=False)
     summary = trainer.train()
-    student = trainer.accelerator.unwrap_model(trainer.model)
+    student = network_of(trainer.accelerator.unwrap_model(trainer.model))
     density = trainer.method.density
     state = {
         "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},

@@ -74,6 +74,25 @@ def test_plot_writes_curves_and_prediction_grids(run: Path, tmp_path: Path, caps
         assert image.format == "PNG" and image.size == pixel_size(grid_inches(2, 5))
 
 
+def test_runs_whose_names_differ_only_in_other_scripts_get_their_own_grids(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``a ü`` and ``a 名`` were both written as ``a___seed0.png``: one grid overwrote the other."""
+    runs = []
+    for name in ("a ü", "a 名", "a_名"):
+        copy = tmp_path / "runs" / name / "seed0"
+        copy.mkdir(parents=True)
+        for file in ("recipe.toml", "metrics.jsonl", "best.pt"):
+            (copy / file).write_bytes((run / file).read_bytes())
+        runs.append(copy)
+    out = tmp_path / "plots"
+    code, stdout, _ = run_cli(["plot", *map(str, runs), "--out", str(out), "--images", "1"], capsys)
+    assert code == 0
+    grids = sorted(path.name for path in (out / "predictions").iterdir())
+    assert len(grids) == 3, grids
+    assert "a_ü_seed0.png" in grids and sum(name.startswith("a_名_seed0-") for name in grids) == 2, grids
+
+
 def test_prediction_grid_draws_masks_in_the_palette(tmp_path: Path) -> None:
     palette = [(0, 0, 0), (230, 25, 75), (145, 200, 30)]
     image = np.full((16, 16, 3), 128, dtype=np.uint8)

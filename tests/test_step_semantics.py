@@ -23,6 +23,7 @@ from sandbox.train.cutmix import apply_cutmix, cutmix_boxes
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox_builtins.consistency_losses import PseudoLabelCrossEntropy
+from sandbox.train.student_pass import StudentPass, classify
 from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
 
 # -- CutMix -------------------------------------------------------------------------------------
@@ -380,8 +381,8 @@ def ddfp_loss(student: SmallNetwork, teacher: SmallNetwork, labeled: LabeledBatc
     trusted = (probs.max(dim=1).values > DDFP_SETTINGS["threshold"]) & ~padding
     targets = probs.argmax(dim=1)
     features = student.encode(torch.cat([labeled.images, images]))
-    logits = F.interpolate(student.classify(features).logits, size=size, mode="bilinear", align_corners=True)
-    perturbed = student.classify(features[count:] + 1.0, auxiliary=True).logits
+    logits = F.interpolate(classify(student, features).logits, size=size, mode="bilinear", align_corners=True)
+    perturbed = classify(student, features[count:] + 1.0, auxiliary=True).logits
     perturbed = F.interpolate(perturbed, size=size, mode="bilinear", align_corners=True)
 
     def unsupervised(view_logits: Tensor) -> Tensor:
@@ -403,7 +404,7 @@ def test_the_step_computes_ddfps_loss_and_its_gradients() -> None:
     step = SemiSupervisedStep(TrainSection(**DDFP_SETTINGS), MethodComponents(ShiftPerturbation(), None, loss_fn, loss_fn),
                               255, seed=DDFP_SEED)
     labeled, unlabeled = ddfp_batches()
-    loss, logs = step.semi_supervised(DDFP_STEP, student, teacher, labeled, unlabeled)
+    loss, logs = step.semi_supervised(DDFP_STEP, StudentPass(student), teacher, labeled, unlabeled)
     expected = ddfp_loss(student_copy, teacher_copy, labeled, unlabeled)
     torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
     assert "loss_perturbed" in logs and 0.1 < float(logs["trusted_ratio"]) < 0.9, "trusted and untrusted pixels"

@@ -15,6 +15,7 @@ from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.loop import Trainer
 from sandbox.train.rundir import RunDirectory
+from sandbox.train.student_pass import network_of
 
 
 def cli(*args: str) -> None:
@@ -35,7 +36,7 @@ def test_ddfp_run_trains_model_and_flow_and_writes_every_output(tiny_recipe: Pat
     run_dir = RunDirectory.for_recipe(recipe)
     trainer = Trainer(recipe, registry, run_dir)
     run_dir.prepare(recipe, resume=False, overwrite=False)
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = network_of(trainer.accelerator.unwrap_model(trainer.model))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flow_before = {k: v.clone() for k, v in trainer.method.density.state_dict().items()}
     summary = trainer.train()
@@ -153,7 +154,7 @@ def test_a_corrupt_file_found_while_training_is_a_one_line_error(tiny_recipe: Pa
         main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
-    assert err[-1].startswith("error: while reading data:") and ".png" in err[-1]
+    assert err[-1].startswith("error: training failed after 0 of 6 steps: while reading training data:") and ".png" in err[-1]
     assert "Traceback" not in "\n".join(err)
 
 
@@ -178,7 +179,7 @@ def test_teacher_batchnorm_statistics_are_its_own_or_copied_from_the_student(tin
     trainer = Trainer(recipe, registry, run_dir)
     run_dir.prepare(recipe, resume=False, overwrite=False)
     trainer.train()
-    student = trainer.accelerator.unwrap_model(trainer.model)
+    student = network_of(trainer.accelerator.unwrap_model(trainer.model))
     pairs = [(t, s) for (name, t), s in zip(trainer.teacher.named_buffers(), student.buffers()) if name.endswith("running_mean") and ".auxiliary." not in name]  # the auxiliary ones stay unused without a view
     same = [torch.equal(t, s) for t, s in pairs]
     assert all(same) if statistics == "student" else not any(same)

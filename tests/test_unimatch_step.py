@@ -25,6 +25,7 @@ from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import cutmix_boxes
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox_builtins.consistency_losses import PseudoLabelCrossEntropy
+from sandbox.train.student_pass import StudentPass
 from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
 
 CLASSES, SIZE, SEED, STEP = 3, 16, 5, 7
@@ -142,7 +143,7 @@ def test_the_step_computes_unimatchs_loss_and_its_gradients() -> None:
     step = SemiSupervisedStep(TrainSection(**UNIMATCH), method, 255, seed=SEED)
     labeled, unlabeled, partners = batches()
     network.train()
-    loss, logs = step.semi_supervised(STEP, network, None, labeled, unlabeled, partners)
+    loss, logs = step.semi_supervised(STEP, StudentPass(network), None, labeled, unlabeled, partners)
     expected = unimatch_loss(reference, labeled, unlabeled, partners)
     torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
     assert "loss_perturbed" in logs and float(logs["trusted_ratio"]) > 0.2, "the check covers trusted pixels"
@@ -162,7 +163,7 @@ def test_each_unimatch_difference_changes_the_loss() -> None:
         network = TwoMapNetwork().train()
         step = SemiSupervisedStep(TrainSection(**{**UNIMATCH, **changes}), MethodComponents(Halve(), None, loss_fn, loss_fn), 255, SEED)
         teacher = copy.deepcopy(network)
-        return float(step.semi_supervised(STEP, network, teacher, labeled, unlabeled, partners)[0].detach())
+        return float(step.semi_supervised(STEP, StudentPass(network), teacher, labeled, unlabeled, partners)[0].detach())
 
     unimatch = loss_with()
     for change in ({"pseudo_labels": "teacher"}, {"strong_views": 1}, {"cutmix_partners": "batch"},
@@ -188,7 +189,7 @@ def test_student_pseudo_labels_feed_a_classifier_perturbation_with_their_trusted
     step = SemiSupervisedStep(TrainSection(**{**UNIMATCH, "perturb_at": "classifier"}),
                               MethodComponents(Recording(), None, loss_fn, loss_fn), 255, SEED)
     labeled, unlabeled, partners = batches()
-    step.semi_supervised(STEP, network, None, labeled, unlabeled, partners)
+    step.semi_supervised(STEP, StudentPass(network), None, labeled, unlabeled, partners)
     with torch.no_grad():  # the same train-mode pass (batch statistics) as the step's pass over labeled + weak
         clean = network(torch.cat([labeled.images, unlabeled.weak])).logits[2:].softmax(dim=1)
     expected = (clean.max(dim=1).values >= UNIMATCH["threshold"]) & ~unlabeled.padding
@@ -200,20 +201,21 @@ def test_the_partners_are_labelled_in_eval_mode_before_any_train_mode_pass() -> 
     """As unimatch.py: their pseudo-labels use the running statistics from before this step's passes."""
     torch.manual_seed(0)
     network = TwoMapNetwork()
+    student = StudentPass(network)
     initial = network.norm.running_mean.clone()
     passes: list[tuple[bool, Tensor]] = []
-    real_forward = network.forward
+    real_forward = student.forward
 
     def recording(images: Tensor, *args: object, **kwargs: object):  # noqa: ANN202
         passes.append((network.training, network.norm.running_mean.clone()))
         return real_forward(images, *args, **kwargs)
 
-    network.forward = recording  # type: ignore[method-assign]
+    student.forward = recording  # type: ignore[method-assign]
     loss_fn = PseudoLabelCrossEntropy()
     step = SemiSupervisedStep(TrainSection(**UNIMATCH), MethodComponents(Halve(), None, loss_fn, loss_fn), 255, SEED)
     labeled, unlabeled, partners = batches()
-    network.train()
-    step.semi_supervised(STEP, network, None, labeled, unlabeled, partners)
+    student.train()
+    step.semi_supervised(STEP, student, None, labeled, unlabeled, partners)
     assert [training for training, _ in passes] == [False, True, True]
     assert torch.equal(passes[0][1], initial), "no train-mode pass ran before the partners were labelled"
     assert network.training, "the student is back in train mode"

@@ -16,6 +16,7 @@ and whether their results differ (the same recipe and seed gave other numbers: n
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -158,7 +159,8 @@ def _sort_key(values: dict[str, Any]) -> tuple[tuple[int, Any], ...]:
 
 def _score(run: RunRecord, metric: str) -> float | None:
     value = (run.summary or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if number else None
 
 
 def _matches(value: Any, raw: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,18 @@ DPI = 100
 MARKER_MAX_POINTS = 50
 """Curves with at most this many points mark each point (evaluations are sparse)."""
 
-UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-"""Characters of a value name replaced by ``_`` in its file name."""
+UNSAFE_FILE_CHARS = re.compile(r"[^\w.=,+-]")
+"""Characters of a name replaced by ``_`` in its file name (letters of any script are kept)."""
+
+
+def file_names(names: list[str]) -> list[str]:
+    """A distinct file name (no extension) for each of the distinct ``names``: the name with unsafe
+    characters replaced by ``_``, plus a short hash of the name where two would otherwise clash."""
+    safe = [UNSAFE_FILE_CHARS.sub("_", name) for name in names]
+    return [
+        f"{base}-{hashlib.sha1(name.encode()).hexdigest()[:8]}" if safe.count(base) > 1 else base
+        for name, base in zip(names, safe)
+    ]
 
 Series = dict[str, tuple[list[int], list[float]]]
 """Value name -> (steps, values)."""
@@ -102,7 +113,7 @@ def plot_curves(runs: dict[str, Series], out_dir: Path) -> list[Path]:
     """A PNG per value in ``out_dir`` (``<value>.png``), overlaying the runs (``label -> series``)."""
     names = list(dict.fromkeys(name for curves in runs.values() for name in curves))
     written = []
-    for name in names:
+    for name, file_name in zip(names, file_names(names)):
         curves = {label: run[name] for label, run in runs.items() if name in run}
-        written.append(plot_metric(name, curves, out_dir / f"{UNSAFE_FILE_CHARS.sub('_', name)}.png"))
+        written.append(plot_metric(name, curves, out_dir / f"{file_name}.png"))
     return written

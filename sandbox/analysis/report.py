@@ -29,9 +29,9 @@ HUMAN_FORMATS = ("table", "md", "latex")
 """Formats that list the runs left out below the table (the others write them to stderr)."""
 
 
-def percent(value: float) -> str:
-    """A fraction as a percentage with two decimals."""
-    return f"{100 * value:.2f}"
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with two decimals; ``-`` for None (never scored)."""
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def mean_std(group: Group) -> str:

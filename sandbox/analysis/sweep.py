@@ -141,16 +141,38 @@ def drop_inapplicable(
     return Combination(tuple(kept)), notes
 
 
+def unused_reason(recipe_path: Path, overrides: list[str], axes: list[Axis], key: str, registry: Registry) -> str:
+    """Why no combination takes the option ``key``: the plugins the grid chooses and their options."""
+    table, _, option = key.rpartition(".")
+    names = [axis for axis in axes if axis.key == f"{table}.name"]
+    choices = [[f"{table}.name={value}"] for value in names[0].values] if names else [[]]
+    described = []
+    for choice in choices:
+        kind, spec = load_recipe(recipe_path, [*overrides, *choice]).component_specs()[table]
+        valid = ", ".join(registry.get(kind, spec.name).option_names()) or "none"
+        described.append(f"{kind} {spec.name!r} (valid options: {valid})")
+    return f"unknown option {option!r} for " + "; ".join(dict.fromkeys(described))
+
+
 def applicable_combinations(
     recipe_path: Path, overrides: list[str], axes: list[Axis], registry: Registry
 ) -> tuple[list[Combination], list[str]]:
-    """:func:`expand`, minus inapplicable options, each distinct combination once; plus the notes."""
+    """:func:`expand`, minus inapplicable options, each distinct combination once; plus the notes.
+
+    An option that no combination's plugin takes (a typo: ``--grid perturbation.epz=1,2``) is an
+    error, as it is in ``--set``; one that only some take is dropped from the others, with a note.
+    """
     combinations: dict[Combination, None] = {}
     notes: dict[str, None] = {}
+    used: set[str] = set()
     for combination in expand(axes):
         kept, dropped = drop_inapplicable(recipe_path, overrides, combination, registry)
         combinations.setdefault(kept)
         notes.update(dict.fromkeys(dropped))
+        used.update(key for key, _ in kept.settings)
+    unused = [axis.key for axis in axes if axis.key not in used]
+    if unused:
+        raise SandboxError(f"--grid {unused[0]}: {unused_reason(recipe_path, overrides, axes, unused[0], registry)}")
     labels = [combination.label for combination in combinations]
     clashes = sorted({label for label in labels if labels.count(label) > 1})
     if clashes:

@@ -2,13 +2,13 @@
 
 Each timed step is the training loop's own :class:`~sandbox.train.iteration.TrainingIteration`
 (the step, backward, optimizer, schedule, non-finite check, EMA teacher and its buffers), with
-the recipe's optimizer and schedule. Every pixel is trusted (threshold 0) so that a
-perturbation's cost is measured at its worst.
+the recipe's optimizer and schedule, its networks built by the training loop's own
+:func:`~sandbox.train.levers.build_networks` (the recipe's speed levers applied). Every pixel is
+trusted (threshold 0) so that a perturbation's cost is measured at its worst.
 """
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,8 +22,10 @@ from sandbox.recipe import ComponentSpec, Recipe
 from sandbox.registry import Registry
 from sandbox.train.accelerator import effective_precision, make_accelerator
 from sandbox.train.builder import build_method, build_model, check_crop_fits
-from sandbox.train.iteration import TrainingIteration, build_optimizer
+from sandbox.train.iteration import TrainingIteration
+from sandbox.train.levers import build_networks
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+from sandbox.train.student_pass import StudentPass, network_of
 
 
 @dataclass
@@ -35,7 +37,8 @@ class StepTiming:
     p90_ms: float
     images_per_s: float
     peak_memory_gib: float | None
-    gflops_per_image: float
+    gflops_per_image: float | None
+    """Forward GFLOPs of one image (None when not counted)."""
     precision: str
     """The precision the step really ran in (``fp16`` on a CPU runs in float32: ``no``)."""
 
@@ -85,8 +88,9 @@ def synthetic_training(
     model = build_model(recipe, registry, num_classes)
     check_crop_fits(recipe, model)
     method = build_method(recipe, registry, num_classes, model.embedding_channels)
-    teacher = copy.deepcopy(model).requires_grad_(False).to(device)
-    model, optimizer, scheduler = accelerator.prepare(model, *build_optimizer(model, settings, settings.lr))
+    networks = build_networks(model, accelerator, settings, settings.lr)  # the training loop's levers
+    teacher = networks.teacher
+    model, optimizer, scheduler = accelerator.prepare(StudentPass(networks.student), networks.optimizer, networks.scheduler)
     method.perturbation.to(device)
     if method.density is not None:
         method.density.to(device)
@@ -113,9 +117,16 @@ def synthetic_training(
 
 
 def time_training_steps(
-    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec, steps: int, warmup: int
+    recipe: Recipe,
+    registry: Registry,
+    num_classes: int,
+    perturbation: ComponentSpec,
+    steps: int,
+    warmup: int,
+    count_flops: bool = True,
 ) -> StepTiming:
-    """Median and p90 wall time of ``steps`` semi-supervised steps after ``warmup`` untimed ones."""
+    """Median and p90 wall time of ``steps`` semi-supervised steps after ``warmup`` untimed ones
+    (which absorb a compiled network's compilation); ``count_flops``: also one forward's GFLOPs."""
     training = synthetic_training(recipe, registry, num_classes, perturbation)
     accelerator, model, iteration = training.accelerator, training.model, training.iteration
     labeled, unlabeled, device = training.labeled, training.unlabeled, accelerator.device
@@ -139,5 +150,5 @@ def time_training_steps(
         images_per_s=(labeled_count + unlabeled_count) * accelerator.num_processes * 1000 / median,
         peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         precision=effective_precision(accelerator),
-        gflops_per_image=forward_gflops(accelerator.unwrap_model(model), crop, device),
+        gflops_per_image=forward_gflops(network_of(accelerator.unwrap_model(model)), crop, device) if count_flops else None,
     )

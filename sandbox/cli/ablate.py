@@ -29,7 +29,7 @@ from rich.console import Console
 
 from sandbox.analysis.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 from sandbox.analysis.compare import compare_runs
-from sandbox.analysis.report import print_table
+from sandbox.analysis.report import percent, print_table
 from sandbox.analysis.runs import clear_failure, find_runs, write_failure
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 from sandbox.errors import SandboxError, describe_exception, shared_error
@@ -252,7 +252,7 @@ def ablate(
     registry = load_registry([*base.plugins, *plugins])
     combinations, notes = applicable_combinations(recipe, overrides, axes, registry)
     folder = ablation_folder(base, output)
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # [perturbation] as written
     for note in notes:
         console.print(f"note: {note}")
     jobs = [(combination, seed) for combination in combinations for seed in seed_list]
@@ -382,7 +382,7 @@ def sweep(
                     keeper.release()
             tally.trained += 1
             console.print(
-                f"{prefix}: done, best mIoU {100 * summary['best_miou']:.2f}, final mIoU {100 * summary['final_miou']:.2f} "
+                f"{prefix}: done, best mIoU {percent(summary['best_miou'])}, final mIoU {percent(summary['final_miou'])} "
                 f"({time.perf_counter() - start:.0f} s)"
             )
     return tally

@@ -1,9 +1,10 @@
-"""``sandbox bench``: time training steps (recipe's perturbation vs none) or data loading."""
+"""``sandbox bench``: time training steps (recipe's perturbation vs none, or each speed lever) or data loading."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
@@ -12,51 +13,105 @@ from rich.table import Table
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 from sandbox.errors import SandboxError
 
+if TYPE_CHECKING:
+    from sandbox.recipe import Recipe
+    from sandbox.registry import Registry
+
 
 def bench(
     recipe: Path = RecipeArgument,
     set_: Optional[List[str]] = SetOption,
     plugin: Optional[List[str]] = PluginOption,
-    steps: int = typer.Option(20, min=1, help="Timed steps per perturbation."),
-    warmup: int = typer.Option(5, min=0, help="Untimed steps first (allocator, cudnn autotuning)."),
+    steps: int = typer.Option(20, min=1, help="Timed steps per perturbation (or per lever)."),
+    warmup: int = typer.Option(5, min=0, help="Untimed steps first (allocator, cudnn autotuning, compilation)."),
     num_classes: Optional[int] = typer.Option(None, help="Classes, if the dataset cannot be read here."),
+    levers: bool = typer.Option(
+        False, "--levers", help="One row per speed lever (channels_last, compile, precisions, optimizer_impl) vs eager fp32."
+    ),
     data: bool = typer.Option(False, "--data", help="Measure data loading (samples/s) instead of steps."),
     workers: str = typer.Option("0,2", help="With --data: comma-separated DataLoader worker counts."),
     batches: int = typer.Option(20, min=1, help="With --data: batches timed per view."),
 ) -> None:
     """Print a table of step times (median, p90, images/s, peak memory, GFLOPs, overhead vs none)."""
-    from sandbox.bench.data import data_throughput
-    from sandbox.bench.steps import time_training_steps
-    from sandbox.recipe import ComponentSpec
     from sandbox.train.builder import build_dataset
 
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
     console = Console(width=max(Console().width, 120))
+    if data and levers:
+        raise SandboxError("--data and --levers measure different things: pass one of them")
     if data:
-        counts = [int(part) for part in workers.split(",") if part.strip()]
-        table = Table(title=f"data loading: {resolved.name}")
-        for column in ("view", "workers", "samples/s"):
-            table.add_column(column, justify="right")
-        for row in data_throughput(build_dataset(resolved, registry), resolved, counts, batches):
-            table.add_row(row.view, str(row.workers), f"{row.samples_per_s:.1f}")
-        console.print(table)
+        console.print(data_table(resolved, registry, workers, batches))
         return
     if num_classes is None:
         try:
             num_classes = build_dataset(resolved, registry).num_classes
         except SandboxError as error:
             raise SandboxError(f"{error} (or pass --num-classes to benchmark on synthetic data)") from None
+    if levers:
+        console.print(lever_table(resolved, registry, num_classes, steps, warmup))
+    else:
+        console.print(step_table(resolved, registry, num_classes, steps, warmup))
+
+
+def data_table(resolved: "Recipe", registry: "Registry", workers: str, batches: int) -> Table:
+    """Samples/s of every view for each comma-separated number of ``workers``."""
+    from sandbox.bench.data import data_throughput
+    from sandbox.train.builder import build_dataset
+
+    counts = [int(part) for part in workers.split(",") if part.strip()]
+    table = Table(title=f"data loading: {resolved.name}")
+    for column in ("view", "workers", "samples/s"):
+        table.add_column(column, justify="right")
+    for row in data_throughput(build_dataset(resolved, registry), resolved, counts, batches):
+        table.add_row(row.view, str(row.workers), f"{row.samples_per_s:.1f}")
+    return table
+
+
+def step_table(resolved: "Recipe", registry: "Registry", num_classes: int, steps: int, warmup: int) -> Table:
+    """Step times of the recipe's perturbation and of ``none``."""
+    from sandbox.bench.steps import time_training_steps
+    from sandbox.recipe import ComponentSpec
+
     rows = [time_training_steps(resolved, registry, num_classes, resolved.perturbation, steps, warmup)]
     if resolved.perturbation.name != "none":
         rows.append(time_training_steps(resolved, registry, num_classes, ComponentSpec(name="none"), steps, warmup))
-    crop, train = resolved.train.crop_size, resolved.train
-    table = Table(title=f"training step: {resolved.name}, crop {crop}, {train.batch_size}+{train.unlabeled_batch_size} "
-                        f"images, precision {rows[0].precision}")
+    table = Table(title=f"training step: {batch_title(resolved)}, precision {rows[0].precision}")
     for column in ("perturbation", "median ms", "p90 ms", "images/s", "peak GiB", "GFLOPs/image", "x none"):
         table.add_column(column, justify="right")
     baseline = rows[-1].median_ms
     for row in rows:
-        memory = "-" if row.peak_memory_gib is None else f"{row.peak_memory_gib:.2f}"
+        flops = "-" if row.gflops_per_image is None else f"{row.gflops_per_image:.1f}"
         table.add_row(row.perturbation, f"{row.median_ms:.1f}", f"{row.p90_ms:.1f}", f"{row.images_per_s:.1f}",
-                      memory, f"{row.gflops_per_image:.1f}", f"{row.median_ms / baseline:.2f}")
-    console.print(table)
+                      memory_text(row.peak_memory_gib), flops, f"{row.median_ms / baseline:.2f}")
+    return table
+
+
+def lever_table(resolved: "Recipe", registry: "Registry", num_classes: int, steps: int, warmup: int) -> Table:
+    """Step times of eager float32, of each speed lever alone and of all of them, on this process's device."""
+    from sandbox.bench.levers import LeverTiming, time_levers
+    from sandbox.train.accelerator import process_state
+
+    def progress(row: LeverTiming) -> None:
+        print(f"measured {row.lever.label}: {row.timing.median_ms:.1f} ms/step, x{row.ratio:.2f}", file=sys.stderr, flush=True)
+
+    device = process_state().device
+    rows = time_levers(resolved, registry, num_classes, device, steps, warmup, progress)
+    table = Table(title=f"speed levers: {batch_title(resolved)}, perturbation {resolved.perturbation.name}, {device.type}")
+    for column in ("lever", "precision", "median ms", "p90 ms", "x eager fp32", "peak GiB"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        timing = row.timing
+        table.add_row(row.lever.label, timing.precision, f"{timing.median_ms:.1f}", f"{timing.p90_ms:.1f}",
+                      f"{row.ratio:.2f}", memory_text(timing.peak_memory_gib))
+    return table
+
+
+def batch_title(resolved: "Recipe") -> str:
+    """``NAME, crop C, B+U images``: what a step table measures."""
+    train = resolved.train
+    return f"{resolved.name}, crop {train.crop_size}, {train.batch_size}+{train.unlabeled_batch_size} images"
+
+
+def memory_text(gib: float | None) -> str:
+    """Peak device memory in GiB, ``-`` where none is measured (a CPU)."""
+    return "-" if gib is None else f"{gib:.2f}"

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 
@@ -17,14 +18,16 @@ if TYPE_CHECKING:
 
 def print_result(result: EvalResult, title: str) -> None:
     """A table of IoU per class, then the mIoU."""
-    table = Table(title=title)
+    table = Table()
     table.add_column("class")
     table.add_column("IoU (%)", justify="right")
     for name, iou in result.per_class.items():
         table.add_row(name, "-" if iou is None else f"{100 * iou:.2f}")
     table.add_section()
     table.add_row("mIoU", f"{100 * result.miou:.2f}", style="bold")
-    Console().print(table)
+    console = Console()
+    console.print(Text(title), soft_wrap=True)  # a path: one line, never wrapped
+    console.print(table)
 
 
 def evaluate(

@@ -20,9 +20,8 @@ DEFAULT_IMAGES = 4
 """Val images per prediction grid."""
 
 
-def plot_predictions(run_dir: Path, label: str, out: Path, count: int, plugins: list[str]) -> str:
-    """Draw one run's prediction grid; return the line to print."""
-    from sandbox.analysis.curves import UNSAFE_FILE_CHARS
+def plot_predictions(run_dir: Path, label: str, file_name: str, out: Path, count: int, plugins: list[str]) -> str:
+    """Draw one run's prediction grid into ``predictions/<file_name>.png``; return the line to print."""
     from sandbox.analysis.inference import load_predictor
     from sandbox.analysis.prediction_grid import plot_prediction_grid, run_weights, val_samples
     from sandbox.run_files import RECIPE_FILE
@@ -36,7 +35,7 @@ def plot_predictions(run_dir: Path, label: str, out: Path, count: int, plugins: 
     if not samples:
         return f"{label}: the val set is empty, no prediction grid"
     source = predictor.source
-    path = out / PREDICTIONS_FOLDER / f"{UNSAFE_FILE_CHARS.sub('_', label)}.png"
+    path = out / PREDICTIONS_FOLDER / f"{file_name}.png"
     with writing_to(out):
         plot_prediction_grid(samples, predictor.palette, source.class_names, source.ignore_index, path, f"{label} ({weights.name})")
     return f"{label}: predictions on {len(samples)} val images -> {path}"
@@ -49,7 +48,7 @@ def plot(
     plugin: Optional[List[str]] = PluginOption,
 ) -> None:
     """Training curves (every value of metrics.jsonl, runs overlaid) and val prediction grids, as PNGs."""
-    from sandbox.analysis.curves import plot_curves, read_metrics, run_labels, series
+    from sandbox.analysis.curves import file_names, plot_curves, read_metrics, run_labels, series
 
     run_dirs = find_run_dirs(runs)
     labels = run_labels(run_dirs)
@@ -58,5 +57,5 @@ def plot(
         written = plot_curves({label: values for label, values in curves.items() if values}, out / CURVES_FOLDER)
     typer.echo(f"curves of {len(run_dirs)} runs: {len(written)} figures in {out / CURVES_FOLDER}")
     if images:
-        for run_dir, label in zip(run_dirs, labels):
-            typer.echo(plot_predictions(run_dir, label, out, images, list(plugin or [])))
+        for run_dir, label, file_name in zip(run_dirs, labels, file_names(labels)):
+            typer.echo(plot_predictions(run_dir, label, file_name, out, images, list(plugin or [])))

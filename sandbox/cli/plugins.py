@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sandbox.cli.common import PluginOption
 
@@ -19,7 +20,7 @@ def plugins(plugin: Optional[List[str]] = PluginOption) -> None:
     for column in ("kind", "name", "provided by", "description"):
         table.add_column(column)
     for component in registry:
-        table.add_row(component.kind.name, component.name, component.provider, component.description)
+        table.add_row(component.kind.name, component.name, component.provider, Text(component.description))  # [tables] as written
     for provider, error in registry.broken.items():
-        table.add_row("[red]broken[/red]", "-", provider, f"failed to import: {error}")
+        table.add_row(Text("broken", style="red"), "-", provider, Text(f"failed to import: {error}"))
     Console(width=max(Console().width, 120)).print(table)

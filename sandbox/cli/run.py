@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from sandbox.analysis.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
+from sandbox.analysis.report import percent
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def train_claimed(
     """Train the run whose claim this process (its main process) holds."""
     from sandbox.train.loop import start_run
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False)  # paths and messages as written
     if note and keeper is not None:
         console.print(note, highlight=False, soft_wrap=True)
     on_stop = (lambda message: keeper.release()) if keeper is not None else None
@@ -83,7 +84,7 @@ def train_claimed(
     summary = trainer.train(resume=resume, on_stop=on_stop)
     if trainer.accelerator.is_main_process:
         console.print(
-            f"done: final mIoU {100 * summary['final_miou']:.2f}, best mIoU {100 * summary['best_miou']:.2f} "
+            f"done: final mIoU {percent(summary['final_miou'])}, best mIoU {percent(summary['best_miou'])} "
             f"(step {summary['best_step']}), {summary['wall_time_s']:.0f} s{skipped_note(summary)}; "
             f"run directory: {run_dir.path}",
             highlight=False,

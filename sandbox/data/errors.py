@@ -14,19 +14,24 @@ def last_line(message: str) -> str:
     return lines[-1] if lines else message
 
 
+class DataError(SandboxError):
+    """A dataset's file could not be read (corrupt, mismatched): the training loop says at which step."""
+
+
 @contextmanager
-def data_errors() -> Iterator[None]:
-    """Re-raise ``ValueError``/``OSError`` from dataset reads as :class:`SandboxError` (exit 2)."""
+def data_errors(what: str = "data") -> Iterator[None]:
+    """Re-raise ``ValueError``/``OSError`` from reads of ``what`` as :class:`DataError` (exit 2)."""
     try:
         yield
     except (ValueError, OSError) as error:
-        raise SandboxError(f"while reading data: {last_line(str(error))}") from error
+        raise DataError(f"while reading {what}: {last_line(str(error))}") from error
 
 
-def read_batches(loader: Iterable[Any]) -> Iterator[Any]:
-    """The batches of ``loader``; errors raised while reading become one-line SandboxErrors.
+def read_batches(loader: Iterable[Any], what: str = "data") -> Iterator[Any]:
+    """The batches of ``loader`` (``what`` it reads, for messages); errors raised while reading become
+    one-line :class:`DataError`s.
 
     Only the reading is covered: errors in the code consuming the batches pass unchanged.
     """
-    with data_errors():
+    with data_errors(what):
         yield from loader

@@ -59,18 +59,17 @@ def pixel_counts_of_every_process(count: int, device: torch.device) -> list[int]
     return [int(value) for value in sum_over_processes(slots).tolist()]
 
 
-def pool_gradients_and_sum(parameters: list[nn.Parameter], weight: float, summary: Tensor) -> Tensor:
+def pool_gradients_and_sum(parameters: list[nn.Parameter], weight: float, summary: Tensor, total: int) -> Tensor:
     """Gradients weighted by ``weight`` (this process's real pixel count) summed over processes, and ``summary`` summed.
 
-    One all-reduce of one flat buffer. ``summary``'s last element must be the pixel count: the
-    pooled gradients are divided by the total, so they are those of the mean loss over every
-    process's pixels, and a process without pixels contributes nothing. Every process then makes
-    the same Adam update, so the estimator stays identical across processes.
+    One all-reduce of one flat buffer. ``total`` is the sum of every process's ``weight``: the
+    pooled gradients are divided by it, so they are those of the mean loss over every process's
+    pixels, and a process without pixels contributes nothing. Every process then makes the same
+    Adam update, so the estimator stays identical across processes.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     flat = torch.cat([g.reshape(-1).float() * weight for g in grads] + [summary.float()])
     torch.distributed.all_reduce(flat)
-    total = float(flat[-1])
     offset = 0
     for parameter, grad in zip(parameters, grads):
         size = grad.numel()
@@ -137,7 +136,7 @@ class OnlineMixtureDensity(DensityEstimator):
         components, _ = self._scores(features)
         return components.argmax(dim=1)
 
-    def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, float]:
+    def fit_step(self, features: Tensor, labels: Tensor) -> dict[str, Tensor | float]:
         """One Adam update on ``sampled_pixels`` noisy pixels of every process; returns nll, accuracy, lr.
 
         ``sampled_pixels`` is the total over all processes: each process samples its share,
@@ -148,18 +147,24 @@ class OnlineMixtureDensity(DensityEstimator):
         ``accuracy`` is the FlowGMM posterior classification accuracy on the labeled sampled
         pixels (absent when none is labeled). With no pixels at all, no update is made (the
         schedule still advances) and ``nll`` is NaN; a process without pixels contributes nothing.
+
+        Nothing here waits for the device on one process (on several, the pixel counts are read
+        once): ``nll`` and ``accuracy`` are returned as tensors, and an update whose NLL is not
+        finite (on any process) is undone on the device (:meth:`_step_if_finite`).
         """
         lr = float(self.optimizer.param_groups[0]["lr"])
         features, labels = features.detach(), labels.detach()
         count = features.shape[0]
         processes = process_count()
         counts = pixel_counts_of_every_process(count, self.prior.means.device)
-        share = proportional_shares(counts, self.sampled_pixels)[process_rank()]
+        shares = proportional_shares(counts, self.sampled_pixels)
+        share = shares[process_rank()]
         if sum(counts) == 0:
             self.scheduler.step()
             return {"nll": math.nan, "lr": lr}
         self.optimizer.zero_grad(set_to_none=True)
         weight = count if share > 0 else 0
+        total = sum(c for c, s in zip(counts, shares) if s > 0)  # every process's weight
         if share > 0:
             if count > share:
                 index = torch.randperm(count, device=features.device)[:share]
@@ -177,17 +182,33 @@ class OnlineMixtureDensity(DensityEstimator):
         else:  # this process has no pixels (or no share) but must join the others' reduction, contributing nothing
             summary = torch.zeros(4, device=self.prior.means.device)
         if processes > 1:
-            summary = pool_gradients_and_sum(list(self.parameters()), weight, summary)
-        nll_sum, num_correct, num_labeled, total = summary.tolist()  # the one host synchronisation
-        nll = nll_sum / total if total > 0 else math.nan
-        if math.isfinite(nll):  # a non-finite NLL (on any process) skips the update everywhere
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-            self.optimizer.step()
+            summary = pool_gradients_and_sum(list(self.parameters()), weight, summary, total)
+        nll_sum, num_correct, num_labeled, _ = summary.unbind()
+        nll = nll_sum / total
+        self._step_if_finite(torch.isfinite(nll))  # a non-finite NLL (on any process) skips the update everywhere
         self.scheduler.step()
-        stats = {"nll": nll, "lr": lr}
-        if num_labeled > 0:
-            stats["accuracy"] = num_correct / num_labeled
-        return stats
+        accuracy = torch.where(num_labeled > 0, num_correct / num_labeled.clamp(min=1.0), torch.nan)  # NaN: none labeled
+        return {"nll": nll, "lr": lr, "accuracy": accuracy}
+
+    def _step_if_finite(self, finite: Tensor) -> None:
+        """Clip the gradient norm and make the Adam update where ``finite`` (a device boolean) holds;
+        elsewhere the parameters and Adam's moments are left as they were (Adam's step count, in host
+        memory, advances either way). Decided on the device: the host does not wait."""
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        moments = ("exp_avg", "exp_avg_sq")
+        before = [
+            (p.detach().clone(), [self.optimizer.state[p][name].clone() for name in moments] if self.optimizer.state.get(p) else None)
+            for p in parameters
+        ]
+        torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            for parameter, (old, old_moments) in zip(parameters, before):
+                parameter.copy_(torch.where(finite, parameter, old))
+                state = self.optimizer.state[parameter]
+                for index, name in enumerate(moments):  # a first update's moments were zeros
+                    previous = old_moments[index] if old_moments is not None else torch.zeros_like(state[name])
+                    state[name].copy_(torch.where(finite, state[name], previous))
 
     def optimizer_state(self) -> dict[str, Any]:
         """Adam's and the learning-rate schedule's state dicts."""

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sandbox.host_side import host_side, to_device
+
 #: UniMatch's ``obtain_cutmix_box`` (``dataset/transform.py``): area fraction and height/width ratio.
 UNIMATCH_AREA = (0.02, 0.4)
 UNIMATCH_RATIO = (0.3, 1 / 0.3)
@@ -16,36 +18,55 @@ MAX_ATTEMPTS = 1000
 _ATTEMPTS_PER_DRAW = 16
 
 
-def cutmix_boxes(
-    batch: int,
-    height: int,
-    width: int,
-    p: float,
-    generator: torch.Generator,
-    box: Literal["unimatch", "half"] = "unimatch",
-    decision: Literal["sample", "batch"] = "sample",
-) -> Tensor:
-    """Boolean masks ``(batch, H, W)``, True where a sample takes its partner's pixels.
+BoxKind = Literal["unimatch", "half"]
+"""The distribution of a CutMix box (see :func:`draw_box`)."""
+Decision = Literal["sample", "batch"]
+"""Whether each sample is mixed by its own draw, or the whole batch by one (see :func:`draw_boxes`)."""
+
+
+def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator, box: BoxKind = "unimatch",
+                 decision: Decision = "sample", device: torch.device | str = "cpu") -> Tensor:
+    """Boolean masks ``(batch, H, W)`` on ``device``, True where a sample takes its partner's pixels.
+
+    The boxes are drawn in host memory (:func:`draw_boxes`), the masks made on the device from
+    their corners: nothing waits for the device.
+    """
+    corners = draw_boxes(batch, height, width, p, generator, box, decision)
+    return box_masks(to_device(corners, torch.device(device)), height, width)
+
+
+@host_side
+def draw_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator, box: BoxKind = "unimatch",
+               decision: Decision = "sample") -> Tensor:
+    """``(batch, 4)`` int64 ``(top, left, box height, box width)`` of each sample's box (0 x 0: not mixed).
 
     ``box``: the box's distribution, see :func:`draw_box` (``"unimatch"``: UniMatch's;
     ``"half"``: DDFP's reference code's). ``decision``: with probability ``p`` each sample is
     mixed (``"sample"``, UniMatch's), or the whole batch is mixed or not (``"batch"``, DDFP's
-    reference: a single draw per step). Every draw comes from ``generator``.
+    reference: a single draw per step). Every draw comes from ``generator`` (a CPU generator).
     """
-    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    corners = torch.zeros(batch, 4, dtype=torch.int64)
     if decision == "batch" and torch.rand((), generator=generator) >= p:
-        return masks
+        return corners
     for i in range(batch):
         if decision == "sample" and torch.rand((), generator=generator) >= p:
             continue
-        top, left, box_h, box_w = draw_box(height, width, generator, box)
-        masks[i, top : top + box_h, left : left + box_w] = True
-    return masks
+        corners[i] = torch.tensor(draw_box(height, width, generator, box))
+    return corners
 
 
-def draw_box(
-    height: int, width: int, generator: torch.Generator, box: Literal["unimatch", "half"] = "unimatch"
-) -> tuple[int, int, int, int]:
+def box_masks(corners: Tensor, height: int, width: int) -> Tensor:
+    """Boolean masks ``(B, H, W)`` on ``corners``' device, True inside each ``(top, left, h, w)`` box."""
+    top, left, box_h, box_w = (column.view(-1, 1) for column in corners.unbind(dim=1))
+    rows = torch.arange(height, device=corners.device).view(1, -1)
+    columns = torch.arange(width, device=corners.device).view(1, -1)
+    inside_rows = (rows >= top) & (rows < top + box_h)
+    inside_columns = (columns >= left) & (columns < left + box_w)
+    return inside_rows[:, :, None] & inside_columns[:, None, :]
+
+
+@host_side
+def draw_box(height: int, width: int, generator: torch.Generator, box: BoxKind = "unimatch") -> tuple[int, int, int, int]:
     """``(top, left, box height, box width)`` of one CutMix box inside a ``height x width`` image.
 
     ``"unimatch"``: UniMatch's ``obtain_cutmix_box``, for an ``H x W`` crop (UniMatch's crops are
@@ -84,6 +105,7 @@ def draw_box(
     return _integer_below(height - box_h + 1, u_top), _integer_below(width - box_w + 1, u_left), box_h, box_w
 
 
+@host_side
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * float(torch.rand((), dtype=torch.float64, generator=generator))
 
@@ -93,6 +115,7 @@ def _integer_below(n: int, u: float) -> int:
     return min(int(u * n), n - 1)
 
 
+@host_side
 def _half_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
     """A box of half the image area, width uniform in (W/2, W), placed uniformly."""
     box_w = int(torch.randint(width // 2 + 1, max(width, width // 2 + 2), (), generator=generator))

@@ -87,7 +87,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        for images, masks in read_batches(loader):
+        for images, masks in read_batches(loader, "val data"):
             beat()  # the main thread moves on: a peer's failure leaves it time to fail by itself
             images, masks = images.to(accelerator.device), masks.to(accelerator.device)
             with accelerator.autocast():

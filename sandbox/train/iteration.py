@@ -2,6 +2,13 @@
 
 The training loop and ``sandbox bench`` run this same code, so a benchmark times what a run
 executes (non-finite checks, the teacher's update and its buffer averaging included).
+
+Outside logging intervals an iteration makes the host wait for the device once: the non-finite
+check, which decides whether the optimizer steps. The teacher's BatchNorm statistics, which each
+process collects on its own shard without ``sync_bn``, are averaged over the processes only when
+they are read (:meth:`TrainingIteration.agree_on_teacher`, before evaluation and checkpoints), not
+at every step: their update is linear, so the average of the processes' running statistics is the
+running statistic of the averages. A teacher nothing reads (:func:`reads_teacher`) is not updated.
 """
 
 from __future__ import annotations
@@ -12,32 +19,12 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from sandbox.recipe import TrainSection
+from sandbox.recipe import Recipe, TrainSection
 from sandbox.train.accelerator import average_buffers
 from sandbox.train.ema import ema_decay, update_teacher
+from sandbox.train.optimizer import build_optimizer  # noqa: F401 - re-exported
 from sandbox.train.sync_batchnorm import is_synchronised
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
-
-
-def build_optimizer(
-    model: nn.Module, settings: TrainSection, lr: float
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD or AdamW (``train.optimizer``) over the encoder (``lr``) and the decoder (``lr`` x
-    ``head_lr_multiplier``), poly schedule over ``iters``."""
-    groups = [
-        {"params": model.encoder_parameters(), "lr": lr},
-        {"params": model.decoder_parameters(), "lr": lr * settings.head_lr_multiplier},
-    ]
-    if settings.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            groups, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(1.0 - step / settings.iters, 0.0) ** settings.poly_power
-    )
-    return optimizer, schedule
 
 
 @dataclass
@@ -50,11 +37,16 @@ class IterationResult:
     """The optimizer step was applied (a non-finite loss or an fp16 overflow skips it)."""
 
 
+def reads_teacher(recipe: Recipe) -> bool:
+    """Whether anything reads the EMA teacher: its pseudo-labels, or its evaluation."""
+    return recipe.train.pseudo_labels == "teacher" or recipe.eval.model != "student"
+
+
 class TrainingIteration:
     """Runs iteration ``step``: the step's loss, then backward, optimizer, schedule and teacher update.
 
     ``model``, ``optimizer`` and ``scheduler`` are the Accelerate-prepared ones; ``teacher`` is
-    the plain EMA copy.
+    the plain EMA copy, updated only when ``teacher_read`` (see :func:`reads_teacher`).
     """
 
     def __init__(
@@ -66,12 +58,21 @@ class TrainingIteration:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         step_fn: SemiSupervisedStep,
         settings: TrainSection,
+        teacher_read: bool = True,
     ) -> None:
         self.accelerator, self.model, self.teacher = accelerator, model, teacher
         self.optimizer, self.scheduler, self.step_fn, self.settings = optimizer, scheduler, step_fn, settings
+        self.teacher_read = teacher_read
         self.copy_buffers = settings.teacher_statistics == "student"
-        self.average_teacher_buffers = not is_synchronised(teacher)
-        """Without sync_bn each process's teacher collects statistics of its own shard: averaged each step."""
+        self.average_teacher_buffers = accelerator.num_processes > 1 and not is_synchronised(teacher)
+        """Without sync_bn each process's teacher collects statistics of its own shard: averaged when read."""
+        self.teacher_buffers_read_each_step = settings.teacher_mode == "eval"
+        """A teacher predicting in eval mode normalises with its running statistics at every step."""
+        self.teacher_buffers_differ = False
+        """The processes' teacher buffers may differ (changed since :meth:`agree_on_teacher`)."""
+        student = accelerator.unwrap_model(model)
+        self._saved_buffers = [buffer.detach().clone() for buffer in student.buffers()]
+        """The student's buffers before the current step (restored after a non-finite loss)."""
 
     def __call__(
         self, step: int, labeled: LabeledBatch, unlabeled: UnlabeledBatch | None, partners: UnlabeledBatch | None = None
@@ -79,12 +80,14 @@ class TrainingIteration:
         """Iteration ``step``; ``unlabeled`` is None during the supervised warm-up; ``partners`` are the
         CutMix partner images with ``train.cutmix_partners = "stream"``."""
         settings, student = self.settings, self.accelerator.unwrap_model(self.model)
-        buffers = [buffer.detach().clone() for buffer in student.buffers()]
+        buffers = list(student.buffers())
+        if buffers:
+            torch._foreach_copy_(self._saved_buffers, buffers)
         with self.accelerator.autocast():
             if unlabeled is None:
                 loss, logs = self.step_fn.supervised(self.model, self.teacher, labeled)
             else:
-                if step == settings.warmup_iters:  # the teacher starts as the student
+                if step == settings.warmup_iters and self.teacher_read:  # the teacher starts as the student
                     update_teacher(self.teacher, student, 0.0, self.copy_buffers)
                 loss, logs = self.step_fn.semi_supervised(step, self.model, self.teacher, labeled, unlabeled, partners)
         self.optimizer.zero_grad(set_to_none=True)
@@ -94,16 +97,24 @@ class TrainingIteration:
             self.optimizer.step()
             stepped = not self.accelerator.optimizer_step_was_skipped  # an fp16 overflow skips it
         else:  # no update; forget the BatchNorm statistics the bad forward pass collected
-            with torch.no_grad():
-                for buffer, saved in zip(student.buffers(), buffers):
-                    buffer.copy_(saved)
+            if buffers:
+                torch._foreach_copy_(buffers, self._saved_buffers)
             stepped = False
         self.scheduler.step()
-        if stepped and step >= settings.warmup_iters:
+        if stepped and step >= settings.warmup_iters and self.teacher_read:
             update_teacher(self.teacher, student, ema_decay(step, settings.warmup_iters, settings.ema_decay), self.copy_buffers)
         if self.average_teacher_buffers and (step >= settings.warmup_iters or not self.copy_buffers):
-            average_buffers(self.teacher, self.accelerator)  # statistics of this process's shard
+            self.teacher_buffers_differ = True  # statistics of this process's shard
+            if self.teacher_buffers_read_each_step:
+                self.agree_on_teacher()
         return IterationResult(logs, finite, stepped)
+
+    def agree_on_teacher(self) -> None:
+        """Average the teacher's buffers over the processes if steps changed them since the last time
+        (before anything reads them: evaluation, a checkpoint). Call on every process."""
+        if self.teacher_buffers_differ:
+            average_buffers(self.teacher, self.accelerator)
+            self.teacher_buffers_differ = False
 
     def all_finite(self, loss: Tensor) -> bool:
         """Whether the loss is finite on every process (all skip the update together)."""

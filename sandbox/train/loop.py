@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import math
 import platform
 import shutil
 import sys
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from sandbox import __version__
 from sandbox.api import DensityEstimator
 from sandbox.atomic_files import fsync_tree
-from sandbox.data.errors import read_batches
+from sandbox.data.errors import DataError, read_batches
 from sandbox.distributed import mean_over_processes
 from sandbox.data.views import StreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
@@ -29,7 +29,6 @@ from sandbox.train.accelerator import (
     broadcast_buffers,
     effective_precision,
     make_accelerator,
-    maybe_sync_batchnorm,
     process_seed,
     process_state,
     scaled_lr,
@@ -46,7 +45,9 @@ from sandbox.train.builder import (
 )
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import beat, collective_free, shared_failures
-from sandbox.train.iteration import TrainingIteration, build_optimizer
+from sandbox.train.iteration import TrainingIteration, reads_teacher
+from sandbox.train.levers import build_networks
+from sandbox.train.log_window import LogWindow
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
     COMPLETE_MARKER,
@@ -57,6 +58,7 @@ from sandbox.train.rundir import (
     verify_checkpoint,
 )
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+from sandbox.train.student_pass import StudentPass, network_of
 from sandbox.train.sync_batchnorm import is_synchronised
 
 CHECKPOINTS_KEPT = 2
@@ -171,6 +173,8 @@ class Trainer:
             self.source = build_dataset(recipe, registry)
             if len(self.source.labeled) == 0:
                 raise SandboxError(f"[dataset] {recipe.dataset.name!r} has no labeled images; training needs at least one")
+            if len(self.source.val) == 0:
+                raise SandboxError(f"[dataset] {recipe.dataset.name!r} has no val images; evaluation needs at least one")
             if settings.warmup_iters < settings.iters and len(self.source.unlabeled) == 0:
                 raise SandboxError(
                     f"[dataset] {recipe.dataset.name!r} has no unlabeled images, but train.warmup_iters "
@@ -180,9 +184,10 @@ class Trainer:
             check_crop_fits(recipe, model)
             self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
             if settings.perturb_at == "encoder" and not model.has_encoder_maps():
+                chosen = ", ".join(f"{key} = {value!r}" for key, value in recipe.model.options().items() if isinstance(value, str))
                 raise SandboxError(
-                    f"train.perturb_at = 'encoder': [model] {recipe.model.name!r} does not expose its encoder's maps "
-                    "(extract/decode); perturb at the classifier's input"
+                    f"train.perturb_at = 'encoder': [model] {recipe.model.name!r}" + (f" with {chosen}" if chosen else "")
+                    + " does not expose its encoder's maps (extract/decode); perturb at the classifier's input"
                 )
             if settings.perturb_at == "encoder" and self.method.perturbation.uses_density:
                 raise SandboxError(
@@ -190,14 +195,13 @@ class Trainer:
                     "it perturbs the classifier's input (train.perturb_at = 'classifier'), not the encoder's maps"
                 )
         with collective_free():  # local work, however long: a peer's failure leaves this process time to fail too
-            # with sync_bn both normalise over every process's batch: the teacher's train-mode passes too
-            teacher = maybe_sync_batchnorm(copy.deepcopy(model), self.accelerator, settings.sync_bn)
-            self.teacher = teacher.requires_grad_(False).to(self.accelerator.device)
-            model = maybe_sync_batchnorm(model, self.accelerator, settings.sync_bn)
             self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
             """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
-            optimizer, scheduler = build_optimizer(model, settings, self.lr)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+            networks = build_networks(model, self.accelerator, settings, self.lr)  # sync_bn and the speed levers
+            self.teacher = networks.teacher
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(  # the student's pass is what DDP wraps
+            StudentPass(networks.student), networks.optimizer, networks.scheduler
+        )
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.teacher, self.state)
@@ -209,7 +213,8 @@ class Trainer:
             set_seed(rank_seed)
         self.step_fn = SemiSupervisedStep(settings, self.method, self.source.ignore_index, rank_seed)
         self.iteration = TrainingIteration(
-            self.accelerator, self.model, self.teacher, self.optimizer, self.scheduler, self.step_fn, settings
+            self.accelerator, self.model, self.teacher, self.optimizer, self.scheduler, self.step_fn, settings,
+            teacher_read=reads_teacher(recipe),
         )
         if self.accelerator.is_main_process:
             self._warn_if_images_are_small()
@@ -249,27 +254,29 @@ class Trainer:
             drop_last=True,
             generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
         )
-        return read_batches(loader)
+        return read_batches(loader, "training data")
 
     def _unlabeled_batch(self, tensors: Any) -> UnlabeledBatch:
         """A loader's unlabeled batch on this process's device."""
-        return UnlabeledBatch(*(t.to(self.accelerator.device) for t in tensors))
+        return UnlabeledBatch(*tensors).to(self.accelerator.device)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _agree_on_student(self) -> None:
+    def _agree_on_models(self) -> None:
         """Every process holds the main process's student buffers (identical already with ``sync_bn``).
 
         Called before evaluation and checkpointing: every process then evaluates, and the
-        checkpoint holds, one model; a resume on N processes continues with what they held.
+        checkpoint holds, one model; a resume on N processes continues with what they held. The
+        teacher's buffers are averaged then too (:meth:`TrainingIteration.agree_on_teacher`).
         """
         student = self.accelerator.unwrap_model(self.model)
         if not is_synchronised(student):
             broadcast_buffers(student, self.accelerator)
+        self.iteration.agree_on_teacher()
 
     def _save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N``; it counts once its ``COMPLETE`` marker exists (written last, atomically)."""
-        self._agree_on_student()
+        self._agree_on_models()
         folder = self.run_dir.checkpoints / f"step_{self.state.step:08d}"
         if self.accelerator.is_main_process:
             self.run_dir.check_writable()  # the claim's fence: a holder that lost it stops here
@@ -355,11 +362,11 @@ class Trainer:
 
     # -- non-finite values ------------------------------------------------------------------------
 
-    def _stop_nonfinite(self, sums: dict[str, Any], window_steps: int, counts: dict[str, int], segment_start: float) -> None:
+    def _stop_nonfinite(self, window: LogWindow, segment_start: float) -> None:
         """Checkpoint the last good state and stop with a one-line error."""
         self.state.wall_time += time.perf_counter() - segment_start
-        self.state.log_sums = {key: float(value) for key, value in sums.items()}
-        self.state.log_steps, self.state.log_counts = window_steps, dict(counts)
+        self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
+        self.state.log_sums, self.state.log_counts, self.state.log_steps = window.saved()
         self._save_checkpoint()
         count = self.state.consecutive_nonfinite
         raise SandboxError(
@@ -384,7 +391,7 @@ class Trainer:
 
     def _eval_models(self) -> dict[str, torch.nn.Module]:
         """The models ``eval.model`` asks for by name; the student alone until the teacher exists."""
-        student = self.accelerator.unwrap_model(self.model)
+        student = network_of(self.accelerator.unwrap_model(self.model))
         choice = self.recipe.eval.model
         if self.state.step <= self.recipe.train.warmup_iters or choice == "student":
             return {"student": student}
@@ -398,7 +405,7 @@ class Trainer:
         With ``eval.model = "both"`` the student and the teacher are evaluated and the better one
         counts (the reference's ``max(prec_s, prec_t)``); both mIoUs are logged.
         """
-        self._agree_on_student()
+        self._agree_on_models()
         models = self._eval_models()
         loader = val_loader(self.source, self.recipe.eval, self.accelerator)
         results = {
@@ -450,7 +457,7 @@ class Trainer:
             try:
                 return self._train(resume)
             except SandboxError as error:
-                if not isinstance(error, PluginError):
+                if not isinstance(error, (PluginError, DataError)):  # a recipe's error needs no step
                     raise
                 raise SandboxError(f"training failed after {self._steps_done()}: {error}") from error
             except Exception as error:
@@ -483,8 +490,8 @@ class Trainer:
         reporter = ProgressReporter(settings.iters, self.state.step, enabled=self.accelerator.is_main_process)
         self.model.train()
         self.teacher.train(settings.teacher_mode == "train")  # the reference predicts in train mode
-        sums = {key: torch.tensor(value) for key, value in self.state.log_sums.items()}
-        window_start, window_steps, counts = time.perf_counter(), self.state.log_steps, dict(self.state.log_counts)
+        window = LogWindow(self.state.log_sums, self.state.log_counts, self.state.log_steps)
+        window_start = time.perf_counter()
         segment_start = time.perf_counter()
         result: Evaluation | None = None
         warned = 0
@@ -493,7 +500,7 @@ class Trainer:
                 beat()  # the main thread moves on: a peer's failure leaves it time to fail by itself
                 step = self.state.step
                 images, masks = next(labeled)
-                batch_l = LabeledBatch(images.to(self.accelerator.device), masks.to(self.accelerator.device))
+                batch_l = LabeledBatch(images, masks).to(self.accelerator.device)
                 batch_u = batch_p = None
                 if step >= settings.warmup_iters:
                     batch_u = self._unlabeled_batch(next(unlabeled))
@@ -501,13 +508,10 @@ class Trainer:
                 outcome = self.iteration(step, batch_l, batch_u, batch_p)
                 logs, finite, stepped = outcome.logs, outcome.finite, outcome.stepped
                 self.state.step += 1
-                window_steps += 1
-                self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
+                window.steps += 1
                 if stepped:
                     self.state.consecutive_nonfinite = 0
-                    for key, value in logs.items():
-                        sums[key] = sums.get(key, 0.0) + value.float()
-                        counts[key] = counts.get(key, 0) + 1
+                    window.add(logs)
                 else:
                     self.state.skipped_updates += 1
                     self.state.consecutive_nonfinite += 0 if finite else 1
@@ -515,28 +519,28 @@ class Trainer:
                         warned = self._warn_nonfinite(reporter, logs, warned)
                 if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
                     elapsed = time.perf_counter() - window_start
-                    means = mean_over_processes({key: value / counts[key] for key, value in sums.items()})
+                    self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
+                    means = mean_over_processes(window.means())
                     record = {"step": self.state.step, **means}
                     record["lr"] = self.scheduler.get_last_lr()[0]
                     record["skipped_updates"] = self.state.skipped_updates
                     if self.method.density is not None:
                         record["skipped_density_updates"] = self.state.skipped_density_updates
-                    record["images_per_s"] = window_steps * (settings.batch_size + (
+                    record["images_per_s"] = window.steps * (settings.batch_size + (
                         settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * self.accelerator.num_processes / elapsed
                     if self.accelerator.is_main_process:
                         self.run_dir.append_metrics(record)
                     self.accelerator.log(record, step=self.state.step)
                     reporter.logged(record)
-                    sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
+                    window, window_start = LogWindow(), time.perf_counter()
                 if self.state.consecutive_nonfinite >= settings.max_consecutive_nonfinite:
-                    self._stop_nonfinite(sums, window_steps, counts, segment_start)
+                    self._stop_nonfinite(window, segment_start)
                 if self.state.step % settings.eval_every == 0 or self.state.step == settings.iters:
                     result = self._evaluate(reporter)
                 if self.state.step % settings.checkpoint_every == 0 or self.state.step == settings.iters:
                     self.state.wall_time += time.perf_counter() - segment_start
-                    self.state.log_sums = {key: float(value) for key, value in sums.items()}
-                    self.state.log_steps = window_steps
-                    self.state.log_counts = dict(counts)
+                    self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
+                    self.state.log_sums, self.state.log_counts, self.state.log_steps = window.saved()
                     segment_start = time.perf_counter()
                     self._save_checkpoint()
         if result is None:  # resumed a finished run: evaluate the final model again (logged already)
@@ -549,11 +553,11 @@ class Trainer:
             "recipe": self.recipe.name,
             "seed": self.recipe.seed,
             "iters": self.state.step,
-            "final_miou": result.miou,
+            "final_miou": result.miou if math.isfinite(result.miou) else None,
             "final_per_class_iou": result.per_class,
             "final_model": evaluation.model_name,
-            "best_miou": self.state.best_miou,
-            "best_step": self.state.best_step,
+            "best_miou": self.state.best_miou if self.state.best_step >= 0 else None,  # None: never scored
+            "best_step": self.state.best_step if self.state.best_step >= 0 else None,
             "best_per_class_iou": self.state.best_per_class,
             "wall_time_s": self.state.wall_time,
             "skipped_updates": self.state.skipped_updates,

@@ -62,8 +62,16 @@ def check_loss(label: str, loss: Any) -> Tensor:
     return loss.reshape(())
 
 
-def check_density_stats(label: str, stats: Any) -> dict[str, float]:
-    """``fit_step``'s result if it is a dict of names to numbers, else ``PluginError``."""
-    if not isinstance(stats, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in stats.items()):
+def check_density_stats(label: str, stats: Any) -> dict[str, float | Tensor]:
+    """``fit_step``'s result if it is a dict of names to numbers (Python numbers or one-element
+    tensors, kept on their device: reading them would wait for it), else ``PluginError``."""
+
+    def number(value: Any) -> bool:
+        if isinstance(value, Tensor):
+            return value.numel() == 1 and not value.dtype.is_complex
+        return isinstance(value, (int, float))
+
+    if not isinstance(stats, dict) or not all(isinstance(k, str) and number(v) for k, v in stats.items()):
         raise PluginError(f"{label} fit_step returned {stats!r:.80}, expected a dict of names to numbers (e.g. {{'nll': 1.2}})")
-    return {key: float(value) for key, value in stats.items()}
+    return {key: value.detach().float().reshape(()) if isinstance(value, Tensor) else float(value)
+            for key, value in stats.items()}

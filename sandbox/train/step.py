@@ -6,7 +6,6 @@ density estimator) and the consistency losses. The step never looks at a compone
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from sandbox.api import ClassifierOutput, PerturbationContext, PerturbFn
 from sandbox.distributed import share_of_total, sum_over_processes
+from sandbox.host_side import host_side, to_device
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import apply_cutmix, cutmix_boxes, paste
@@ -24,27 +24,79 @@ from sandbox.train.plugin_calls import blame, check_density_stats, check_loss, c
 
 @dataclass
 class LabeledBatch:
-    """Weakly augmented labeled images ``(B, 3, H, W)`` and masks ``(B, H, W)``."""
+    """Weakly augmented labeled images ``(B, 3, H, W)`` and masks ``(B, H, W)``.
+
+    ``host_masks``: the masks in host memory, kept by :meth:`to` (the step counts labeled pixels
+    there, without waiting for the device); the masks themselves when they are in host memory.
+    """
 
     images: Tensor
     masks: Tensor
+    host_masks: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.host_masks is None and self.masks.device.type == "cpu":
+            self.host_masks = self.masks
+
+    def to(self, device: torch.device) -> LabeledBatch:
+        """This batch on ``device`` (copied without waiting), its masks kept in host memory."""
+        return LabeledBatch(to_device(self.images, device), to_device(self.masks, device), self.host_masks)
 
 
 @dataclass
 class UnlabeledBatch:
     """Weak and strong views ``(B, 3, H, W)`` of unlabeled images, their padding ``(B, H, W)`` and,
-    with ``train.strong_views = 2``, a second strong view."""
+    with ``train.strong_views = 2``, a second strong view.
+
+    ``host_padding``: the padding in host memory, as :attr:`LabeledBatch.host_masks`.
+    """
 
     weak: Tensor
     strong: Tensor
     padding: Tensor
     strong2: Tensor | None = None
+    host_padding: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.host_padding is None and self.padding.device.type == "cpu":
+            self.host_padding = self.padding
+
+    def to(self, device: torch.device) -> UnlabeledBatch:
+        """This batch on ``device`` (copied without waiting), its padding kept in host memory."""
+        second = None if self.strong2 is None else to_device(self.strong2, device)
+        return UnlabeledBatch(to_device(self.weak, device), to_device(self.strong, device),
+                              to_device(self.padding, device), second, self.host_padding)
 
 
 def resize_mask(mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of an integer or boolean ``(B, H, W)`` mask."""
     resized = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
     return resized.to(mask.dtype)
+
+
+def density_labels(
+    masks: Tensor, padding: Tensor, size: torch.Size | tuple[int, int], ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """Which pixels of a ``size`` feature map of labeled + unlabeled images train the density, and
+    their labels: ``(keep (N,) bool, labels (N,))`` over every pixel in order, ``-1`` for unlabeled.
+
+    Labeled pixels other than ``ignore_index`` and unlabeled pixels other than padding are kept.
+    """
+    padding = resize_mask(padding, size)
+    labels = torch.cat([resize_mask(masks, size), torch.full(padding.shape, -1, dtype=masks.dtype, device=masks.device)])
+    keep = labels != ignore_index
+    keep[masks.shape[0]:] &= ~padding
+    return keep.flatten(), labels.flatten()
+
+
+@host_side
+def kept_pixel_index(
+    masks: Tensor, padding: Tensor, size: torch.Size | tuple[int, int], ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`density_labels` in host memory, as indices: ``(index of the kept pixels, their labels)``."""
+    keep, labels = density_labels(masks, padding, size, ignore_index)
+    index = keep.nonzero().squeeze(1)
+    return index, labels.index_select(0, index)
 
 
 @torch.no_grad()
@@ -69,13 +121,14 @@ class SemiSupervisedStep:
         self.method = method
         self.ignore_index = ignore_index
         self.seed = seed
-        self.skipped_density_updates = 0
-        """Density updates whose NLL was not finite since :meth:`take_skipped_density_updates`."""
+        self.skipped_density_updates: Tensor | int = 0
+        """Density updates whose NLL was not finite since :meth:`take_skipped_density_updates` (a
+        tensor on the device once counted: read it at logging intervals only)."""
 
     def take_skipped_density_updates(self) -> int:
-        """The number of skipped density updates since the last call (and reset it)."""
+        """The number of skipped density updates since the last call (and reset it); reads the device."""
         count, self.skipped_density_updates = self.skipped_density_updates, 0
-        return count
+        return int(count)
 
     def supervised(self, student: nn.Module, teacher: nn.Module, labeled: LabeledBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Warm-up: cross-entropy on labeled images only.
@@ -131,7 +184,7 @@ class SemiSupervisedStep:
                 teacher_out = teacher(torch.cat([labeled.images, unlabeled.weak]))
                 probs = teacher_out.logits[num_labeled:].float().softmax(dim=1)
             if method.density is not None:
-                logs.update(self.fit_density(teacher_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
+                logs.update(self.fit_density(teacher_out.embedding, labeled, unlabeled))
             weak_valid = self.trusted(probs, unlabeled.padding)
         else:  # the student's own train-mode forward of labeled + weak images (pass A)
             weak_perturb = self.perturbation_hook(logs, None, unlabeled.padding) if weak_perturbed and perturbing else None
@@ -142,7 +195,7 @@ class SemiSupervisedStep:
             probs = weak_out.logits[num_labeled:].detach().float().softmax(dim=1)
             weak_valid = self.trusted(probs, unlabeled.padding)
             if method.density is not None:  # one update behind: this pass's perturbation used the previous one
-                logs.update(self.fit_density(weak_out.embedding, labeled.masks, unlabeled.padding, num_labeled))
+                logs.update(self.fit_density(weak_out.embedding, labeled, unlabeled))
 
         views = self.mixed_strong_views(step, unlabeled, probs, partners, partner_probs)
         valids = [self.trusted(view_probs, padding) for _, view_probs, padding in views]
@@ -235,7 +288,8 @@ class SemiSupervisedStep:
         views = []
         for index, images in enumerate(strong):
             boxes = cutmix_boxes(
-                count, *images.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision
+                count, *images.shape[-2:], settings.cutmix_p, generator, settings.cutmix_box, settings.cutmix_decision,
+                device=images.device,
             )
             if stream:
                 views.append((
@@ -259,7 +313,8 @@ class SemiSupervisedStep:
                 student.train()
 
     def perturbation_hook(self, logs: dict[str, Tensor], valid: Tensor | None, padding: Tensor | None) -> PerturbFn:
-        """The ``perturb`` callback of the network's forward, running the recipe's perturbation.
+        """The ``perturb`` callback of the student's pass (:class:`~sandbox.train.student_pass.StudentPass`),
+        running the recipe's perturbation.
 
         ``valid`` marks the trusted pixels of the perturbed images; None when they are only known
         inside the pass (the student's own pseudo-labels): they then come from the clean
@@ -319,20 +374,32 @@ class SemiSupervisedStep:
         with blame(label, "forward"):
             return check_loss(label, getattr(self.method, role)(logits, target_probs, valid))
 
-    def fit_density(self, embedding: Tensor, masks: Tensor, padding: Tensor, num_labeled: int) -> dict[str, Tensor]:
-        """One estimator update on the teacher's pixel features: labeled with GT, unlabeled as mixture."""
+    def fit_density(self, embedding: Tensor, labeled: LabeledBatch, unlabeled: UnlabeledBatch) -> dict[str, Tensor | float]:
+        """One estimator update on the pixel features of labeled (with their class) and weak unlabeled
+        images (as the mixture); its logged values, prefixed ``density_``.
+
+        The kept pixels are found in host memory (the batches' host copies) and gathered on the
+        device by index: nothing waits for the device. Without host copies, the masks on the device
+        select them (a synchronisation). A non-finite NLL (the estimator skipped its update) is
+        counted in :attr:`skipped_density_updates`; its logged values are then left out of their means.
+        """
         assert self.method.density is not None
-        size = embedding.shape[-2:]
-        padding = resize_mask(padding, size)
-        labels = torch.cat([resize_mask(masks, size), torch.full(padding.shape, -1, dtype=masks.dtype, device=masks.device)])
-        keep = labels != self.ignore_index
-        keep[num_labeled:] &= ~padding
-        pixels = embedding.detach().permute(0, 2, 3, 1)[keep].float()
+        size, device = embedding.shape[-2:], embedding.device
+        pixels = embedding.detach().permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+        if labeled.host_masks is not None and unlabeled.host_padding is not None:
+            index, labels = kept_pixel_index(labeled.host_masks, unlabeled.host_padding, size, self.ignore_index)
+            index, labels = to_device(index, device), to_device(labels, device)
+            pixels = pixels.index_select(0, index)
+        else:
+            keep, labels = density_labels(labeled.masks, unlabeled.padding, size, self.ignore_index)
+            pixels, labels = pixels[keep], labels[keep]
         label = self.method.label("density")
         with blame(label, "fit_step"):
-            stats = check_density_stats(label, self.method.density.fit_step(pixels, labels[keep]))
-        if not math.isfinite(stats.get("nll", 0.0)):
-            # The estimator made no update (the built-ins skip a non-finite NLL); not logged as a value.
-            self.skipped_density_updates += 1
-            stats = {key: value for key, value in stats.items() if key not in ("nll", "accuracy")}
-        return {f"density_{key}": torch.tensor(value) for key, value in stats.items()}
+            stats = check_density_stats(label, self.method.density.fit_step(pixels.float(), labels))
+        nll = stats.get("nll")
+        if nll is not None:
+            finite = torch.isfinite(torch.as_tensor(nll, device=device))
+            self.skipped_density_updates = self.skipped_density_updates + (~finite).int()
+            if "accuracy" in stats:  # no accuracy of an update that was not made
+                stats["accuracy"] = torch.where(finite, torch.as_tensor(stats["accuracy"], device=device), torch.nan)
+        return {f"density_{key}": value for key, value in stats.items()}

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One-GPU check of mixed precision and the speed levers, in under 8 minutes:
+#   1. the GPU tests (tests/test_gpu.py: fp16 and bf16 runs of ddfp_pascal's network on generated
+#      data, channels_last and compile runs, a 2-step UniMatch run, peak memory of each;
+#      tests/test_host_syncs.py: one host-device synchronisation per training step, by CUDA's detector);
+#   2. `sandbox bench --levers` on recipes/ddfp_pascal.toml at the paper's crop 513 and batch 8+8
+#      (4+4 when 8+8 does not fit in memory);
+#   3. `sandbox bench --levers` on recipes/unimatch_pascal.toml at its own crop and batch;
+# then one summary. Logs and summary.txt go to the folder given as argument, else $OUT, else
+# ./gpu_check_out.
+#
+#   benchmarks/gpu_check.sh [OUTPUT_FOLDER]
+#   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh [OUTPUT_FOLDER]   # dry run on a CPU: tiny sizes
+#
+# The dry run checks this script and the GPU tests on a CPU: tiny crops and batches, ResNet-18
+# instead of ResNet-101, one timed step, and torch.compile disabled (TORCHDYNAMO_DISABLE=1:
+# compiling on a CPU takes minutes), so its figures mean nothing. Without the dry flag and without
+# a CUDA device the script stops at once.
+# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch" seconds; default 190 190 100 on
+# a GPU, 900 600 600 in the dry run); a phase that runs out is reported as such and the script goes
+# on. The exit status is 0 when every phase passed, 1 otherwise, 2 without a CUDA device.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$out"
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
+dry="${GPU_CHECK_DRY:-0}"
+
+if [ "$dry" = 1 ]; then
+    export SANDBOX_GPU_TESTS_ON_CPU=1 TORCHDYNAMO_DISABLE=1
+    bench_steps=(--steps 1 --warmup 0)
+    tiny=(--set train.crop_size=33 --set backbone.model=resnet18)
+    ddfp_sizes=("${tiny[@]}" --set train.batch_size=2 --set train.unlabeled_batch_size=2)
+    ddfp_fallback=("${tiny[@]}" --set train.batch_size=1 --set train.unlabeled_batch_size=1)
+    unimatch_sizes=("${tiny[@]}")
+    mode="dry run on the CPU (tiny sizes, compile disabled: figures mean nothing)"
+    limits="900 600 600"
+else
+    if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+        echo "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine," \
+            "or set GPU_CHECK_DRY=1 for a dry run on the CPU" >&2
+        exit 2
+    fi
+    bench_steps=(--steps 5 --warmup 3)
+    ddfp_sizes=(--set train.crop_size=513 --set train.batch_size=8 --set train.unlabeled_batch_size=8)
+    ddfp_fallback=(--set train.crop_size=513 --set train.batch_size=4 --set train.unlabeled_batch_size=4)
+    unimatch_sizes=()
+    mode="$("$python" -c 'import torch; print(torch.cuda.get_device_name(0))')"
+    limits="190 190 100"
+fi
+read -r limit_tests limit_ddfp limit_unimatch <<< "${GPU_CHECK_LIMITS:-$limits}"
+synthetic=(--num-classes 21 --set backbone.weights=none)  # synthetic data and random weights: nothing to download
+
+# run NAME LIMIT COMMAND...: COMMAND's output in $out/NAME.log; its status in $out/NAME.status
+run() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*" | tee "$out/$name.log"
+    local start=$SECONDS
+    timeout "$limit" "$@" >> "$out/$name.log" 2>&1
+    local status=$?
+    local verdict=ok
+    if [ "$status" = 124 ]; then
+        verdict="TIMEOUT after ${limit}s"
+    elif [ "$status" != 0 ]; then
+        verdict="FAILED (exit $status)"
+    fi
+    echo "$verdict, $((SECONDS - start)) s" > "$out/$name.status"
+    echo "   $verdict, $((SECONDS - start)) s"
+    return "$status"
+}
+
+run gpu_tests "$limit_tests" "$python" -m pytest -q -s -m gpu tests/test_gpu.py tests/test_host_syncs.py -p no:cacheprovider
+ddfp_start=$SECONDS
+run ddfp_levers "$limit_ddfp" "$python" -m sandbox bench recipes/ddfp_pascal.toml --levers "${synthetic[@]}" \
+    "${bench_steps[@]}" "${ddfp_sizes[@]}"
+if [ "$?" != 0 ] && grep -qi "out of memory" "$out/ddfp_levers.log"; then  # the smaller batch, in the time left
+    mv "$out/ddfp_levers.log" "$out/ddfp_levers_first_try.log"
+    left=$((limit_ddfp - (SECONDS - ddfp_start)))
+    run ddfp_levers "$((left > 30 ? left : 30))" "$python" -m sandbox bench recipes/ddfp_pascal.toml --levers \
+        "${synthetic[@]}" "${bench_steps[@]}" "${ddfp_fallback[@]}"
+fi
+run unimatch_levers "$limit_unimatch" "$python" -m sandbox bench recipes/unimatch_pascal.toml --levers \
+    "${synthetic[@]}" "${bench_steps[@]}" "${unimatch_sizes[@]}"
+
+{
+    echo "gpu_check: $mode"
+    for name in gpu_tests ddfp_levers unimatch_levers; do
+        echo "$name: $(cat "$out/$name.status")"
+    done
+    if [ -e "$out/ddfp_levers_first_try.log" ]; then
+        echo "note: the first ddfp batch did not fit in memory (ddfp_levers_first_try.log):" \
+            "its table is of the smaller one"
+    fi
+    echo
+    echo "GPU tests: $(grep -E '(passed|failed|skipped|error)' "$out/gpu_tests.log" | tail -n 1)"
+    grep '^peak memory:' "$out/gpu_tests.log" || true
+    for name in ddfp_levers unimatch_levers; do
+        echo
+        if grep -q 'speed levers:' "$out/$name.log"; then
+            sed -n '/speed levers:/,$p' "$out/$name.log"
+        else  # cut short: the rows measured before
+            echo "$name: no table; rows measured:"
+            grep '^measured ' "$out/$name.log" || echo "  none"
+        fi
+    done
+} > "$out/summary.txt"
+cat "$out/summary.txt"
+if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers): ' "$out/summary.txt"); then
+    exit 1
+fi
