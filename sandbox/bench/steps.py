@@ -25,7 +25,7 @@ from sandbox.train.builder import build_method, build_model, check_crop_fits
 from sandbox.train.iteration import TrainingIteration
 from sandbox.train.levers import build_networks
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
-from sandbox.train.student_pass import StudentPass, network_of
+from sandbox.train.student_pass import network_of
 
 
 @dataclass
@@ -90,7 +90,7 @@ def synthetic_training(
     method = build_method(recipe, registry, num_classes, model.embedding_channels)
     networks = build_networks(model, accelerator, settings, settings.lr)  # the training loop's levers
     teacher = networks.teacher
-    model, optimizer, scheduler = accelerator.prepare(StudentPass(networks.student), networks.optimizer, networks.scheduler)
+    model, optimizer, scheduler = networks.prepare(accelerator)
     method.perturbation.to(device)
     if method.density is not None:
         method.density.to(device)

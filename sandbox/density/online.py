@@ -178,12 +178,12 @@ class OnlineMixtureDensity(DensityEstimator):
             with torch.no_grad():
                 labeled = labels >= 0
                 correct = ((components.argmax(dim=1) == labels) & labeled).sum()
-                summary = torch.stack([loss.detach() * weight, correct.float(), labeled.sum().float(), loss.new_tensor(weight)])
+                summary = torch.stack([loss.detach() * weight, correct.float(), labeled.sum().float()])
         else:  # this process has no pixels (or no share) but must join the others' reduction, contributing nothing
-            summary = torch.zeros(4, device=self.prior.means.device)
+            summary = torch.zeros(3, device=self.prior.means.device)
         if processes > 1:
             summary = pool_gradients_and_sum(list(self.parameters()), weight, summary, total)
-        nll_sum, num_correct, num_labeled, _ = summary.unbind()
+        nll_sum, num_correct, num_labeled = summary.unbind()
         nll = nll_sum / total
         self._step_if_finite(torch.isfinite(nll))  # a non-finite NLL (on any process) skips the update everywhere
         self.scheduler.step()

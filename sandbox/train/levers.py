@@ -21,6 +21,7 @@ from sandbox.errors import SandboxError
 from sandbox.recipe import TrainSection
 from sandbox.train.accelerator import maybe_sync_batchnorm
 from sandbox.train.optimizer import build_optimizer
+from sandbox.train.student_pass import StudentPass
 
 
 @dataclass
@@ -32,6 +33,11 @@ class Networks:
     """On the accelerator's device, without gradients (never prepared)."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def prepare(self, accelerator: Accelerator) -> tuple[torch.nn.Module, Any, Any]:
+        """``accelerator.prepare`` of the student's training pass (:class:`StudentPass`: what DDP wraps),
+        the optimizer and the schedule."""
+        return accelerator.prepare(StudentPass(self.student), self.optimizer, self.scheduler)
 
 
 def image_methods(network: SegmentationNetwork) -> list[str]:
@@ -114,8 +120,7 @@ def build_networks(model: SegmentationNetwork, accelerator: Accelerator, setting
 
     With ``train.sync_bn`` both normalise over every process's batch (the teacher's train-mode
     passes too). Each network gets the levers separately, after the copy (a compiled module is
-    not copied). The student moves to its device in ``accelerator.prepare``, which the caller runs
-    on ``(student, optimizer, scheduler)``.
+    not copied). The student moves to its device in :meth:`Networks.prepare`, which the caller runs.
     """
     device = accelerator.device
     teacher = maybe_sync_batchnorm(copy.deepcopy(model), accelerator, settings.sync_bn)

@@ -58,7 +58,7 @@ from sandbox.train.rundir import (
     verify_checkpoint,
 )
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
-from sandbox.train.student_pass import StudentPass, network_of
+from sandbox.train.student_pass import network_of
 from sandbox.train.sync_batchnorm import is_synchronised
 
 CHECKPOINTS_KEPT = 2
@@ -199,9 +199,7 @@ class Trainer:
             """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
             networks = build_networks(model, self.accelerator, settings, self.lr)  # sync_bn and the speed levers
             self.teacher = networks.teacher
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(  # the student's pass is what DDP wraps
-            StudentPass(networks.student), networks.optimizer, networks.scheduler
-        )
+        self.model, self.optimizer, self.scheduler = networks.prepare(self.accelerator)
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.teacher, self.state)
