@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 import pydantic
 import tomli_w
@@ -279,9 +279,24 @@ class Recipe(Section):
             "consistency.perturbed": ("consistency", self.consistency.perturbed),
         }
 
-    def to_toml(self) -> str:
-        """The recipe as TOML (no ``base``: every key is written out)."""
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+    def to_toml(self, omit: Collection[str] = ()) -> str:
+        """The recipe as TOML (no ``base``: every key is written out), without the top-level tables in
+        ``omit`` (a run's saved recipe leaves out the :data:`OPTIONAL_TABLES` it did not use)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for table in omit:
+            data.pop(table, None)
+        return tomli_w.dumps(data)
+
+    def as_saved_in(self, saved_toml: str) -> str:
+        """This recipe as TOML without the :data:`OPTIONAL_TABLES` that ``saved_toml`` (a run's saved
+        recipe) leaves out: its run did not use them, so they cannot make the two recipes differ."""
+        saved = tomllib.loads(saved_toml)
+        return self.to_toml(omit=[table for table in OPTIONAL_TABLES if table not in saved])
+
+
+OPTIONAL_TABLES = ("backbone", "density")
+"""Component tables a run may leave unused (a network that builds no backbone, a perturbation without
+a density estimator); a run's saved recipe holds only the tables it used."""
 
 
 def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -320,12 +320,12 @@ def test_the_lever_rows_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> No
 def test_bench_levers_times_each_lever_through_the_training_loops_networks(
     tiny_recipe: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every row but compile's (minutes of compilation on a CPU: see the slow test below)."""
-    import sandbox.bench.levers as bench_levers
+    """Every row but those that compile (minutes of compilation on a CPU: see the slow test below),
+    chosen with ``--only`` (the eager row is always kept)."""
     import sandbox.bench.steps as bench_steps
 
     rows = [lever for lever in levers_for(torch.device("cpu")) if not lever.settings.get("compile")]
-    monkeypatch.setattr(bench_levers, "levers_for", lambda device: rows)
+    assert len(rows) == 5
     built: list[TrainSection] = []
     real = bench_steps.build_networks
 
@@ -334,8 +334,8 @@ def test_bench_levers_times_each_lever_through_the_training_loops_networks(
         return real(model, accelerator, settings, lr)
 
     monkeypatch.setattr(bench_steps, "build_networks", spying)
-    code, out, _ = run_cli(["bench", str(tiny_recipe), "--levers", "--steps", "1", "--warmup", "0", "--set",
-                            "train.mixed_precision=fp16"], capsys)
+    code, out, _ = run_cli(["bench", str(tiny_recipe), "--levers", "--only", "fused,bf16, channels_last,foreach",
+                            "--steps", "1", "--warmup", "0", "--set", "train.mixed_precision=fp16"], capsys)
     assert code == 0
     table = [line for line in out.splitlines() if line.startswith("│")]
     assert [line.split("│")[1].strip() for line in table] == [lever.label for lever in rows]
@@ -352,6 +352,21 @@ def test_bench_levers_prints_every_row_with_compile(tiny_recipe: Path, capsys: p
     assert code == 0
     labels = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
     assert labels == [lever.label for lever in levers_for(torch.device("cpu"))]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--levers", "--only", "fp16"], "--only: no lever 'fp16' on cpu; expected some of eager, channels_last, compile, bf16"),
+        (["--levers", "--only", " , "], "--only: expected comma-separated lever names"),
+        (["--only", "bf16"], "--only chooses rows of the --levers table: pass --levers too"),
+    ],
+)
+def test_bench_only_names_the_valid_levers(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    code, out, err = run_cli(["bench", str(tiny_recipe), *options, "--steps", "1", "--warmup", "0"], capsys)
+    assert code == 2 and message in err and err.strip().count("\n") == 0 and "│" not in out
 
 
 def test_bench_data_with_levers_is_a_one_line_error(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
@@ -389,3 +404,14 @@ def test_gpu_check_dry_run_on_a_cpu_runs_every_phase_and_prints_one_summary(tmp_
     assert "5 passed" in summary and summary.count("peak memory:") == 5
     assert summary.count("speed levers:") == 2 and "ddfp_pascal" in summary and "unimatch_pascal" in summary
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "read"),
+    [([], True), (["train.pseudo_labels=student", "eval.model=student"], False), (["train.pseudo_labels=student"], True)],
+)
+def test_the_bench_updates_the_teacher_only_where_a_run_would(tiny_recipe: Path, overrides: list[str], read: bool) -> None:
+    """The bench times the run's iteration: no EMA update where nothing reads the teacher (UniMatch)."""
+    recipe = resolved(tiny_recipe, overrides)
+    training = synthetic_training(recipe, load_registry(), NUM_CLASSES, recipe.perturbation)
+    assert training.iteration.teacher_read is read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from run_records import assert_same_records, records
 from sandbox.cli import main
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
+from sandbox.train.builder import build_method, build_model, unused_tables
 from sandbox.train.loop import Trainer
-from sandbox.train.rundir import RunDirectory
+from sandbox.train.rundir import RunDirectory, differing_keys
 from sandbox.train.student_pass import network_of
 
 
@@ -89,6 +91,31 @@ def test_none_perturbation_switches_off_the_perturbed_view(tiny_recipe: Path) ->
     train = [r for r in logged if "loss" in r]
     assert "loss_unsup" in train[-1]
     assert all("loss_perturbed" not in r and "density_nll" not in r for r in train)
+    saved = tomllib.loads((run_dir_of(tiny_recipe, "name=tiny-none") / "recipe.toml").read_text())
+    assert "density" not in saved and saved["backbone"]["name"] == "timm", "only the tables the run used"
+
+
+def test_tables_a_saved_recipe_leaves_out_never_make_a_recipe_differ_from_it(tiny_recipe: Path) -> None:
+    none = load_recipe(tiny_recipe, ["perturbation.name=none"])
+    saved = none.to_toml(omit={"density"})
+    other_density = load_recipe(tiny_recipe, ["perturbation.name=none", "density.name=gmm"])
+    assert other_density.as_saved_in(saved) == saved and differing_keys(saved, other_density) == "formatting"
+    assert differing_keys(saved, load_recipe(tiny_recipe, ["perturbation.name=none", "train.iters=7"])) == "train.iters"
+    full = none.to_toml()
+    assert "perturbation.name" in differing_keys(full, load_recipe(tiny_recipe)), "a saved table still counts"
+    assert "density.name" in differing_keys(full, other_density)
+
+
+def test_the_saved_recipe_of_a_network_without_backbone_has_no_backbone_table(tiny_recipe: Path) -> None:
+    registry = load_registry()
+    for overrides, expected in (([], {"density"}), (["model.name=smp", "model.encoder=resnet18"], {"backbone", "density"})):
+        recipe = resolve_components(load_recipe(tiny_recipe, [*overrides, "perturbation.name=none"]), registry)
+        used: set[str] = set()
+        model = build_model(recipe, registry, 5, used)
+        method = build_method(recipe, registry, 5, model.embedding_channels)
+        assert unused_tables(used, method) == expected, overrides
+    ddfp = resolve_components(load_recipe(tiny_recipe), registry)
+    assert unused_tables({"backbone"}, build_method(ddfp, registry, 5, 16)) == set()
 
 
 def test_a_third_party_perturbation_from_a_module_is_used_by_a_run(tiny_recipe: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from sandbox.bench.steps import StepTiming, time_training_steps
+from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, TrainSection
 from sandbox.registry import Registry
 
@@ -25,8 +26,10 @@ EAGER_FP32: dict[str, Any] = {"channels_last": False, "compile": False, "mixed_p
 
 @dataclass
 class Lever:
-    """One row of the table: its label and the ``[train]`` keys it sets on top of :data:`EAGER_FP32`."""
+    """One row of the table: its short name (``--only``), its label and the ``[train]`` keys it sets
+    on top of :data:`EAGER_FP32`."""
 
+    name: str
     label: str
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -51,12 +54,35 @@ def device_precisions(device: torch.device) -> list[str]:
 def levers_for(device: torch.device) -> list[Lever]:
     """The table's rows on ``device``: eager float32, each lever alone, then every lever together."""
     precisions = device_precisions(device)
-    rows = [Lever("eager fp32"), Lever("channels_last", {"channels_last": True}), Lever("compile", {"compile": True})]
-    rows += [Lever(precision, {"mixed_precision": precision}) for precision in precisions]
-    rows += [Lever(f"optimizer {impl}", {"optimizer_impl": impl}) for impl in ("foreach", "fused")]
+    rows = [
+        Lever(BASELINE, "eager fp32"),
+        Lever("channels_last", "channels_last", {"channels_last": True}),
+        Lever("compile", "compile", {"compile": True}),
+    ]
+    rows += [Lever(precision, precision, {"mixed_precision": precision}) for precision in precisions]
+    rows += [Lever(impl, f"optimizer {impl}", {"optimizer_impl": impl}) for impl in ("foreach", "fused")]
     together = {"channels_last": True, "compile": True, "mixed_precision": precisions[-1], "optimizer_impl": "fused"}
-    rows.append(Lever(f"all: channels_last, compile, {precisions[-1]}, fused", together))
+    rows.append(Lever("all", f"all: channels_last, compile, {precisions[-1]}, fused", together))
     return rows
+
+
+BASELINE = "eager"
+"""The short name of the eager float32 row, which every table holds (the ratios are to it)."""
+
+
+def chosen_levers(device: torch.device, only: list[str] | None) -> list[Lever]:
+    """:func:`levers_for` ``device``, restricted to the short names in ``only`` (all when None);
+    the eager float32 row is always kept first. An unknown name is an error naming the valid ones."""
+    rows = levers_for(device)
+    if only is None:
+        return rows
+    names = [lever.name for lever in rows]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise SandboxError(
+            f"--only: no lever {', '.join(repr(name) for name in unknown)} on {device.type}; expected some of {', '.join(names)}"
+        )
+    return [lever for lever in rows if lever.name == BASELINE or lever.name in only]
 
 
 def with_lever(recipe: Recipe, lever: Lever) -> Recipe:
@@ -81,8 +107,9 @@ def time_levers(
     steps: int,
     warmup: int,
     report: Callable[[LeverTiming], None] | None = None,
+    only: list[str] | None = None,
 ) -> list[LeverTiming]:
-    """Every row of :func:`levers_for` timed on ``recipe``'s perturbation, crop and batch.
+    """Every row of :func:`chosen_levers` (``only``: short names) timed on ``recipe``'s perturbation, crop and batch.
 
     ``report`` receives each row as soon as it is measured (a long table shows its progress).
     Each row gets a fresh Accelerate state (rows differ in mixed precision); the state is reset
@@ -90,7 +117,7 @@ def time_levers(
     """
     rows: list[LeverTiming] = []
     try:
-        for lever in levers_for(device):
+        for lever in chosen_levers(device, only):
             AcceleratorState._reset_state()
             timing = time_training_steps(
                 with_lever(recipe, lever), registry, num_classes, recipe.perturbation, steps, warmup, count_flops=False

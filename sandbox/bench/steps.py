@@ -22,7 +22,7 @@ from sandbox.recipe import ComponentSpec, Recipe
 from sandbox.registry import Registry
 from sandbox.train.accelerator import effective_precision, make_accelerator
 from sandbox.train.builder import build_method, build_model, check_crop_fits
-from sandbox.train.iteration import TrainingIteration
+from sandbox.train.iteration import TrainingIteration, reads_teacher
 from sandbox.train.levers import build_networks
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox.train.student_pass import network_of
@@ -95,7 +95,9 @@ def synthetic_training(
     if method.density is not None:
         method.density.to(device)
     step_fn = SemiSupervisedStep(settings, method, IGNORE_INDEX, recipe.seed)
-    iteration = TrainingIteration(accelerator, model, teacher, optimizer, scheduler, step_fn, settings)
+    iteration = TrainingIteration(
+        accelerator, model, teacher, optimizer, scheduler, step_fn, settings, teacher_read=reads_teacher(recipe)
+    )
     crop, labeled_count, unlabeled_count = settings.crop_size, settings.batch_size, settings.unlabeled_batch_size
     labeled = LabeledBatch(
         torch.randn(labeled_count, 3, crop, crop, device=device),

@@ -103,7 +103,7 @@ def stale_note(run_dir: RunDirectory, recipe: Recipe) -> str:
     from sandbox.train.rundir import differing_keys
 
     saved = run_dir.recipe_file.read_text() if run_dir.recipe_file.is_file() else ""
-    if saved == recipe.to_toml():
+    if saved and saved == recipe.as_saved_in(saved):
         return ""
     return f" (NOTE: trained with a different recipe: {differing_keys(saved, recipe)}; kept; use another --output to retrain)"
 

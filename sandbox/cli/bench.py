@@ -28,6 +28,9 @@ def bench(
     levers: bool = typer.Option(
         False, "--levers", help="One row per speed lever (channels_last, compile, precisions, optimizer_impl) vs eager fp32."
     ),
+    only: Optional[str] = typer.Option(
+        None, "--only", help="With --levers: comma-separated rows to time besides eager (channels_last, compile, bf16, fp16, foreach, fused, all)."
+    ),
     data: bool = typer.Option(False, "--data", help="Measure data loading (samples/s) instead of steps."),
     workers: str = typer.Option("0,2", help="With --data: comma-separated DataLoader worker counts."),
     batches: int = typer.Option(20, min=1, help="With --data: batches timed per view."),
@@ -39,6 +42,8 @@ def bench(
     console = Console(width=max(Console().width, 120))
     if data and levers:
         raise SandboxError("--data and --levers measure different things: pass one of them")
+    if only is not None and not levers:
+        raise SandboxError("--only chooses rows of the --levers table: pass --levers too")
     if data:
         console.print(data_table(resolved, registry, workers, batches))
         return
@@ -48,7 +53,7 @@ def bench(
         except SandboxError as error:
             raise SandboxError(f"{error} (or pass --num-classes to benchmark on synthetic data)") from None
     if levers:
-        console.print(lever_table(resolved, registry, num_classes, steps, warmup))
+        console.print(lever_table(resolved, registry, num_classes, steps, warmup, lever_names(only)))
     else:
         console.print(step_table(resolved, registry, num_classes, steps, warmup))
 
@@ -86,8 +91,21 @@ def step_table(resolved: "Recipe", registry: "Registry", num_classes: int, steps
     return table
 
 
-def lever_table(resolved: "Recipe", registry: "Registry", num_classes: int, steps: int, warmup: int) -> Table:
-    """Step times of eager float32, of each speed lever alone and of all of them, on this process's device."""
+def lever_names(only: str | None) -> list[str] | None:
+    """The short lever names of a comma-separated ``--only`` (None: every lever)."""
+    if only is None:
+        return None
+    names = [part.strip() for part in only.split(",") if part.strip()]
+    if not names:
+        raise SandboxError("--only: expected comma-separated lever names, got nothing")
+    return names
+
+
+def lever_table(
+    resolved: "Recipe", registry: "Registry", num_classes: int, steps: int, warmup: int, only: list[str] | None = None
+) -> Table:
+    """Step times of eager float32, of each speed lever alone and of all of them (or those in
+    ``only``), on this process's device."""
     from sandbox.bench.levers import LeverTiming, time_levers
     from sandbox.train.accelerator import process_state
 
@@ -95,7 +113,7 @@ def lever_table(resolved: "Recipe", registry: "Registry", num_classes: int, step
         print(f"measured {row.lever.label}: {row.timing.median_ms:.1f} ms/step, x{row.ratio:.2f}", file=sys.stderr, flush=True)
 
     device = process_state().device
-    rows = time_levers(resolved, registry, num_classes, device, steps, warmup, progress)
+    rows = time_levers(resolved, registry, num_classes, device, steps, warmup, progress, only)
     table = Table(title=f"speed levers: {batch_title(resolved)}, perturbation {resolved.perturbation.name}, {device.type}")
     for column in ("lever", "precision", "median ms", "p90 ms", "x eager fp32", "peak GiB"):
         table.add_column(column, justify="right")

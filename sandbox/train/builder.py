@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationNetwork, SegmentationSource
 from sandbox.data.views import LabeledTrainSet, UnlabeledTrainSet
 from sandbox.errors import SandboxError
-from sandbox.recipe import Recipe
+from sandbox.recipe import OPTIONAL_TABLES, Recipe
 from sandbox.registry import Registry
 
 
@@ -16,10 +16,15 @@ def build_dataset(recipe: Recipe, registry: Registry) -> SegmentationSource:
     return registry.get("dataset", recipe.dataset.name).build(recipe.dataset.options())
 
 
-def build_model(recipe: Recipe, registry: Registry, num_classes: int) -> SegmentationNetwork:
-    """The recipe's ``[model]`` network (on its ``[backbone]`` when the network takes one)."""
+def build_model(
+    recipe: Recipe, registry: Registry, num_classes: int, tables_used: set[str] | None = None
+) -> SegmentationNetwork:
+    """The recipe's ``[model]`` network (on its ``[backbone]`` when the network takes one: then
+    ``"backbone"`` is added to ``tables_used``)."""
 
     def build_backbone() -> Backbone:
+        if tables_used is not None:
+            tables_used.add("backbone")
         return registry.get("backbone", recipe.backbone.name).build(recipe.backbone.options())
 
     network = registry.get("network", recipe.model.name)
@@ -51,6 +56,13 @@ class MethodComponents:
     def label(self, role: str) -> str:
         """The label of the component in field ``role`` (its type name when built by hand)."""
         return self.labels.get(role) or f"{role} {type(getattr(self, role)).__name__}"
+
+
+def unused_tables(tables_used: set[str], method: MethodComponents) -> set[str]:
+    """The :data:`~sandbox.recipe.OPTIONAL_TABLES` a run does not use: ``[backbone]`` unless its network
+    built one (``tables_used``, from :func:`build_model`), ``[density]`` without a density estimator."""
+    used = tables_used | ({"density"} if method.density is not None else set())
+    return set(OPTIONAL_TABLES) - used
 
 
 def build_method(recipe: Recipe, registry: Registry, num_classes: int, embedding_dim: int) -> MethodComponents:

@@ -42,6 +42,7 @@ from sandbox.train.builder import (
     build_partner_view,
     build_train_views,
     check_crop_fits,
+    unused_tables,
 )
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import beat, collective_free, shared_failures
@@ -152,7 +153,7 @@ def start_run(
         trainer = Trainer(recipe, registry, run_dir)
         with agreed_errors(trainer.accelerator):  # e.g. a run-directory conflict seen by the main process
             if trainer.accelerator.is_main_process:
-                run_dir.prepare(recipe, resume=resume, overwrite=overwrite)
+                run_dir.prepare(recipe, resume=resume, overwrite=overwrite, unused=trainer.unused_tables)
     return trainer
 
 
@@ -180,9 +181,12 @@ class Trainer:
                     f"[dataset] {recipe.dataset.name!r} has no unlabeled images, but train.warmup_iters "
                     f"({settings.warmup_iters}) < train.iters ({settings.iters}) asks for semi-supervised steps"
                 )
-            model = build_model(recipe, registry, self.source.num_classes)
+            tables_used: set[str] = set()
+            model = build_model(recipe, registry, self.source.num_classes, tables_used)
             check_crop_fits(recipe, model)
             self.method = build_method(recipe, registry, self.source.num_classes, model.embedding_channels)
+            self.unused_tables = unused_tables(tables_used, self.method)
+            """The recipe's tables this run does not use: left out of its saved recipe."""
             if settings.perturb_at == "encoder" and not model.has_encoder_maps():
                 chosen = ", ".join(f"{key} = {value!r}" for key, value in recipe.model.options().items() if isinstance(value, str))
                 raise SandboxError(
@@ -431,7 +435,7 @@ class Trainer:
     def _save_weights(self, model: torch.nn.Module, path: Any, miou: float) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self.run_dir.check_writable()  # the claim's fence (best.pt, last.pt)
-        atomic_torch_save({"model": state, "step": self.state.step, "miou": miou, "recipe": self.recipe.to_toml()}, path)
+        atomic_torch_save({"model": state, "step": self.state.step, "miou": miou, "recipe": self.recipe.to_toml(omit=self.unused_tables)}, path)
 
     # -- the loop --------------------------------------------------------------------------------
 

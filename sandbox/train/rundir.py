@@ -8,7 +8,7 @@ import shutil
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 
@@ -134,13 +134,14 @@ class RunDirectory:
     best_weights = property(lambda self: self.path / "best.pt")
     last_weights = property(lambda self: self.path / "last.pt")
 
-    def prepare(self, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-        """Create (or check, when resuming) the directory and write the resolved recipe."""
+    def prepare(self, recipe: Recipe, resume: bool, overwrite: bool, unused: Collection[str] = ()) -> None:
+        """Create (or check, when resuming) the directory and write the resolved recipe, without the
+        tables in ``unused`` (see :data:`~sandbox.recipe.OPTIONAL_TABLES`)."""
         if resume:
             if not self.recipe_file.is_file():
                 raise SandboxError(f"--resume: {self.path} holds no run to resume; run without --resume")
             saved = self.recipe_file.read_text()
-            if saved != recipe.to_toml():
+            if saved != recipe.as_saved_in(saved):
                 raise SandboxError(
                     f"--resume: the recipe differs from {self.recipe_file} in {differing_keys(saved, recipe)}; "
                     f"resume with that file or start a new run (--set name=... or --overwrite)"
@@ -158,7 +159,7 @@ class RunDirectory:
         self.check_writable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.recipe_file, recipe.to_toml().encode())
+            atomic_write_bytes(self.recipe_file, recipe.to_toml(omit=unused).encode())
         except OSError as error:  # a read-only place, an output_dir that is a file, a full disk
             raise unwritable(self.path, error) from None
 
@@ -235,6 +236,6 @@ def remove_all(content: list[Path]) -> None:
 
 def differing_keys(saved_toml: str, recipe: Recipe) -> str:
     """Comma-separated dotted keys whose values differ between a saved recipe and ``recipe``."""
-    old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.to_toml()))
+    old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.as_saved_in(saved_toml)))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return ", ".join(keys) or "formatting"
