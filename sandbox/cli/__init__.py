@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, recipe, run
+from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, probe, recipe, run
 from sandbox.errors import SandboxError, error_line, on_process
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command("compare")(compare.compare)
 app.command("ablate")(ablate.ablate)
 app.command("plot")(plot.plot)
 app.command("predict")(predict.predict)
+app.command("probe")(probe.probe)
 
 
 def main(argv: list[str] | None = None) -> None:

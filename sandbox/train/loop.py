@@ -206,7 +206,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = networks.prepare(self.accelerator)
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
-        self.accelerator.register_for_checkpointing(self.teacher, self.state)
+        self.accelerator.register_for_checkpointing(self.teacher, self.state)  # the order of CHECKPOINTED_OBJECTS
         if self.method.density is not None:
             self.method.density.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(DensityCheckpoint(self.method.density))

@@ -31,6 +31,16 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 """The files of a run directory that tools reading runs (``sandbox compare``, ``plot``) look for."""
 
 COMPLETE_MARKER = "COMPLETE"
+
+CHECKPOINTED_OBJECTS = ("teacher", "training state", "density")
+"""What :class:`~sandbox.train.loop.Trainer` registers for checkpointing besides the prepared student,
+in this order (the density estimator only where the run has one); Accelerate saves the i-th as
+``custom_checkpoint_{i}.pkl`` in each checkpoint folder (see :func:`checkpointed_file`)."""
+
+
+def checkpointed_file(folder: Path, name: str) -> Path:
+    """The file of the checkpointed object ``name`` (one of :data:`CHECKPOINTED_OBJECTS`) in a checkpoint folder."""
+    return folder / f"custom_checkpoint_{CHECKPOINTED_OBJECTS.index(name)}.pkl"
 """Written last (atomically) into a checkpoint folder: only folders holding it count."""
 
 
