@@ -184,7 +184,7 @@ def test_json_is_a_list_of_rows(ablation: Path, capsys: pytest.CaptureFixture) -
 
 def test_latex_is_a_booktabs_tabular(ablation: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["compare", str(ablation), "--format", "latex"], capsys)
-    assert code == 0 and out.startswith("\\begin{tabular}{llrrr}")
+    assert code == 0 and out.startswith("\\begin{tabular}{llrrrrrrr}")  # best, final, n, Δ, paired Δ, pairs, CI
     body = out.split("\\midrule\n")[1].split("\\bottomrule")[0].strip().splitlines()
     assert len(body) == len(SCORES) and all(line.endswith("\\\\") for line in body)
     assert "\\toprule" in out and "\\end{tabular}" in out and "best\\_miou (\\%)" in out
@@ -294,6 +294,7 @@ def test_print_table_notes_repeats_on_stderr_as_ablate_shows_them(repeated: Path
     print_table(compare_runs(find_runs([repeated])), Console(file=table, width=200))  # as ``sandbox ablate`` ends
     err = capsys.readouterr().err
     assert "62.00 ± 2.83 │ 2 │" in table.getvalue()
+    assert "final_miou (%)" in table.getvalue() and "paired Δ (pp)" in table.getvalue()  # one renderer for compare and ablate
     assert len(err.splitlines()) == 1 and err.startswith("note: seed 0 counted once")
 
 

@@ -1,9 +1,14 @@
 """Group finished runs by the recipe keys that differ between them and compare a metric over seeds.
 
-Runs are grouped by the values of every flattened ``recipe.toml`` key that is not the same in all
+Runs are grouped by the values of every flattened ``recipe.toml`` key that differs between the
 finished runs (``seed``, ``name`` and ``output_dir`` never count: they differ between the seeds
-and copies of one configuration). A key a run's recipe lacks (an option of another plugin) has
-the value None. Each group gets the mean and the sample standard deviation (``ddof=1``; None
+and copies of one configuration). A run saves only the recipe tables it used (a
+``perturbation.name = "none"`` run has no ``[density]`` table, a network without a backbone no
+``[backbone]``), so a key differs when the runs whose recipes have its table hold more than one
+value: a key of a table only some runs saved, the same wherever it is, does not by itself tell
+runs apart. A key missing from a table a run did save (an option of another plugin, or one left
+to the plugin's default) counts as the value None. Where a differing key is absent from a run's
+recipe, its value is None (shown as ``-``). Each group gets the mean and the sample standard deviation (``ddof=1``; None
 for a single run) of the metric over its runs, and its difference to the baseline group's mean.
 
 A seed counts once per group: when several finished runs of one group have the same seed (a run
@@ -11,6 +16,13 @@ copied to two folders, or trained again into another ``output_dir``), the first 
 order of the records is kept (for ``sandbox compare``: the run directory whose path sorts first)
 and the others are left out of the statistics; :attr:`Comparison.duplicates` records each case,
 and whether their results differ (the same recipe and seed gave other numbers: not reproducible).
+
+Every group besides the baseline is also paired with it by seed (:mod:`sandbox.analysis.paired`):
+the per-seed differences, their mean ± sample std and a 95% Student-t confidence interval of the
+mean, and the seeds only one of the two ran. Each group also carries the other summary value of
+:data:`METRICS` (``final_miou`` next to ``best_miou`` and the other way round) for its runs.
+With ``columns``, :attr:`Comparison.hidden_keys` names the differing keys no column shows: the
+rows then differ in more than what the table says they compare.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sandbox.analysis.paired import PairedDelta, pair_by_seed
 from sandbox.analysis.runs import RunRecord
 from sandbox.errors import SandboxError
 
@@ -40,7 +53,7 @@ class Group:
     """Runs sharing the values of the differing keys, and the metric's statistics over them."""
 
     values: dict[str, Any]
-    """Differing key -> this group's value (None where its recipes lack the key)."""
+    """Differing key -> this group's value (None where its recipes lack the key; shown as ``-``)."""
     runs: list[RunRecord]
     scores: list[float]
     """The metric of each run, in the order of ``runs``."""
@@ -50,6 +63,10 @@ class Group:
     baseline: bool = False
     unequal_seeds: bool = False
     """True when this group has fewer runs than the largest group."""
+    paired: PairedDelta | None = None
+    """This group minus the baseline group, seed by seed; None for the baseline group itself."""
+    secondary_scores: list[float] | None = None
+    """:attr:`Comparison.secondary` of each run, in the order of ``runs``; None when a run lacks it."""
 
     @property
     def n(self) -> int:
@@ -108,11 +125,29 @@ class Comparison:
     """Unfinished and failed runs."""
     duplicates: list[Duplicate] = field(default_factory=list)
     """Runs of a seed that their group already counts (see the module docstring), per group and seed."""
+    hidden_keys: list[str] = field(default_factory=list)
+    """Differing keys (see :func:`differing_keys`) that ``columns`` leaves out: groups differ in them
+    too, though no column shows it."""
 
     @property
     def baseline(self) -> Group | None:
         """The baseline group (None when no run finished)."""
         return next((group for group in self.groups if group.baseline), None)
+
+    @property
+    def secondary(self) -> str:
+        """The summary value of :data:`METRICS` shown next to ``metric`` (``final_miou`` for ``best_miou``)."""
+        return other_metric(self.metric)
+
+    @property
+    def shows_secondary(self) -> bool:
+        """Whether every run of some group has :attr:`secondary` (else the table leaves its column out)."""
+        return any(group.secondary_scores is not None for group in self.groups)
+
+
+def other_metric(metric: str) -> str:
+    """The summary value of :data:`METRICS` that is not ``metric``."""
+    return next(other for other in METRICS if other != metric)
 
 
 def format_value(value: Any) -> str:
@@ -134,10 +169,25 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
+def table_of(key: str) -> str | None:
+    """The top-level table of a flattened key (``density`` for ``density.lr``); None for a top-level value."""
+    table, dot, _ = key.partition(".")
+    return table if dot else None
+
+
 def differing_keys(recipes: list[dict[str, Any]]) -> list[str]:
-    """Keys (besides :data:`IGNORED_KEYS`) whose values are not the same in every recipe."""
+    """Keys (besides :data:`IGNORED_KEYS`) with more than one value among the recipes that have their table.
+
+    A recipe without the key's top-level table (its run did not use it) takes no part, so a key of
+    a table only some runs saved, the same wherever it is, does not differ. A recipe that has the
+    table but not the key (an option left to the plugin's default) counts as None.
+    """
     keys = list(dict.fromkeys(key for recipe in recipes for key in recipe if key not in IGNORED_KEYS))
-    return [key for key in keys if len({_identity(recipe.get(key)) for recipe in recipes}) > 1]
+    tables = [{table_of(key) for key in recipe} | {None} for recipe in recipes]
+    return [
+        key for key in keys
+        if len({_identity(recipe.get(key)) for recipe, used in zip(recipes, tables) if table_of(key) in used}) > 1
+    ]
 
 
 def _identity(value: Any) -> str:
@@ -158,6 +208,7 @@ def _sort_key(values: dict[str, Any]) -> tuple[tuple[int, Any], ...]:
 
 
 def _score(run: RunRecord, metric: str) -> float | None:
+    """The run's ``metric`` from its summary; None when it is no finite number."""
     value = (run.summary or {}).get(metric)
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if number else None
@@ -248,11 +299,21 @@ def compare_runs(
         for group in groups:
             group.delta = group.mean - reference.mean
             group.unequal_seeds = group.n < largest
+            group.paired = None if group is reference else pair_by_seed(group.seeds, group.scores, reference.seeds, reference.scores)
+            group.secondary_scores = scores_of(group, other_metric(metric))
     elif baseline:
         raise SandboxError(f"--baseline {' '.join(baseline)}: no run has finished")
+    hidden: list[str] = []
     if columns:
+        hidden = [key for key in keys if key not in columns]
         keys = show_only(groups, keys, columns)
-    return Comparison(metric, keys, groups, excluded, duplicates)
+    return Comparison(metric, keys, groups, excluded, duplicates, hidden)
+
+
+def scores_of(group: Group, metric: str) -> list[float] | None:
+    """``metric`` of each of the group's runs; None when one of them has no number for it."""
+    scores = [_score(run, metric) for run in group.runs]
+    return None if any(score is None for score in scores) else [score for score in scores if score is not None]
 
 
 def show_only(groups: list[Group], keys: list[str], columns: list[str]) -> list[str]:

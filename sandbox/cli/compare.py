@@ -40,7 +40,9 @@ BaselineOption = typer.Option(
     help="The reference group: KEY=VALUE of a differing key (repeatable; all must match). "
     "Default: perturbation.name=none if present, else the first group.",
 )
-MetricOption = typer.Option(Metric.best_miou, "--metric", help="Summary value to compare.")
+MetricOption = typer.Option(
+    Metric.best_miou, "--metric", help="Summary value to compare (the other one is shown beside it when the runs have it)."
+)
 FormatOption = typer.Option(Format.table, "--format", help="table (rich), md, csv, latex or json.")
 ColumnsOption = typer.Option(
     None, "--columns", help="KEY,KEY,...: show only these differing keys (they must still tell the groups apart)."
@@ -50,7 +52,8 @@ ColumnsOption = typer.Option(
 def emit(comparison: Comparison, output: str) -> None:
     """Print ``comparison`` in ``output`` format; machine formats send the left-out runs to stderr.
 
-    A seed that ran more than once in a group gets a ``note:`` line on stderr in every format.
+    A seed that ran more than once in a group gets a ``note:`` line on stderr in every format, and
+    differing keys that ``--columns`` hides a ``warning:`` line.
     """
     if output == Format.table.value:
         print_table(comparison)
@@ -70,9 +73,10 @@ def compare(
     output: Format = FormatOption,
     columns: Optional[str] = ColumnsOption,
 ) -> None:
-    """Group runs by the recipe keys that differ; mean ± std over seeds, n, Δ vs a baseline.
+    """Group runs by the recipe keys that differ; mean ± std over seeds, n, Δ vs a baseline, paired Δ by seed with a 95% CI.
 
     A seed counts once per group: of runs repeating it, the one whose path sorts first is kept (a note says which).
+    The other of best_miou/final_miou is shown next to --metric; the paired Δ uses only the seeds both groups ran.
     """
     shown = [key.strip() for key in columns.split(",") if key.strip()] if columns else None
     comparison = compare_runs(find_runs(runs), metric.value, list(baseline or []), shown)
