@@ -10,6 +10,7 @@ which :func:`resolve_components` checks against the registry and completes with 
 from __future__ import annotations
 
 import copy
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Collection, Literal
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from sandbox.errors import SandboxError, lower_first
 from sandbox.registry import Registry
+from sandbox.renamed_values import rename_old_values
 from sandbox.run_files import flatten_keys
 
 
@@ -118,11 +120,12 @@ class TrainSection(Section):
     supervised_weight: float = Field(1.0, ge=0)
     unsupervised_weight: float = Field(0.5, ge=0, description="the weight of the strong views' loss (their mean)")
     perturbed_weight: float = Field(0.5, ge=0)
-    unsupervised_normalisation: Literal["trusted", "valid"] = Field(
-        "trusted",
+    unsupervised_normalisation: Literal["trusted_pixels", "image_pixels"] = Field(
+        "trusted_pixels",
         description=(
-            "each unlabeled loss is summed over trusted pixels and divided by their number (DDFP's reference) or "
-            "by the number of non-padding pixels (UniMatch)"
+            "each unlabeled loss is summed over trusted pixels and divided by the number of trusted pixels "
+            "(DDFP's reference) or of the crops' image (non-padding) pixels (UniMatch); the old names "
+            "'trusted' and 'valid' still work"
         ),
     )
     threshold_inclusive: bool = Field(
@@ -409,11 +412,25 @@ def default_components() -> dict[str, Any]:
     }
 
 
+_NOTED: set[str] = set()
+"""The notes :func:`note_once` printed."""
+
+
+def note_once(line: str) -> None:
+    """Print ``note: line`` on stderr, once per process (a sweep loads its recipe many times)."""
+    if line not in _NOTED:
+        _NOTED.add(line)
+        print(f"note: {line}", file=sys.stderr)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe (components are checked by :func:`resolve_components`)."""
+    """Read, override and validate a recipe (components are checked by :func:`resolve_components`);
+    an old option value is renamed, with a note."""
     path = Path(path)
     data = apply_overrides(merge(default_components(), read_toml(path)), overrides or [])
     data.setdefault("name", path.stem)
+    for note in rename_old_values(data):
+        note_once(f"{path}: {note}")
     try:
         return Recipe.model_validate(data)
     except pydantic.ValidationError as error:

@@ -23,7 +23,7 @@ from sandbox.train.loop import start_run
 UNIMATCH = [
     "model.mix_bn=false", "model.dropout=0.0", "perturbation.name=dropout", "train.pseudo_labels=student",
     "train.strong_views=2", "train.cutmix_partners=stream", "train.perturbed_view=weak", "train.perturb_at=encoder",
-    "train.unsupervised_normalisation=valid", "eval.model=student",
+    "train.unsupervised_normalisation=image_pixels", "eval.model=student",
 ]
 METHODS = {
     "ddfp_glow": [],

@@ -78,7 +78,7 @@ checkpoint_every = 6
 
 UNIMATCH = [
     "train.pseudo_labels=student", "train.strong_views=2", "train.cutmix_partners=stream", "train.cutmix_p=1.0",
-    "train.perturbed_view=weak", "train.unsupervised_normalisation=valid", "train.threshold_inclusive=true",
+    "train.perturbed_view=weak", "train.unsupervised_normalisation=image_pixels", "train.threshold_inclusive=true",
     "train.supervised_weight=0.5", "train.unsupervised_weight=0.25", "train.perturbed_weight=0.25",
     "model.mix_bn=false", "eval.model=student",
 ]

@@ -92,3 +92,27 @@ def test_component_errors_name_the_table_and_list_what_exists(tmp_path: Path, ov
 def test_missing_recipe_file() -> None:
     with pytest.raises(SandboxError, match="recipe nowhere.toml does not exist"):
         load_recipe("nowhere.toml")
+
+
+def test_an_old_option_value_still_works_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sandbox.analysis.runs import read_run
+    from sandbox.recipe import _NOTED
+    from sandbox.train.rundir import RunDirectory
+
+    path = tmp_path / "old.toml"
+    path.write_text(f'name = "old"\noutput_dir = "{tmp_path.as_posix()}"\n[dataset]\nname = "shapes"\n'
+                    '[train]\nunsupervised_normalisation = "valid"\n')
+    _NOTED.clear()
+    recipe = load_recipe(path)
+    load_recipe(path)
+    assert recipe.train.unsupervised_normalisation == "image_pixels"
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == [f"note: {path}: train.unsupervised_normalisation = 'valid' is now called 'image_pixels'; "
+                     "the old name still works"], "one line, once"
+    assert load_recipe(path, ["train.unsupervised_normalisation=trusted"]).train.unsupervised_normalisation == "trusted_pixels"
+    # A run saved under the old name resumes with today's recipe and groups with runs saved after the rename.
+    run_dir = RunDirectory.for_recipe(recipe)
+    run_dir.path.mkdir(parents=True)
+    run_dir.recipe_file.write_text(recipe.to_toml().replace('"image_pixels"', '"valid"'))
+    run_dir.prepare(recipe, resume=True, overwrite=False)
+    assert read_run(run_dir.path).recipe["train.unsupervised_normalisation"] == "image_pixels"

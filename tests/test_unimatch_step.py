@@ -32,7 +32,7 @@ CLASSES, SIZE, SEED, STEP = 3, 16, 5, 7
 UNIMATCH = {
     "pseudo_labels": "student", "strong_views": 2, "cutmix_partners": "stream", "perturbed_view": "weak",
     "perturb_at": "encoder", "supervised_weight": 0.5, "unsupervised_weight": 0.25, "perturbed_weight": 0.25,
-    "unsupervised_normalisation": "valid", "threshold_inclusive": True, "threshold": 0.4, "cutmix_p": 1.0,
+    "unsupervised_normalisation": "image_pixels", "threshold_inclusive": True, "threshold": 0.4, "cutmix_p": 1.0,
     "warmup_iters": 0, "perturbation_start_iters": 0,
 }
 
@@ -167,7 +167,7 @@ def test_each_unimatch_difference_changes_the_loss() -> None:
 
     unimatch = loss_with()
     for change in ({"pseudo_labels": "teacher"}, {"strong_views": 1}, {"cutmix_partners": "batch"},
-                   {"perturbed_view": "strong"}, {"perturb_at": "classifier"}, {"unsupervised_normalisation": "trusted"},
+                   {"perturbed_view": "strong"}, {"perturb_at": "classifier"}, {"unsupervised_normalisation": "trusted_pixels"},
                    {"supervised_weight": 1.0}):
         assert abs(loss_with(**change) - unimatch) > 1e-6, change
 

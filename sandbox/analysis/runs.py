@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from sandbox.errors import SandboxError
+from sandbox.renamed_values import rename_old_values
 from sandbox.run_files import FAILED_MARKER, METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys
 
 
@@ -120,7 +121,9 @@ def read_run(path: Path) -> RunRecord:
     failure: str | None = None
     if (path / RECIPE_FILE).is_file():
         try:
-            recipe = flatten_keys(tomllib.loads((path / RECIPE_FILE).read_text()))
+            saved = tomllib.loads((path / RECIPE_FILE).read_text())
+            rename_old_values(saved)  # runs saved before a rename group with those saved after it
+            recipe = flatten_keys(saved)
         except (OSError, tomllib.TOMLDecodeError) as error:
             failure = f"{RECIPE_FILE} could not be read: {error}"
     if (path / SUMMARY_FILE).is_file():

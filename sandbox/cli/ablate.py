@@ -33,6 +33,7 @@ from sandbox.analysis.report import percent, print_table
 from sandbox.analysis.runs import clear_failure, find_runs, write_failure
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
 from sandbox.errors import SandboxError, describe_exception, shared_error
+from sandbox.renamed_values import with_current_names
 from sandbox.run_files import FAILED_MARKER, SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def stale_note(run_dir: RunDirectory, recipe: Recipe) -> str:
     """A warning when a finished run was trained with another recipe than the sweep asks for now."""
     from sandbox.train.rundir import differing_keys
 
-    saved = run_dir.recipe_file.read_text() if run_dir.recipe_file.is_file() else ""
+    saved = with_current_names(run_dir.recipe_file.read_text()) if run_dir.recipe_file.is_file() else ""
     if saved and saved == recipe.as_saved_in(saved):
         return ""
     return f" (NOTE: trained with a different recipe: {differing_keys(saved, recipe)}; kept; use another --output to retrain)"

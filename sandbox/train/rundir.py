@@ -15,6 +15,7 @@ import torch
 from sandbox.atomic_files import remove_temporaries, write_atomically
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe
+from sandbox.renamed_values import with_current_names
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, is_claim_file
 
 
@@ -150,7 +151,7 @@ class RunDirectory:
         if resume:
             if not self.recipe_file.is_file():
                 raise SandboxError(f"--resume: {self.path} holds no run to resume; run without --resume")
-            saved = self.recipe_file.read_text()
+            saved = with_current_names(self.recipe_file.read_text())
             if saved != recipe.as_saved_in(saved):
                 raise SandboxError(
                     f"--resume: the recipe differs from {self.recipe_file} in {differing_keys(saved, recipe)}; "
@@ -246,6 +247,7 @@ def remove_all(content: list[Path]) -> None:
 
 def differing_keys(saved_toml: str, recipe: Recipe) -> str:
     """Comma-separated dotted keys whose values differ between a saved recipe and ``recipe``."""
+    saved_toml = with_current_names(saved_toml)
     old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.as_saved_in(saved_toml)))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return ", ".join(keys) or "formatting"

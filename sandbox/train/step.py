@@ -343,7 +343,7 @@ class SemiSupervisedStep:
     def loss_denominator(self, valid: Tensor, padding: Tensor) -> Tensor:
         """What an unlabeled loss is divided by (this process's part, per ``unsupervised_normalisation``):
         its trusted pixels (DDFP's reference) or its non-padding pixels (UniMatch)."""
-        return (~padding).sum() if self.settings.unsupervised_normalisation == "valid" else valid.sum()
+        return (~padding).sum() if self.settings.unsupervised_normalisation == "image_pixels" else valid.sum()
 
     def unlabeled_loss(self, role: str, logits: Tensor, target_probs: Tensor, valid: Tensor, total: Tensor) -> Tensor:
         """This process's share of the consistency loss in ``role``: summed over every process's trusted
