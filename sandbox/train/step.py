@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sandbox.api import ClassifierOutput, PerturbationContext, PerturbFn
+from sandbox.api import ClassifierOutput, PerturbationContext, PerturbFn, SegmentationOutput
 from sandbox.distributed import share_of_total, sum_over_processes
 from sandbox.host_side import host_side, to_device
 from sandbox.recipe import TrainSection
@@ -113,6 +113,68 @@ def relative_step(features: Tensor, perturbed: Tensor, valid: Tensor) -> Tensor:
     return (ratio * counted).sum() / counted.sum().clamp(min=1.0)
 
 
+@dataclass
+class PseudoLabels:
+    """The weak view's pseudo-labels (:meth:`SemiSupervisedStep.pseudo_labels`)."""
+
+    probs: Tensor
+    """Class probabilities ``(B, K, H, W)``."""
+    trusted: Tensor
+    """Trusted pixels ``(B, H, W)``: confident and not padding."""
+    student_out: SegmentationOutput | None
+    """The student's own pass A (labeled + weak images) when the student pseudo-labels; None with the teacher."""
+    partner_probs: Tensor | None
+    """The CutMix partners' probabilities (``cutmix_partners = "stream"``)."""
+
+
+@dataclass
+class StrongView:
+    """One CutMixed strong view: images, their target probabilities, padding and trusted pixels."""
+
+    images: Tensor
+    probs: Tensor
+    padding: Tensor
+    trusted: Tensor
+
+
+@dataclass
+class PerturbedTarget:
+    """What the perturbed view is held to (:meth:`SemiSupervisedStep.perturbed_target`)."""
+
+    probs: Tensor
+    trusted: Tensor
+    padding: Tensor
+    active: bool
+    """The perturbation runs this step (``perturbation_start_iters`` reached)."""
+    on_strong: bool
+    """The perturbed view is the first strong view (else the weak view)."""
+
+
+@dataclass
+class PixelTotals:
+    """Every process's pixel counts the losses divide by (:meth:`SemiSupervisedStep.pixel_totals`)."""
+
+    labeled: Tensor
+    """Labeled pixels (not ``ignore_index``)."""
+    weak_pixels: Tensor
+    """Non-padding pixels of the weak view."""
+    views: list[Tensor]
+    """Each strong view's :meth:`~SemiSupervisedStep.loss_denominator`."""
+    perturbed: Tensor
+    """The perturbed view's :meth:`~SemiSupervisedStep.loss_denominator`."""
+
+
+@dataclass
+class StudentLogits:
+    """The student's logits by role (:meth:`SemiSupervisedStep.student_pass`)."""
+
+    labeled: Tensor
+    by_view: list[Tensor]
+    """One per strong view, in the order of the views."""
+    perturbed: Tensor | None
+    """The perturbed view's, None when no view was perturbed."""
+
+
 class SemiSupervisedStep:
     """Computes the loss of one step: supervised warm-up, then mean teacher with a perturbed view."""
 
@@ -161,95 +223,154 @@ class SemiSupervisedStep:
         unlabeled: UnlabeledBatch,
         partners: UnlabeledBatch | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Pseudo-labels of the weak view, strong views CutMixed, a perturbed view; the weighted loss.
+        """Pseudo-labels of the weak view, strong views CutMixed, the student's pass with a perturbed
+        view, the weighted loss: each phase a method, in this order, for every framework.
 
-        One step for every framework, chosen by recipe settings: ``pseudo_labels`` (EMA teacher or
-        the student itself), ``strong_views`` (1 or 2), ``cutmix_partners`` (the batch, or the
-        ``partners`` stream), ``perturbed_view`` (strong or weak), ``perturb_at`` (classifier
-        input or encoder maps), the loss weights and ``unsupervised_normalisation``.
+        What differs between frameworks is chosen by recipe settings: ``pseudo_labels`` (EMA teacher
+        or the student itself), ``strong_views`` (1 or 2), ``cutmix_partners`` (the batch, or the
+        ``partners`` stream), ``perturbed_view`` (strong or weak), ``perturb_at`` (classifier input
+        or encoder maps), the loss weights and ``unsupervised_normalisation``.
         """
-        settings, method = self.settings, self.method
-        num_labeled, num_unlabeled = labeled.images.shape[0], unlabeled.weak.shape[0]
         logs: dict[str, Tensor] = {}
-        perturbing = step >= settings.perturbation_start_iters
-        weak_perturbed = settings.perturbed_view == "weak"
-        by_teacher = settings.pseudo_labels == "teacher"
-
-        weak_out = None
-        stream = settings.cutmix_partners == "stream" and partners is not None
-        # the partners' pseudo-labels first: in eval mode, before any train-mode pass of this step
-        partner_probs = self.partner_pseudo_labels(student, teacher, partners.weak) if stream else None
-        if by_teacher:
-            with torch.no_grad():
-                teacher_out = teacher(torch.cat([labeled.images, unlabeled.weak]))
-                probs = teacher_out.logits[num_labeled:].float().softmax(dim=1)
-            if method.density is not None:
-                logs.update(self.fit_density(teacher_out.embedding, labeled, unlabeled))
-            weak_valid = self.trusted(probs, unlabeled.padding)
-        else:  # the student's own train-mode forward of labeled + weak images (pass A)
-            weak_perturb = self.perturbation_hook(logs, None, unlabeled.padding) if weak_perturbed and perturbing else None
-            weak_out = student(
-                torch.cat([labeled.images, unlabeled.weak]), perturb=weak_perturb, num_perturbed=num_unlabeled,
-                perturb_at=settings.perturb_at,
-            )
-            probs = weak_out.logits[num_labeled:].detach().float().softmax(dim=1)
-            weak_valid = self.trusted(probs, unlabeled.padding)
-            if method.density is not None:  # one update behind: this pass's perturbation used the previous one
-                logs.update(self.fit_density(weak_out.embedding, labeled, unlabeled))
-
-        views = self.mixed_strong_views(step, unlabeled, probs, partners, partner_probs)
-        valids = [self.trusted(view_probs, padding) for _, view_probs, padding in views]
-        perturb_strong = perturbing and not weak_perturbed
-        target_valid = valids[0] if perturb_strong else weak_valid
-        target_padding = views[0][2] if perturb_strong else unlabeled.padding
-        # every loss is a mean over every process's pixels: their counts, summed in one all-reduce
-        totals = sum_over_processes(torch.stack([
-            self.labeled_pixels(labeled),
-            weak_valid.sum(),
-            (~unlabeled.padding).sum(),
-            *[self.loss_denominator(valid, padding) for valid, (_, _, padding) in zip(valids, views)],
-            self.loss_denominator(target_valid, target_padding),
-        ]))
-        total_labeled, total_weak_pixels, view_totals, perturbed_total = totals[0], totals[2], totals[3:-1], totals[-1]
-
-        strong_images = [images for images, _, _ in views]
-        if by_teacher:  # one student pass: labeled, strong views (the first last), the weak view if perturbed
-            order = [labeled.images, *strong_images[1:], strong_images[0]] + ([unlabeled.weak] if weak_perturbed else [])
-        else:  # pass B: the strong views (the first last), after pass A above
-            order = [*strong_images[1:], strong_images[0]]
-        perturb_here = perturbing and (perturb_strong or (weak_perturbed and by_teacher))
-        out = student(
-            torch.cat(order),
-            perturb=self.perturbation_hook(logs, target_valid, None) if perturb_here else None,
-            num_perturbed=num_unlabeled,
-            perturb_at=settings.perturb_at,
-        )
-        offset = num_labeled if by_teacher else 0
-        logits_by_view = [None] * len(views)
-        for index, view_index in enumerate([*range(1, len(views)), 0]):
-            start = offset + index * num_unlabeled
-            logits_by_view[view_index] = out.logits[start : start + num_unlabeled]
-        labeled_logits = out.logits[:num_labeled] if by_teacher else weak_out.logits[:num_labeled]
-
-        loss_sup = self.supervised_loss(labeled_logits, labeled.masks, total_labeled)
-        strong_losses = [
-            self.unlabeled_loss("strong_loss", logits, view_probs, valid, total)
-            for logits, (_, view_probs, _), valid, total in zip(logits_by_view, views, valids, view_totals)
+        perturbing = step >= self.settings.perturbation_start_iters
+        labels = self.pseudo_labels(student, teacher, labeled, unlabeled, partners, perturbing, logs)
+        views = [
+            StrongView(images, probs, padding, self.trusted(probs, padding))
+            for images, probs, padding in self.mixed_strong_views(step, unlabeled, labels.probs, partners, labels.partner_probs)
         ]
-        loss_unsup = sum(strong_losses) / len(strong_losses)
-        perturbed_logits = weak_out.perturbed_logits if (weak_out is not None and weak_perturbed) else out.perturbed_logits
-        perturbed_view = perturbed_logits is not None
-        loss = settings.supervised_weight * loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
-        # trusted / non-padding pixels of the pseudo-labelled (weak) view, as this process's share
-        trusted_ratio = share_of_total(weak_valid.sum(), total_weak_pixels)
-        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=trusted_ratio)
-        if perturbed_view:
-            target_probs = probs if weak_perturbed else views[0][1]
-            loss_perturbed = self.unlabeled_loss("perturbed_loss", perturbed_logits, target_probs, target_valid, perturbed_total)
-            loss = loss + settings.perturbed_weight * loss_perturbed
-            logs["loss_perturbed"] = loss_perturbed.detach()
+        target = self.perturbed_target(perturbing, labels, unlabeled, views)
+        totals = self.pixel_totals(labeled, unlabeled, labels, views, target)
+        outputs = self.student_pass(student, labeled, unlabeled, labels, views, target, logs)
+        loss = self.weighted_loss(labeled, labels, views, target, totals, outputs, logs)
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def pseudo_labels(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        labeled: LabeledBatch,
+        unlabeled: UnlabeledBatch,
+        partners: UnlabeledBatch | None,
+        perturbing: bool,
+        logs: dict[str, Tensor],
+    ) -> PseudoLabels:
+        """The weak view's pseudo-labels (the teacher's, or the student's own train-mode pass A of
+        labeled + weak images, perturbed there when the weak view is the perturbed one), the
+        partners' (first: in eval mode, before any train-mode pass of this step), and one density update."""
+        settings, num_labeled = self.settings, labeled.images.shape[0]
+        stream = settings.cutmix_partners == "stream" and partners is not None
+        partner_probs = self.partner_pseudo_labels(student, teacher, partners.weak) if stream else None
+        if settings.pseudo_labels == "teacher":
+            with torch.no_grad():
+                out = teacher(torch.cat([labeled.images, unlabeled.weak]))
+                probs = out.logits[num_labeled:].float().softmax(dim=1)
+            if self.method.density is not None:
+                logs.update(self.fit_density(out.embedding, labeled, unlabeled))
+            return PseudoLabels(probs, self.trusted(probs, unlabeled.padding), None, partner_probs)
+        weak_perturbed = settings.perturbed_view == "weak" and perturbing
+        out = student(
+            torch.cat([labeled.images, unlabeled.weak]),
+            perturb=self.perturbation_hook(logs, None, unlabeled.padding) if weak_perturbed else None,
+            num_perturbed=unlabeled.weak.shape[0],
+            perturb_at=settings.perturb_at,
+        )
+        probs = out.logits[num_labeled:].detach().float().softmax(dim=1)
+        trusted = self.trusted(probs, unlabeled.padding)
+        if self.method.density is not None:  # one update behind: this pass's perturbation used the previous one
+            logs.update(self.fit_density(out.embedding, labeled, unlabeled))
+        return PseudoLabels(probs, trusted, out, partner_probs)
+
+    def perturbed_target(
+        self, perturbing: bool, labels: PseudoLabels, unlabeled: UnlabeledBatch, views: list[StrongView]
+    ) -> PerturbedTarget:
+        """What the perturbed view is held to: the first strong view's pseudo-labels when it is the
+        perturbed one (``perturbed_view = "strong"``), else the weak view's."""
+        if perturbing and self.settings.perturbed_view != "weak":
+            return PerturbedTarget(views[0].probs, views[0].trusted, views[0].padding, active=True, on_strong=True)
+        return PerturbedTarget(labels.probs, labels.trusted, unlabeled.padding, active=perturbing, on_strong=False)
+
+    def pixel_totals(
+        self,
+        labeled: LabeledBatch,
+        unlabeled: UnlabeledBatch,
+        labels: PseudoLabels,
+        views: list[StrongView],
+        target: PerturbedTarget,
+    ) -> PixelTotals:
+        """Every process's pixel counts that the losses divide by, summed in one all-reduce."""
+        totals = sum_over_processes(torch.stack([
+            self.labeled_pixels(labeled),
+            labels.trusted.sum(),
+            (~unlabeled.padding).sum(),
+            *[self.loss_denominator(view.trusted, view.padding) for view in views],
+            self.loss_denominator(target.trusted, target.padding),
+        ]))
+        return PixelTotals(labeled=totals[0], weak_pixels=totals[2], views=list(totals[3:-1]), perturbed=totals[-1])
+
+    def student_pass(
+        self,
+        student: nn.Module,
+        labeled: LabeledBatch,
+        unlabeled: UnlabeledBatch,
+        labels: PseudoLabels,
+        views: list[StrongView],
+        target: PerturbedTarget,
+        logs: dict[str, Tensor],
+    ) -> StudentLogits:
+        """The student's one pass (teacher pseudo-labels: labeled, the strong views with the first
+        last, the weak view if perturbed) or its pass B (after pass A: the strong views), perturbed
+        where the perturbed view is in it; its logits split by view."""
+        settings, count = self.settings, unlabeled.weak.shape[0]
+        by_teacher, weak_perturbed = labels.student_out is None, settings.perturbed_view == "weak"
+        strong = [view.images for view in views]
+        order = [*strong[1:], strong[0]]
+        if by_teacher:
+            order = [labeled.images, *order] + ([unlabeled.weak] if weak_perturbed else [])
+        perturb_here = target.active and (target.on_strong or by_teacher)  # else pass A perturbed the weak view
+        out = student(
+            torch.cat(order),
+            perturb=self.perturbation_hook(logs, target.trusted, None) if perturb_here else None,
+            num_perturbed=count,
+            perturb_at=settings.perturb_at,
+        )
+        offset = labeled.images.shape[0] if by_teacher else 0
+        by_view: list[Tensor] = [out.logits] * len(views)
+        for index, view_index in enumerate([*range(1, len(views)), 0]):
+            start = offset + index * count
+            by_view[view_index] = out.logits[start : start + count]
+        first = out if by_teacher else labels.student_out
+        perturbed = labels.student_out.perturbed_logits if (not by_teacher and weak_perturbed) else out.perturbed_logits
+        return StudentLogits(first.logits[: labeled.images.shape[0]], by_view, perturbed)
+
+    def weighted_loss(
+        self,
+        labeled: LabeledBatch,
+        labels: PseudoLabels,
+        views: list[StrongView],
+        target: PerturbedTarget,
+        totals: PixelTotals,
+        outputs: StudentLogits,
+        logs: dict[str, Tensor],
+    ) -> Tensor:
+        """The supervised loss, the strong views' mean consistency loss and the perturbed view's, weighted."""
+        settings = self.settings
+        loss_sup = self.supervised_loss(outputs.labeled, labeled.masks, totals.labeled)
+        strong_losses = [
+            self.unlabeled_loss("strong_loss", logits, view.probs, view.trusted, total)
+            for logits, view, total in zip(outputs.by_view, views, totals.views)
+        ]
+        loss_unsup = sum(strong_losses) / len(strong_losses)
+        perturbed_view = outputs.perturbed is not None
+        loss = settings.supervised_weight * loss_sup + settings.strong_weight(perturbed_view) * loss_unsup
+        # trusted / non-padding pixels of the pseudo-labelled (weak) view, as this process's share
+        trusted_ratio = share_of_total(labels.trusted.sum(), totals.weak_pixels)
+        logs.update(loss_sup=loss_sup.detach(), loss_unsup=loss_unsup.detach(), trusted_ratio=trusted_ratio)
+        if perturbed_view:
+            loss_perturbed = self.unlabeled_loss("perturbed_loss", outputs.perturbed, target.probs, target.trusted, totals.perturbed)
+            loss = loss + settings.perturbed_weight * loss_perturbed
+            logs["loss_perturbed"] = loss_perturbed.detach()
+        return loss
 
     def trusted(self, probs: Tensor, padding: Tensor) -> Tensor:
         """Pixels whose pseudo-label is trusted: confidence above ``threshold`` (or equal, with
