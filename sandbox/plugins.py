@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -95,7 +96,23 @@ def make_plugin_host(extra_plugins: Iterable[str] = ()) -> PluginHost:
         module = import_plugin_module(spec)
         if not manager.is_registered(module):
             manager.register(module, name=spec)
+            check_hooks(manager, module, spec)
     return host
+
+
+def check_hooks(manager: pluggy.PluginManager, module: ModuleType, spec: str) -> None:
+    """A hook of a ``--plugin`` (or recipe ``plugins``) module that would never be called is an error:
+    a misspelled hook name, or a function named like a hook but not marked ``@hookimpl``."""
+    hooks = ", ".join(sorted(name for name in dir(hookspecs) if name.startswith("sandbox_")))
+    for caller in manager.get_hookcallers(module) or []:
+        if caller.spec is None:
+            raise SandboxError(f"plugin {spec}: {caller.name} is no sandbox hook; the hooks are: {hooks}")
+    for name, value in vars(module).items():
+        defined_here = inspect.isfunction(value) and value.__module__ == module.__name__
+        if defined_here and name.startswith("sandbox_") and not hasattr(value, f"{PROJECT_NAME}_impl"):
+            raise SandboxError(
+                f"plugin {spec}: {name} is not marked @hookimpl (from sandbox.api), so it would never be called"
+            )
 
 
 def build_registry(host: PluginHost) -> Registry:

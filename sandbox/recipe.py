@@ -10,14 +10,15 @@ which :func:`resolve_components` checks against the registry and completes with 
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Collection, Literal
+from typing import Annotated, Any, Collection, Literal
 
 import pydantic
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from sandbox.errors import SandboxError, lower_first
 from sandbox.registry import Registry
@@ -28,13 +29,25 @@ from sandbox.run_files import flatten_keys
 class Section(BaseModel):
     """A fixed recipe table: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def finite(value: Any) -> Any:
+    """``value`` unchanged; an infinite or NaN float in it (in a list or table too) is an error: a
+    recipe's numbers must be finite (and its saved ``recipe.toml`` must read back as it was written)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        finite(item)
+    return value
 
 
 class ComponentSpec(BaseModel):
     """A component table: the registered ``name`` plus the plugin's own options."""
 
     model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Annotated[Any, AfterValidator(finite)]] = Field(init=False)
     name: str
 
     def options(self) -> dict[str, Any]:
@@ -194,6 +207,13 @@ class TrainSection(Section):
         ),
     )
 
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range_is_an_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("expected [min, max] scale factors with 0 < min <= max, e.g. [0.5, 2.0]")
+        return value
+
     @model_validator(mode="after")
     def _teacher_statistics_need_train_mode(self) -> "TrainSection":
         if self.teacher_statistics == "own" and self.teacher_mode == "eval":
@@ -254,11 +274,15 @@ class EvalSection(Section):
         return self
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's and torch's generators accept."""
+
+
 class Recipe(Section):
     """A whole, validated recipe."""
 
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the random seed (torch and numpy take 0 to 2**32 - 1)")
     output_dir: str = "runs"
     plugins: list[str] = []
     dataset: ComponentSpec
@@ -269,6 +293,17 @@ class Recipe(Section):
     model: ComponentSpec = ComponentSpec(name="deeplabv3plus")
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _windows_overlap(self) -> "Recipe":
+        source = "eval.crop_size" if self.eval.crop_size else "train.crop_size"  # predict's crop without eval's
+        crop = self.eval.crop_size or self.train.crop_size
+        if self.eval.stride is not None and self.eval.stride > crop:
+            raise ValueError(
+                f"eval.stride ({self.eval.stride}) > {source} ({crop}): sliding windows that far apart leave the "
+                "pixels between them unpredicted; expected a stride of at most the crop size"
+            )
+        return self
 
     def component_specs(self) -> dict[str, tuple[str, ComponentSpec]]:
         """``{table: (kind, spec)}`` for every component table."""
@@ -397,7 +432,7 @@ def describe_validation_error(error: pydantic.ValidationError, source: str) -> s
         return f"{source}: missing key {key!r}"
     if first["type"] == "value_error" and isinstance(first.get("input"), dict):  # a check across keys
         return f"{source}: {first['msg'].removeprefix('Value error, ')}"
-    return f"{source}: {key} = {first.get('input')!r}: {lower_first(first['msg'])}"
+    return f"{source}: {key} = {first.get('input')!r}: {lower_first(first['msg'].removeprefix('Value error, '))}"
 
 
 def default_components() -> dict[str, Any]:

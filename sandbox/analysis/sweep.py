@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from sandbox.errors import SandboxError
-from sandbox.recipe import load_recipe
+from sandbox.recipe import MAX_SEED, load_recipe
 from sandbox.registry import Registry
 from sandbox.train.rundir import RunDirectory
 
@@ -83,6 +83,9 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
         raise SandboxError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise SandboxError(f"--seeds {text!r}: seed {seed} is out of range; expected integers from 0 to {MAX_SEED}")
     return list(dict.fromkeys(seeds))
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, probe, recipe, run
-from sandbox.errors import SandboxError, error_line, on_process
+from sandbox.errors import SandboxError, error_line, lower_first, on_process
 
 app = typer.Typer(
     help="A plugin-architecture research sandbox for semi-supervised semantic segmentation (DDFP).",
@@ -38,7 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2 (unless ``--debug``)."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=args, prog_name="sandbox")
+        status = app(args=args, prog_name="sandbox", standalone_mode=False)
+    except NoArgsIsHelpError as error:  # the help is already printed
+        sys.exit(error.exit_code)
+    except ClickException as error:  # a usage mistake: the same one line as every other error
+        print(error_line(usage_message(error)), file=sys.stderr)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        print(error_line("aborted"), file=sys.stderr)
+        sys.exit(1)
     except SandboxError as error:
         if "--debug" in args:
             raise
@@ -52,6 +61,15 @@ def main(argv: list[str] | None = None) -> None:
         message = str(error) if error.shared else on_process(str(error), distributed.get_rank())
         print(error_line(message), file=sys.stderr)
         exit_together(error.exit_code, message)  # every process prints its line before any of them exits
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def usage_message(error: ClickException) -> str:
+    """A command-line parser's error as our message: its sentence, then where to find the usage
+    (``missing argument 'recipe'; see 'sandbox run --help'``)."""
+    message = lower_first(error.format_message().strip().replace("Value error, ", "")).removesuffix(".")
+    context = getattr(error, "ctx", None)
+    return f"{message}; see '{context.command_path} --help'" if context is not None else message
 
 
 def in_process_group() -> bool:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from PIL import Image
 
 from sandbox.analysis.colours import colourize, overlay, palette_image
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe, writing_to
+
+if TYPE_CHECKING:
+    from sandbox.analysis.inference import Predictor
 
 MASKS_FOLDER = "masks"
 """Sub-folder of ``--out`` for the palette masks (``<image stem>.png``)."""
@@ -30,15 +34,28 @@ def predict(
 
     Images larger than the recipe's eval crop are predicted with sliding windows.
     """
-    from sandbox.analysis.inference import collect_images, load_predictor, read_image
+    from sandbox.analysis.inference import collect_images, load_predictor
 
     files = collect_images(list(images))
     resolved, registry = load_resolved_recipe(recipe, set_, plugin)
     predictor = load_predictor(resolved, registry, checkpoint)
+    folders = [out / MASKS_FOLDER, out / OVERLAYS_FOLDER]
+    created = [folder for folder in (out, *folders) if not folder.exists()]
+    with writing_to(out):  # an --out that cannot be written fails before any image is predicted
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+    try:
+        write_predictions(files, predictor, out)
+    except BaseException:
+        remove_if_empty(created)
+        raise
+
+
+def write_predictions(files: List[Path], predictor: Predictor, out: Path) -> None:
+    """Predict each image of ``files`` and write its mask and overlay under ``out``."""
+    from sandbox.analysis.inference import read_image
+
     palette = predictor.palette
-    with writing_to(out):
-        (out / MASKS_FOLDER).mkdir(parents=True, exist_ok=True)
-        (out / OVERLAYS_FOLDER).mkdir(parents=True, exist_ok=True)
     for path in files:
         image = read_image(path)
         mask, sliding = predictor.predict_image(image)
@@ -50,3 +67,11 @@ def predict(
             Image.fromarray(blended).save(overlay_path)
         how = "sliding windows" if sliding else "whole image"
         typer.echo(f"{path} ({image.shape[-1]}x{image.shape[-2]}, {how}) -> {mask_path}, {overlay_path}")
+
+
+def remove_if_empty(folders: List[Path]) -> None:
+    """Remove those of ``folders`` (created by this command, parents first) that still hold nothing:
+    a failed ``predict`` leaves no empty output folders behind."""
+    for folder in reversed(folders):
+        with suppress(OSError):
+            folder.rmdir()

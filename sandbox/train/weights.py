@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ def unreadable_reason(path: Path, error: Exception) -> str:
         head = handle.read(4)
     if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # neither a zip archive nor a legacy pickle
         return "not a PyTorch file"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # the archive's directory, at its end, is missing
+        return "the file is truncated or damaged (an incomplete PyTorch archive); copy or save it again"
     if "weights_only" in str(error) or "Unsupported global" in str(error):
         return "it holds Python objects other than tensors and plain data, which are not loaded (weights_only)"
     detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
