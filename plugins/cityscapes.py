@@ -19,7 +19,7 @@ Splits: ``labeled`` a float = that fraction of the 2975 training images (1/16 ->
 unlabeled = the other training images; val = all of ``leftImg8bit/val``. ``split_file`` (and
 ``unlabeled_split_file``) in the UniMatch format (``leftImg8bit/train/... gtFine/train/...``
 per line) or one name per line (``aachen_000000_000019``) override the drawing.
-See :mod:`sandbox_builtins.segmentation_files` for the errors and when files are decoded.
+See :mod:`sandbox.data.segmentation_files` for the errors and when files are decoded.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from sandbox_builtins.segmentation_files import (
+from sandbox.data.segmentation_files import (
     ImageFiles,
     LabeledFiles,
     MaskDecoder,

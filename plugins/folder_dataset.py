@@ -23,7 +23,7 @@ Splits, each part independently:
   remaining masked images plus every image of ``unlabeled/``.
 
 Every image in ``images/`` needs a mask unless ``splits/unlabeled.txt`` names it.
-See :mod:`sandbox_builtins.segmentation_files` for the errors and when files are decoded.
+See :mod:`sandbox.data.segmentation_files` for the errors and when files are decoded.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sandbox_builtins.segmentation_files import (
+from sandbox.data.segmentation_files import (
     ImageFiles,
     LabeledFiles,
     MaskDecoder,

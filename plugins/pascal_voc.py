@@ -35,14 +35,14 @@ line's mask is taken as listed when that file exists, else by the same rule: Uni
 masks, and on a standard tree the SBD-only images have theirs in ``SegmentationClassAug/``.
 Mask values 0..20 are classes, 255 is kept as ignore; an RGB (colourised) mask is decoded with
 the VOC palette, the boundary colour (224, 224, 192) as ignore.
-See :mod:`sandbox_builtins.segmentation_files` for the errors and when files are decoded.
+See :mod:`sandbox.data.segmentation_files` for the errors and when files are decoded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox_builtins.segmentation_files import (
+from sandbox.data.segmentation_files import (
     IMAGE_SUFFIXES,
     ImageFiles,
     LabeledFiles,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sandbox.api import Register, SegmentationNetwork, classifier_layers, hookimpl
-from sandbox_builtins.backbones import load_encoder_weights, read_weights_file
+from sandbox.weights_files import load_encoder_weights, read_weights_file
 
 Architecture = Literal[
     "Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN", "UPerNet",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sandbox_builtins.cityscapes import LABEL_ID_LOOKUP, PALETTE, make_cityscapes
-from sandbox_builtins.segmentation_files import LabeledFiles
+from sandbox.data.segmentation_files import LabeledFiles
 from sandbox.api import IGNORE_INDEX, SegmentationSource
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sandbox_builtins.folder_dataset import make_folder_dataset
-from sandbox_builtins.segmentation_files import FULL_CHECK_LIMIT, LabeledFiles, color_map
+from sandbox.data.segmentation_files import FULL_CHECK_LIMIT, LabeledFiles, color_map
 from sandbox.api import IGNORE_INDEX, SegmentationSource
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
@@ -191,7 +191,7 @@ def test_errors_name_the_file(folder: Path, tmp_path: Path) -> None:
 def test_full_check_is_skipped_for_large_datasets(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (folder / "unlabeled" / "extra2.jpg").write_bytes(b"garbage")
     assert FULL_CHECK_LIMIT == 2000
-    monkeypatch.setattr("sandbox_builtins.segmentation_files.FULL_CHECK_LIMIT", 10)
+    monkeypatch.setattr("sandbox.data.segmentation_files.FULL_CHECK_LIMIT", 10)
     source = make_folder_dataset(root=str(folder), class_names=CLASSES)  # 23 samples > 10: nothing decoded
     with pytest.raises(ValueError, match="cannot decode image"):
         source.unlabeled[2]

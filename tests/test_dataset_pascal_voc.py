@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sandbox_builtins.pascal_voc import BOUNDARY_COLOUR, CLASS_NAMES, PALETTE, make_pascal_voc
-from sandbox_builtins.segmentation_files import LabeledFiles, color_map
+from sandbox.data.segmentation_files import LabeledFiles, color_map
 from sandbox.api import IGNORE_INDEX, SegmentationSource
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry

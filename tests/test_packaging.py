@@ -38,7 +38,28 @@ def test_every_built_in_entry_point_names_an_importable_module_of_the_built_ins(
         assert target.startswith("sandbox_builtins."), name
         assert importlib.import_module(target).__file__.startswith(str(ROOT / "plugins")), target
     registered = {target.split(".")[1] for target in entry_points.values()}
-    assert registered <= modules and "segmentation_files" not in registered
+    assert registered == modules, "every built-in module is a plugin: shared helpers live in public sandbox modules"
+
+
+HOST_INTERNALS = ("sandbox.train", "sandbox.cli", "sandbox.analysis", "sandbox.sweep", "sandbox.bench")
+"""The host's own packages: a plugin (built-in or third-party) never needs them."""
+
+
+def test_the_built_ins_import_no_other_built_in_and_only_the_public_api() -> None:
+    """A built-in is written as a third party would write it: it imports the public ``sandbox``
+    modules (``sandbox.api``, ``sandbox.density``, ``sandbox.data.segmentation_files``,
+    ``sandbox.weights_files``, ...), never another built-in or the host's internals."""
+    for path in (ROOT / "plugins").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] if node.level == 0 else [f"relative import (level {node.level})"]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith(("sandbox_builtins", "plugins", "relative")), f"{path.name} imports {module}"
+                assert not module.startswith(HOST_INTERNALS), f"{path.name} imports the host's {module}"
 
 
 def imported_top_level_modules() -> set[str]:

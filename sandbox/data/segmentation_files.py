@@ -1,6 +1,5 @@
-"""Shared helpers of the file-based dataset plugins (``pascal_voc``, ``cityscapes``, ``folder``).
-
-Not a plugin (no hook). :class:`LabeledFiles` and :class:`ImageFiles` are lazy sequences reading
+"""Public helpers for dataset plugins that read image and mask files (the built-in ``pascal_voc``,
+``cityscapes`` and ``folder`` use them, as a third-party dataset plugin may). :class:`LabeledFiles` and :class:`ImageFiles` are lazy sequences reading
 an ``(image, mask)`` pair or an image on ``__getitem__`` (image -> RGB ``uint8`` ``(3, H, W)``,
 mask -> ``int64`` ``(H, W)``); they pickle cheaply, for DataLoader workers. :class:`MaskDecoder`
 turns a mask PNG into class ids (through a lookup table or a palette). :func:`read_split_file`
