@@ -14,16 +14,18 @@ import math
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Collection, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Collection, Literal
 
 import pydantic
 import tomli_w
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from sandbox.errors import SandboxError, lower_first
-from sandbox.registry import Registry
 from sandbox.renamed_values import rename_old_values
 from sandbox.run_files import flatten_keys
+
+if TYPE_CHECKING:
+    from sandbox.registry import Registry  # imports torch (through sandbox.api): recipes are read without it
 
 
 class Section(BaseModel):

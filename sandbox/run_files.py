@@ -13,7 +13,7 @@ FAILED_MARKER = "FAILED"
 """Written by ``sandbox ablate`` when the run raised; holds the error line."""
 
 CLAIM_FILE = "CLAIM"
-"""Held by the ``sandbox ablate`` process training the run (see :mod:`sandbox.analysis.claims`)."""
+"""Held by the ``sandbox ablate`` process training the run (see :mod:`sandbox.sweep.claims`)."""
 
 
 def is_claim_file(name: str) -> bool:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from sandbox.analysis.runs import FAILED_MARKER
-from sandbox.analysis.sweep import applicable_combinations, expand, parse_grid, parse_seeds, plan
 from sandbox.cli import main
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
+from sandbox.sweep.decisions import plan
+from sandbox.sweep.grid import applicable_combinations, expand, parse_grid, parse_seeds
 from sandbox.train.rundir import RunDirectory
 
 SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
+ROOT = Path(__file__).parent.parent
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -48,7 +53,7 @@ def test_component_names_apply_first() -> None:
 
 def test_options_a_plugin_does_not_take_are_dropped_once(tiny_recipe: Path) -> None:
     axes = [parse_grid("perturbation.name=ddfp,dropout,none"), parse_grid("perturbation.eps=2,4")]
-    combinations, notes = applicable_combinations(tiny_recipe, [], axes, load_registry())
+    combinations, notes = applicable_combinations(tiny_recipe, [], axes, load_registry)
     assert [c.label for c in combinations] == [
         "perturbation.name=ddfp,perturbation.eps=2",
         "perturbation.name=ddfp,perturbation.eps=4",
@@ -68,7 +73,7 @@ def test_an_option_no_combination_takes_is_a_typo_and_an_error(
     assert not out.exists()
     axes = [parse_grid("perturbation.name=ddfp,none"), parse_grid("perturbation.epz=2,4")]
     with pytest.raises(SandboxError, match="'epz' for perturbation 'ddfp' .*; perturbation 'none' "):
-        applicable_combinations(tiny_recipe, [], axes, load_registry())
+        applicable_combinations(tiny_recipe, [], axes, load_registry)
 
 
 def test_plan_skips_finished_resumes_checkpointed_restarts_others(tmp_path: Path) -> None:
@@ -81,6 +86,30 @@ def test_plan_skips_finished_resumes_checkpointed_restarts_others(tmp_path: Path
     (resumable.checkpoints / "step_00000002" / "COMPLETE").write_text("2")
     (partial.checkpoints / "step_00000004").mkdir(parents=True)  # never completed
     assert [plan(d) for d in (finished, resumable, bare, partial)] == ["skip", "resume", "start", "start"]
+
+
+def test_list_imports_no_torch_accelerate_or_matplotlib(tiny_recipe: Path) -> None:
+    """``--list`` of a grid of component names reads folders only: no plugin registry, so no torch.
+
+    (A grid that sets a plugin option loads the registry, and with it torch, to check the option.)
+    """
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from sandbox.cli import main
+
+        try:
+            main(["ablate", {str(tiny_recipe)!r}, "--grid", "perturbation.name=none,dropout", "--seeds", "0", "--list"])
+        except SystemExit as exit:
+            assert not exit.code, exit.code
+        heavy = {{"torch", "accelerate", "matplotlib"}} & {{name.split(".")[0] for name in sys.modules}}
+        assert not heavy, sorted(heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "perturbation.name=dropout" in result.stdout and "2 runs: 2 to do" in result.stdout
+    assert "2 combinations x 1 seeds = 2 runs" in result.stderr
 
 
 def test_sweep_trains_skips_resumes_and_restarts(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:

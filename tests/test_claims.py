@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.analysis import claims
-from sandbox.analysis.claims import (
+from sandbox.sweep import claims
+from sandbox.sweep.claims import (
     Attempt,
     Claim,
     ClaimKeeper,
@@ -156,7 +156,7 @@ def test_a_keeper_whose_claim_was_taken_over_warns_and_leaves_it(tmp_path: Path,
 HOLDER = """
 import sys, time
 from pathlib import Path
-from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, released_on_sigterm
+from sandbox.sweep.claims import Claim, ClaimKeeper, acquire, released_on_sigterm
 
 path = Path(sys.argv[1])
 mine = Claim.new(600)
@@ -206,7 +206,7 @@ def test_overwriting_a_run_directory_keeps_its_claim(tmp_path: Path, tiny_recipe
 def slowed_refresh(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> threading.Event:
     """Make the refresh of the thread named ``refresher`` pause ``delay_s`` right after it has seen its
     token in ``CLAIM`` (before it writes); the event is set when it has seen it."""
-    import sandbox.analysis.claims as claims
+    import sandbox.sweep.claims as claims
 
     seen = threading.Event()
     real = claims.read_claim
@@ -281,7 +281,7 @@ def test_the_guard_stops_a_holder_whose_claim_was_replaced_before_its_next_refre
 def test_refresh_errors_are_reported_once_and_stop_the_holder_after_half_the_timeout(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sandbox.analysis.claims as claims
+    import sandbox.sweep.claims as claims
     from sandbox.errors import SandboxError
 
     path = claim_path(tmp_path)

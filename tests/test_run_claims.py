@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from run_records import records
-from sandbox.analysis.claims import Claim, claim_path, read_claim, replace_file
 from sandbox.cli import main
 from sandbox.errors import SandboxError
+from sandbox.sweep.claims import Claim, claim_path, read_claim, replace_file
 from sandbox.train.rundir import RunDirectory, guarded_writes
 from test_distributed import LAUNCH_TIMEOUT_S, launch_env, start, wait_bounded
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from run_records import assert_same_run, records
-from sandbox.analysis.claims import Claim, claim_path, read_claim, replace_file
-from sandbox.analysis.shards import Shard, parse_shard, shard_of
 from sandbox.cli import main
-from sandbox.cli.ablate import claim_run, failure_stamp
 from sandbox.errors import SandboxError
+from sandbox.sweep.claims import Claim, claim_path, read_claim, replace_file
+from sandbox.sweep.decisions import claim_run, failure_stamp
+from sandbox.sweep.shards import Shard, parse_shard, shard_of
 from sandbox.train.rundir import RunDirectory
 from test_distributed import LAUNCH_TIMEOUT_S, accelerate_command, free_port, launch_env, start, wait_bounded
 

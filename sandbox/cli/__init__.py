@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         message = str(error) if error.shared else on_process(str(error), distributed.get_rank())
         print(error_line(message), file=sys.stderr)
         exit_together(error.exit_code, message)  # every process prints its line before any of them exits
-    sys.exit(status if isinstance(status, int) else 0)
+    else:
+        sys.exit(status if isinstance(status, int) else 0)
 
 
 def usage_message(error: ClickException) -> str:

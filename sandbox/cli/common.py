@@ -1,7 +1,8 @@
 """Options and set-up shared by the commands.
 
-Nothing heavy is imported here at module level (the recipe and plugin modules import torch): every
-command module imports this one, and ``sandbox compare`` must start without torch.
+Nothing heavy is imported here at module level (the plugin modules and the registry import torch):
+every command module imports this one, and ``sandbox compare`` and ``sandbox ablate --list`` must
+start without torch.
 """
 
 from __future__ import annotations

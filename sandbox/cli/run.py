@@ -1,7 +1,7 @@
 """``sandbox run``: train a recipe into its run directory (or resume it).
 
 One run, one writer: before anything is written, the main process claims the run directory as
-``sandbox ablate`` claims a run of a sweep (:mod:`sandbox.analysis.claims`), and tells the other
+``sandbox ablate`` claims a run of a sweep (:mod:`sandbox.sweep.claims`), and tells the other
 processes of the launch the outcome (one broadcast). A run held by a live process is refused with
 one line naming the holder (``--overwrite`` and ``--resume`` too); every write into the run is
 fenced by the claim; the claim is released at the end, on an error, Ctrl-C or SIGTERM.
@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 from rich.console import Console
 
-from sandbox.analysis.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 from sandbox.analysis.report import percent
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.sweep.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 
 if TYPE_CHECKING:
-    from sandbox.analysis.claims import ClaimKeeper
-    from sandbox.cli.ablate import Decision
     from sandbox.recipe import Recipe
     from sandbox.registry import Registry
+    from sandbox.sweep.claims import ClaimKeeper
+    from sandbox.sweep.decisions import Decision
 
 
 def run(
@@ -39,9 +39,9 @@ def run(
     ),
 ) -> None:
     """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
-    from sandbox.analysis.claims import released_on_sigterm
-    from sandbox.cli.ablate import agree_on
     from sandbox.errors import SandboxError, shared_error
+    from sandbox.sweep.claims import released_on_sigterm
+    from sandbox.sweep.decisions import agree_on
     from sandbox.train.accelerator import process_state
     from sandbox.train.rundir import RunDirectory, guarded_writes
 
@@ -95,8 +95,8 @@ def train_claimed(
 def claim_run_directory(run_path: Path, timeout_s: float) -> tuple[Decision, ClaimKeeper | None]:
     """On the main process: claim the run directory (``start``, with a note when a stale claim was
     taken over) or say who holds it (``held``, the one-line error)."""
-    from sandbox.analysis.claims import Claim, ClaimKeeper, acquire, claim_path
-    from sandbox.cli.ablate import Decision
+    from sandbox.sweep.claims import Claim, ClaimKeeper, acquire, claim_path
+    from sandbox.sweep.decisions import Decision
     from sandbox.train.rundir import unwritable
 
     mine = Claim.new(timeout_s)

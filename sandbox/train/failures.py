@@ -173,7 +173,7 @@ class Channel:
         """The phase this process left last without an error: a peer may still have failed in it."""
         self.on_stop: Callable[[str], None] | None = None
         self.exit_hooks: list[Callable[[], None]] = []
-        self.claim = threading.Lock()  # held by whichever of the main thread and the watcher reports
+        self.reporting = threading.Lock()  # held by whichever of the main thread and the watcher reports
         self.recorded = False
         self.closed = threading.Event()
         self.watcher = threading.Thread(target=self._watch, name="sandbox-failure-watch", daemon=True)
@@ -223,11 +223,11 @@ class Channel:
         return None, None
 
     def _stuck(self, phase: FailureWatch | None) -> bool:
-        """Wait until the main thread is stuck (True), or has claimed the failure itself, or has left
+        """Wait until the main thread is stuck (True), or is reporting the failure itself, or has left
         the phase that failed (False)."""
         last, still_since = self.heartbeat, time.monotonic()
         while not self.closed.is_set():
-            if self.claim.locked() or (phase is not None and (phase.done or phase not in (self.phase, self.previous))):
+            if self.reporting.locked() or (phase is not None and (phase.done or phase not in (self.phase, self.previous))):
                 return False
             now = time.monotonic()
             if self.heartbeat != last or self.free:
@@ -247,7 +247,7 @@ class Channel:
                 return
             if message is None or not self._stuck(phase) or self.closed.is_set():
                 continue
-            if not self.claim.acquire(blocking=False):
+            if not self.reporting.acquire(blocking=False):
                 continue
             try:
                 if phase is not None:
@@ -328,7 +328,7 @@ class FailureWatch:
         if isinstance(error, SandboxError) and error.shared:  # every process raised it together: in step
             self.done = True
             raise error
-        owner.claim.acquire()  # if the watcher holds it, it is ending this process already
+        owner.reporting.acquire()  # if the watcher holds it, it is ending this process already
         entry = self.entry(error)
         try:
             self.record(entry)
@@ -344,7 +344,7 @@ class FailureWatch:
             message, failed, stopped = self.message(entry), 0, 1
         finally:
             self.done = True
-            owner.claim.release()  # in step again (or ending): the watcher may act on a later failure
+            owner.reporting.release()  # in step again (or ending): the watcher may act on a later failure
         if stopped or failed < owner.world_size:
             raise ProcessGroupLost(message) from error
         raise shared_error(message) from error
@@ -418,7 +418,7 @@ def _install_excepthook() -> None:
 def release_claims() -> None:
     """Give back the run claims this process still holds (``os._exit`` skips the context managers
     that would): after the exit hooks, so that a run is taken over only once its files are whole."""
-    claims = sys.modules.get("sandbox.analysis.claims")
+    claims = sys.modules.get("sandbox.sweep.claims")
     for keeper in list(getattr(claims, "_HELD", ())):
         try:
             keeper.release()
@@ -441,7 +441,7 @@ def exit_together(exit_code: int, message: str | None = None) -> NoReturn:
     sys.stderr.flush()
     owner = _channel
     if owner is not None and threading.current_thread() is not owner.watcher:
-        if not owner.claim.acquire(blocking=False):  # the watcher is ending this process
+        if not owner.reporting.acquire(blocking=False):  # the watcher is ending this process
             while True:
                 time.sleep(1)
     if owner is not None:

@@ -1,4 +1,8 @@
-"""The run directory: resolved recipe, metrics.jsonl, summary.json, weights and checkpoints."""
+"""The run directory: resolved recipe, metrics.jsonl, summary.json, weights and checkpoints.
+
+Importing this module imports no torch (``sandbox ablate --list`` reads run directories): the
+functions that need it (:func:`atomic_torch_save`, checkpoint verification) import it when called.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,15 @@ import shutil
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator
 
 from sandbox.atomic_files import remove_temporaries, write_atomically
 from sandbox.errors import SandboxError
-from sandbox.recipe import Recipe
 from sandbox.renamed_values import with_current_names
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, is_claim_file
+
+if TYPE_CHECKING:
+    from sandbox.recipe import Recipe
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -26,6 +30,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` whole or not at all, flushed to disk."""
+    import torch
+
     write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
@@ -60,6 +66,7 @@ def _is_decoding_failure(error: BaseException) -> bool:
     """
     import pickle
 
+    import torch
     from safetensors import SafetensorError
 
     if isinstance(error, (pickle.UnpicklingError, EOFError, SafetensorError)):
@@ -105,7 +112,7 @@ _GUARDS: dict[str, Callable[[], None]] = {}
 @contextmanager
 def guarded_writes(path: Path, guard: Callable[[], None] | None) -> Iterator[None]:
     """While active, every :class:`RunDirectory` of ``path`` in this process calls ``guard`` before each
-    write (the claim holder's fence, :meth:`sandbox.analysis.claims.ClaimKeeper.check`); None: no guard."""
+    write (the claim holder's fence, :meth:`sandbox.sweep.claims.ClaimKeeper.check`); None: no guard."""
     if guard is None:
         yield
         return
@@ -237,7 +244,7 @@ def unwritable(path: Path, error: OSError) -> SandboxError:
 
 def remove_all(content: list[Path]) -> None:
     """Delete these files and folders of a run directory (``--overwrite`` keeps only a claim: the
-    ``sandbox ablate`` process about to train there holds it; see :mod:`sandbox.analysis.claims`)."""
+    ``sandbox ablate`` process about to train there holds it; see :mod:`sandbox.sweep.claims`)."""
     for entry in content:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

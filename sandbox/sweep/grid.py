@@ -1,11 +1,14 @@
-"""Ablation grids: parse ``--grid KEY=V1,V2,...`` and ``--seeds``, expand the combinations, plan runs.
+"""Ablation grids: parse ``--grid KEY=V1,V2,...`` and ``--seeds``, expand the combinations, name their folders.
 
 A combination is one value per grid key, applied as ``--set`` overrides after the user's own.
 Component ``name`` keys are applied first, so that a plugin's options land on the plugin the
 combination chose. An option the chosen plugin does not take (``perturbation.eps`` for
 ``perturbation.name=none``) is dropped from that combination, and combinations that become
 identical run once. Each combination trains into ``<folder>/<label>/seed<k>/`` where the label
-is ``key=value,...``.
+is ``key=value,...`` and the folder is :func:`ablation_folder`.
+
+The plugin registry (its plugins import torch) is loaded only when a grid option must be checked
+against the plugin a combination chose: a grid of component names alone is expanded without it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Callable
 
 from sandbox.errors import SandboxError
 from sandbox.recipe import MAX_SEED, load_recipe
-from sandbox.registry import Registry
-from sandbox.train.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from sandbox.recipe import Recipe
+    from sandbox.registry import Registry
+
+ABLATIONS_FOLDER = "ablations"
+"""Default home of sweeps, inside the recipe's ``output_dir``."""
 
 PROTECTED_KEYS = frozenset({"seed", "name", "output_dir"})
 """Keys the sweep sets itself (``--seeds`` sets the seed)."""
@@ -32,9 +40,6 @@ UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
 
 _OPENING, _CLOSING, _QUOTES = "[{", "]}", "\"'"
 
-Action = Literal["skip", "resume", "start"]
-"""What a sweep does with one run directory (see :func:`plan`)."""
-
 
 @dataclass(frozen=True)
 class Axis:
@@ -42,6 +47,11 @@ class Axis:
 
     key: str
     values: tuple[str, ...]
+
+
+def ablation_folder(recipe: Recipe, output: Path | None) -> Path:
+    """``<output or output_dir/ablations>/<recipe name>``."""
+    return (output or Path(recipe.output_dir) / ABLATIONS_FOLDER) / recipe.name
 
 
 def split_values(text: str) -> list[str]:
@@ -120,9 +130,12 @@ def expand(axes: list[Axis]) -> list[Combination]:
 
 
 def drop_inapplicable(
-    recipe_path: Path, overrides: list[str], combination: Combination, registry: Registry
+    recipe_path: Path, overrides: list[str], combination: Combination, registry: Callable[[], Registry]
 ) -> tuple[Combination, list[str]]:
-    """The combination without options that its chosen plugins do not take, and a note for each."""
+    """The combination without options that its chosen plugins do not take, and a note for each.
+
+    ``registry`` gives the plugin registry; it is called only for a combination that sets an option.
+    """
     names = [f"{key}={value}" for key, value in combination.settings if key.endswith(".name")]
     try:
         specs = load_recipe(recipe_path, [*overrides, *names]).component_specs()
@@ -133,8 +146,9 @@ def drop_inapplicable(
         table, _, option = key.rpartition(".")
         if table in specs and option != "name":
             kind, spec = specs[table]
+            components = registry()  # outside the try: a plugin that fails to load is an error here
             try:
-                accepted = registry.get(kind, spec.name).option_names()
+                accepted = components.get(kind, spec.name).option_names()
             except SandboxError:
                 accepted = [option]  # an unknown plugin: the run reports it
             if option not in accepted:
@@ -144,7 +158,9 @@ def drop_inapplicable(
     return Combination(tuple(kept)), notes
 
 
-def unused_reason(recipe_path: Path, overrides: list[str], axes: list[Axis], key: str, registry: Registry) -> str:
+def unused_reason(
+    recipe_path: Path, overrides: list[str], axes: list[Axis], key: str, registry: Callable[[], Registry]
+) -> str:
     """Why no combination takes the option ``key``: the plugins the grid chooses and their options."""
     table, _, option = key.rpartition(".")
     names = [axis for axis in axes if axis.key == f"{table}.name"]
@@ -152,18 +168,20 @@ def unused_reason(recipe_path: Path, overrides: list[str], axes: list[Axis], key
     described = []
     for choice in choices:
         kind, spec = load_recipe(recipe_path, [*overrides, *choice]).component_specs()[table]
-        valid = ", ".join(registry.get(kind, spec.name).option_names()) or "none"
+        valid = ", ".join(registry().get(kind, spec.name).option_names()) or "none"
         described.append(f"{kind} {spec.name!r} (valid options: {valid})")
     return f"unknown option {option!r} for " + "; ".join(dict.fromkeys(described))
 
 
 def applicable_combinations(
-    recipe_path: Path, overrides: list[str], axes: list[Axis], registry: Registry
+    recipe_path: Path, overrides: list[str], axes: list[Axis], registry: Callable[[], Registry]
 ) -> tuple[list[Combination], list[str]]:
     """:func:`expand`, minus inapplicable options, each distinct combination once; plus the notes.
 
     An option that no combination's plugin takes (a typo: ``--grid perturbation.epz=1,2``) is an
     error, as it is in ``--set``; one that only some take is dropped from the others, with a note.
+    ``registry`` gives the plugin registry (called only when a grid option must be checked; it
+    may be called more than once, so it should return a cached registry).
     """
     combinations: dict[Combination, None] = {}
     notes: dict[str, None] = {}
@@ -182,11 +200,3 @@ def applicable_combinations(
         raise SandboxError(f"--grid: two combinations share the folder name {clashes[0]!r}; use simpler values")
     return list(combinations), list(notes)
 
-
-def plan(run_dir: RunDirectory) -> Action:
-    """``skip`` a finished run, ``resume`` one with a complete checkpoint, ``start`` others afresh."""
-    if run_dir.summary_file.is_file():
-        return "skip"
-    if run_dir.recipe_file.is_file() and run_dir.latest_checkpoint() is not None:
-        return "resume"
-    return "start"

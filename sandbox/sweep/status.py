@@ -11,17 +11,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbox.analysis.claims import claim_path, read_claim
 from sandbox.analysis.runs import read_run
-from sandbox.analysis.shards import shard_of
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE
+from sandbox.sweep.claims import claim_path, read_claim
+from sandbox.sweep.shards import shard_of
 from sandbox.train.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from sandbox.sweep.grid import Combination
 
 RunState = Literal["done", "running", "stale claim", "failed", "partial", "to do"]
 """The state of one run of a sweep (see the module docstring)."""
@@ -92,3 +95,12 @@ def print_status(statuses: list[RunStatus], shard_count: int | None, console: Co
         table.add_row(str(status.position), Text(status.label), str(status.seed), *shard, state, Text(status.detail))
     console.print(table)
     console.print(counts(statuses))
+
+
+def sweep_statuses(jobs: list[tuple[Combination, int]], folder: Path) -> list[RunStatus]:
+    """The state of every run of a sweep (its combinations x seeds, in order) inside ``folder``."""
+    statuses = []
+    for position, (combination, seed) in enumerate(jobs):
+        path = folder / combination.label / f"seed{seed}"
+        statuses.append(RunStatus(position, combination.label, seed, path, *run_state(path)))
+    return statuses
