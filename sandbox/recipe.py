@@ -296,6 +296,14 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output_dir(cls, value: str) -> str:
+        parts = value.replace("\\", "/").split("/")
+        if not value.strip() or value.startswith(("/", "\\")) or ".." in parts:
+            raise ValueError("expected a run name inside output_dir (not empty, not absolute, no '..')")
+        return value
+
     @model_validator(mode="after")
     def _windows_overlap(self) -> "Recipe":
         source = "eval.crop_size" if self.eval.crop_size else "train.crop_size"  # predict's crop without eval's

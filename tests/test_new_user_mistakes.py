@@ -89,6 +89,9 @@ def test_help_and_no_arguments_still_print_the_help(capsys: pytest.CaptureFixtur
         ("train.scale_range=[2.0, 1.0]", "train.scale_range = [2.0, 1.0]: expected [min, max] scale factors with 0 < min <= max"),
         ("train.scale_range=[-1.0, 2.0]", "train.scale_range = [-1.0, 2.0]: expected [min, max]"),
         ("eval.stride=40", "eval.stride (40) > train.crop_size (32): sliding windows that far apart leave the pixels"),
+        ("name=../../elsewhere", "name = '../../elsewhere': expected a run name inside output_dir"),
+        ("name=/tmp/x", "name = '/tmp/x': expected a run name inside output_dir"),
+        ("name=", "name = '': expected a run name inside output_dir"),
     ],
 )
 def test_a_recipe_value_out_of_its_domain_is_named(
