@@ -27,6 +27,7 @@ from sandbox.train.builder import MethodComponents, build_dataset, build_method,
 from sandbox.train.rundir import RunDirectory, checkpointed_file
 from sandbox.train.student_pass import PREFIX, StudentPass
 from sandbox.train.weights import apply_weights, load_weights
+from sandbox.weights_files import read_weights_file
 
 STUDENT_FILES = ("model.safetensors", "pytorch_model.bin")
 """The student's file in a checkpoint folder (Accelerate's names, safetensors by default)."""
@@ -55,15 +56,12 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
-    """A state dict saved by ``torch.save`` or safetensors; an unreadable file is a one-line error."""
+    """A state dict saved by ``torch.save`` or safetensors (:func:`~sandbox.weights_files.read_weights_file`);
+    an unreadable or missing file is a one-line error."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any decoding failure is the file's
-        raise SandboxError(f"checkpoint file {path} could not be read: {type(error).__name__}: {error}") from None
+        return read_weights_file(path, "checkpoint file")
+    except (ValueError, FileNotFoundError) as error:
+        raise SandboxError(str(error)) from None
 
 
 def student_state(folder: Path) -> tuple[dict[str, Tensor], Path]:

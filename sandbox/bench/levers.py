@@ -23,6 +23,9 @@ from sandbox.registry import Registry
 EAGER_FP32: dict[str, Any] = {"channels_last": False, "compile": False, "mixed_precision": "no", "optimizer_impl": "default"}
 """The baseline row's ``[train]`` keys: every lever off."""
 
+BASELINE = "eager"
+"""The short name of the eager float32 row, which every table holds (the ratios are to it)."""
+
 
 @dataclass
 class Lever:
@@ -64,10 +67,6 @@ def levers_for(device: torch.device) -> list[Lever]:
     together = {"channels_last": True, "compile": True, "mixed_precision": precisions[-1], "optimizer_impl": "fused"}
     rows.append(Lever("all", f"all: channels_last, compile, {precisions[-1]}, fused", together))
     return rows
-
-
-BASELINE = "eager"
-"""The short name of the eager float32 row, which every table holds (the ratios are to it)."""
 
 
 def chosen_levers(device: torch.device, only: list[str] | None) -> list[Lever]:

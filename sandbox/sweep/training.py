@@ -17,7 +17,6 @@ from rich.console import Console
 
 from sandbox.analysis.runs import write_failure
 from sandbox.errors import SandboxError
-from sandbox.renamed_values import with_current_names
 from sandbox.run_files import FAILED_MARKER
 
 if TYPE_CHECKING:
@@ -76,12 +75,11 @@ def train_one(
 
 def stale_note(run_dir: RunDirectory, recipe: Recipe) -> str:
     """A warning when a finished run was trained with another recipe than the sweep asks for now."""
-    from sandbox.train.rundir import differing_keys
+    from sandbox.train.rundir import recipe_difference
 
-    saved = with_current_names(run_dir.recipe_file.read_text()) if run_dir.recipe_file.is_file() else ""
-    if saved and saved == recipe.as_saved_in(saved):
-        return ""
-    return f" (NOTE: trained with a different recipe: {differing_keys(saved, recipe)}; kept; use another --output to retrain)"
+    saved = run_dir.recipe_file.read_text() if run_dir.recipe_file.is_file() else ""
+    difference = recipe_difference(saved, recipe)
+    return f" (NOTE: trained with a different recipe: {difference}; kept; use another --output to retrain)" if difference else ""
 
 
 def finished_note(

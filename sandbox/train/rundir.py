@@ -158,10 +158,10 @@ class RunDirectory:
         if resume:
             if not self.recipe_file.is_file():
                 raise SandboxError(f"--resume: {self.path} holds no run to resume; run without --resume")
-            saved = with_current_names(self.recipe_file.read_text())
-            if saved != recipe.as_saved_in(saved):
+            difference = recipe_difference(self.recipe_file.read_text(), recipe)
+            if difference:
                 raise SandboxError(
-                    f"--resume: the recipe differs from {self.recipe_file} in {differing_keys(saved, recipe)}; "
+                    f"--resume: the recipe differs from {self.recipe_file} in {difference}; "
                     f"resume with that file or start a new run (--set name=... or --overwrite)"
                 )
             return
@@ -252,9 +252,16 @@ def remove_all(content: list[Path]) -> None:
             entry.unlink(missing_ok=True)
 
 
+def recipe_difference(saved_toml: str, recipe: Recipe) -> str:
+    """``""`` when ``recipe`` is a run's saved recipe ``saved_toml`` (old option values renamed, the
+    tables the run left out ignored), else the keys that differ (:func:`differing_keys`)."""
+    saved = with_current_names(saved_toml)
+    return "" if saved == recipe.as_saved_in(saved) else differing_keys(saved, recipe)
+
+
 def differing_keys(saved_toml: str, recipe: Recipe) -> str:
-    """Comma-separated dotted keys whose values differ between a saved recipe and ``recipe``."""
-    saved_toml = with_current_names(saved_toml)
+    """Comma-separated dotted keys whose values differ between a saved recipe (its option values in
+    their current names: see :func:`recipe_difference`) and ``recipe``."""
     old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.as_saved_in(saved_toml)))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return ", ".join(keys) or "formatting"

@@ -335,10 +335,8 @@ class SemiSupervisedStep:
             perturb_at=settings.perturb_at,
         )
         offset = labeled.images.shape[0] if by_teacher else 0
-        by_view: list[Tensor] = [out.logits] * len(views)
-        for index, view_index in enumerate([*range(1, len(views)), 0]):
-            start = offset + index * count
-            by_view[view_index] = out.logits[start : start + count]
+        chunks = out.logits[offset : offset + len(views) * count].split(count)  # views 1.., then view 0
+        by_view = [chunks[-1], *chunks[:-1]]
         first = out if by_teacher else labels.student_out
         perturbed = labels.student_out.perturbed_logits if (not by_teacher and weak_perturbed) else out.perturbed_logits
         return StudentLogits(first.logits[: labeled.images.shape[0]], by_view, perturbed)
