@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from light_imports import run_without_heavy_imports
 from sandbox.analysis.runs import FAILED_MARKER
 from sandbox.cli import main
 from sandbox.errors import SandboxError
@@ -19,7 +17,6 @@ from sandbox.sweep.grid import applicable_combinations, expand, parse_grid, pars
 from sandbox.train.rundir import RunDirectory
 
 SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
-ROOT = Path(__file__).parent.parent
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -93,20 +90,9 @@ def test_list_imports_no_torch_accelerate_or_matplotlib(tiny_recipe: Path) -> No
 
     (A grid that sets a plugin option loads the registry, and with it torch, to check the option.)
     """
-    script = textwrap.dedent(
-        f"""
-        import sys
-        from sandbox.cli import main
-
-        try:
-            main(["ablate", {str(tiny_recipe)!r}, "--grid", "perturbation.name=none,dropout", "--seeds", "0", "--list"])
-        except SystemExit as exit:
-            assert not exit.code, exit.code
-        heavy = {{"torch", "accelerate", "matplotlib"}} & {{name.split(".")[0] for name in sys.modules}}
-        assert not heavy, sorted(heavy)
-        """
+    result = run_without_heavy_imports(
+        [["ablate", str(tiny_recipe), "--grid", "perturbation.name=none,dropout", "--seeds", "0", "--list"]]
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "perturbation.name=dropout" in result.stdout and "2 runs: 2 to do" in result.stdout
     assert "2 combinations x 1 seeds = 2 runs" in result.stderr

@@ -8,15 +8,13 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
 
+from light_imports import run_without_heavy_imports
 from sandbox.run_files import flatten_keys
 from sandbox.analysis.compare import compare_runs
 from sandbox.analysis.report import print_table
@@ -24,7 +22,6 @@ from sandbox.analysis.runs import FAILED_MARKER, find_runs
 from sandbox.cli import main
 from sandbox.recipe import Recipe
 
-ROOT = Path(__file__).parent.parent
 
 SCORES = {
     ("ddfp", 2.0): [0.61, 0.64, 0.60],
@@ -304,20 +301,8 @@ def test_recipe_keys_flatten_to_dotted_names() -> None:
 
 
 def test_compare_imports_no_torch_accelerate_or_matplotlib(ablation: Path) -> None:
-    script = textwrap.dedent(
-        f"""
-        import sys
-        from sandbox.cli import main
-
-        for output in ("table", "md", "csv", "latex", "json"):
-            try:
-                main(["compare", {str(ablation)!r}, "--format", output])
-            except SystemExit as exit:
-                assert not exit.code, exit.code
-        heavy = {{"torch", "accelerate", "matplotlib"}} & {{name.split(".")[0] for name in sys.modules}}
-        assert not heavy, sorted(heavy)
-        """
+    result = run_without_heavy_imports(
+        [["compare", str(ablation), "--format", output] for output in ("table", "md", "csv", "latex", "json")]
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ddfp" in result.stdout and "\\begin{tabular}" in result.stdout
