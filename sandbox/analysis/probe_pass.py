@@ -33,11 +33,11 @@ from sandbox.analysis.probe import (
     spread,
 )
 from sandbox.analysis.probe_models import ProbedRun
-from sandbox.api import ClassifierOutput, DualBatchNorm2d, PerturbFn, upsample
+from sandbox.api import ClassifierOutput, PerturbFn, upsample
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.step import SemiSupervisedStep, resize_mask
-from sandbox.train.student_pass import classify
+from sandbox.train.student_pass import classify, dual_norms
 
 Classify = Callable[[Tensor], ClassifierOutput]
 
@@ -91,7 +91,7 @@ def pseudo_label_probs(run: ProbedRun, settings: TrainSection, images: Tensor) -
 
 def uses_mix_bn(run: ProbedRun) -> bool:
     """Whether the student's classifier has auxiliary BatchNorm statistics (Mix BN)."""
-    return any(isinstance(module, DualBatchNorm2d) for module in run.student.network.classifier.modules())
+    return bool(dual_norms(run.student.network.classifier))
 
 
 def perturbed_features(

@@ -38,9 +38,6 @@ from rich.text import Text
 from sandbox.analysis.compare import Comparison, Duplicate, Group, format_value
 from sandbox.analysis.paired import CONFIDENCE_LEVEL, PairedDelta
 
-FORMATS = ("table", "md", "csv", "latex", "json")
-"""Output formats of ``sandbox compare``."""
-
 HUMAN_FORMATS = ("table", "md", "latex")
 """Formats that list the runs left out below the table (the others write them to stderr)."""
 

@@ -29,11 +29,16 @@ from sandbox.api import (
 PREFIX = "network."
 
 
+def dual_norms(classifier: nn.Module) -> list[DualBatchNorm2d]:
+    """The :class:`DualBatchNorm2d` layers of ``classifier`` (none without Mix BN)."""
+    return [module for module in classifier.modules() if isinstance(module, DualBatchNorm2d)]
+
+
 @contextmanager
 def auxiliary_statistics(classifier: nn.Module) -> Iterator[None]:
     """Within this context the :class:`DualBatchNorm2d` layers of ``classifier`` normalise with
     their auxiliary statistics and affine parameters (Mix BN: the perturbed view's own)."""
-    norms = [m for m in classifier.modules() if isinstance(m, DualBatchNorm2d)]
+    norms = dual_norms(classifier)
     for norm in norms:
         norm.use_auxiliary = True
     try:
@@ -59,7 +64,7 @@ def auxiliary_tie(classifier: nn.Module) -> Tensor | float:
     Without a perturbed view they would get no gradient, and DistributedDataParallel would
     need ``find_unused_parameters`` (a graph walk every step) to tolerate that.
     """
-    auxiliary = [p for m in classifier.modules() if isinstance(m, DualBatchNorm2d) for p in m.auxiliary.parameters()]
+    auxiliary = [p for norm in dual_norms(classifier) for p in norm.auxiliary.parameters()]
     return sum(p.sum() for p in auxiliary) * 0.0 if auxiliary else 0.0
 
 
@@ -129,7 +134,7 @@ class StudentPass(nn.Module):
             return classify(network, network.decode(maps)), None
         count = images.shape[0]
         decoded = network.decode([torch.cat([m, p]) for m, p in zip(maps, perturbed)])
-        if any(isinstance(m, DualBatchNorm2d) for m in network.classifier.modules()):  # Mix BN: own statistics
+        if dual_norms(network.classifier):  # Mix BN: own statistics
             return classify(network, decoded[:count]), classify(network, decoded[count:][-num_perturbed:], auxiliary=True)
         both = classify(network, decoded)  # one pass over clean and perturbed features, as UniMatch
         return (
