@@ -35,7 +35,8 @@ class PluginHost:
     manager: pluggy.PluginManager
     providers: dict[int, str] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
-    """Installed plugins that failed to import: ``{"package:entry point": error}``."""
+    """Installed plugins that failed to import or define hooks that are never called:
+    ``{"package version (entry point)": "failed to import: ..." or the hook problems}``."""
 
     def provider_of(self, plugin: object) -> str:
         """``"package version"`` for installed plugins, the module name otherwise."""
@@ -87,11 +88,14 @@ def make_plugin_host(extra_plugins: Iterable[str] = ()) -> PluginHost:
         try:
             plugin = entry_point.load()
         except Exception as error:  # one broken package must not break the others
-            host.broken[f"{provider} ({entry_point.name} = {entry_point.value})"] = f"{type(error).__name__}: {error}"
+            host.broken[f"{provider} ({entry_point.name} = {entry_point.value})"] = f"failed to import: {type(error).__name__}: {error}"
             continue
         if not manager.is_registered(plugin):
             manager.register(plugin, name=f"{provider.split()[0]}:{entry_point.name}")
             host.providers[id(plugin)] = provider
+            problems = hook_problems(manager, plugin)
+            if problems:  # the package's valid hooks still count; what it meant to register is reported
+                host.broken[f"{provider} ({entry_point.name} = {entry_point.value})"] = "; ".join(problems)
     for spec in extra_plugins:
         module = import_plugin_module(spec)
         if not manager.is_registered(module):
@@ -100,19 +104,27 @@ def make_plugin_host(extra_plugins: Iterable[str] = ()) -> PluginHost:
     return host
 
 
-def check_hooks(manager: pluggy.PluginManager, module: ModuleType, spec: str) -> None:
-    """A hook of a ``--plugin`` (or recipe ``plugins``) module that would never be called is an error:
-    a misspelled hook name, or a function named like a hook but not marked ``@hookimpl``."""
+def hook_problems(manager: pluggy.PluginManager, plugin: object) -> list[str]:
+    """The hooks of a registered ``plugin`` that would never be called: a misspelled hook name, or a
+    function of the plugin module named like a hook but not marked ``@hookimpl``."""
     hooks = ", ".join(sorted(name for name in dir(hookspecs) if name.startswith("sandbox_")))
-    for caller in manager.get_hookcallers(module) or []:
-        if caller.spec is None:
-            raise SandboxError(f"plugin {spec}: {caller.name} is no sandbox hook; the hooks are: {hooks}")
-    for name, value in vars(module).items():
-        defined_here = inspect.isfunction(value) and value.__module__ == module.__name__
-        if defined_here and name.startswith("sandbox_") and not hasattr(value, f"{PROJECT_NAME}_impl"):
-            raise SandboxError(
-                f"plugin {spec}: {name} is not marked @hookimpl (from sandbox.api), so it would never be called"
-            )
+    problems = [
+        f"{caller.name} is no sandbox hook; the hooks are: {hooks}"
+        for caller in manager.get_hookcallers(plugin) or [] if caller.spec is None
+    ]
+    if isinstance(plugin, ModuleType):
+        for name, value in vars(plugin).items():
+            defined_here = inspect.isfunction(value) and value.__module__ == plugin.__name__
+            if defined_here and name.startswith("sandbox_") and not hasattr(value, f"{PROJECT_NAME}_impl"):
+                problems.append(f"{name} is not marked @hookimpl (from sandbox.api), so it would never be called")
+    return problems
+
+
+def check_hooks(manager: pluggy.PluginManager, module: ModuleType, spec: str) -> None:
+    """The first of :func:`hook_problems` of a ``--plugin`` (or recipe ``plugins``) module, as an error."""
+    problems = hook_problems(manager, module)
+    if problems:
+        raise SandboxError(f"plugin {spec}: {problems[0]}")
 
 
 def build_registry(host: PluginHost) -> Registry:

@@ -145,7 +145,7 @@ class Registry:
     def __init__(self, broken: dict[str, str] | None = None) -> None:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         self.broken = dict(broken or {})
-        """Installed plugins that failed to import (named in unknown-name errors)."""
+        """Installed plugins that failed to import or have hooks never called (named in unknown-name errors)."""
 
     def add(self, kind: str, name: str, factory: Callable[..., Any], description: str | None, provider: str) -> None:
         """Record a component; a name taken in the same kind is an error naming both providers."""
@@ -171,10 +171,10 @@ class Registry:
             raise SandboxError(f"unknown {kind} {name!r}; registered {kind} plugins: {known}{self.broken_note()}") from None
 
     def broken_note(self) -> str:
-        """A sentence naming the plugins that failed to import, or an empty string."""
+        """A sentence naming the broken plugins and what is wrong with each, or an empty string."""
         if not self.broken:
             return ""
-        return "; plugins that failed to import: " + ", ".join(f"{name}: {error}" for name, error in self.broken.items())
+        return "; broken plugins: " + ", ".join(f"{name}: {error}" for name, error in self.broken.items())
 
     def names(self, kind: str) -> list[str]:
         """Registered names of ``kind``, sorted."""

@@ -38,6 +38,14 @@ def test_grid_values_split_outside_brackets_and_quotes() -> None:
         parse_seeds("0,one")
 
 
+def test_a_value_or_seed_listed_twice_is_an_error_not_a_silently_shorter_sweep() -> None:
+    with pytest.raises(SandboxError, match=r"--seeds '0,1,0': seed 0 is listed twice"):
+        parse_seeds("0,1,0")
+    with pytest.raises(SandboxError, match=r"--grid 'perturbation.eps=2,4,2': the value 2 is listed twice"):
+        parse_grid("perturbation.eps=2,4,2")
+    assert parse_grid("perturbation.eps=2,2.0").values == ("2", "2.0"), "spellings differ: the recipe check decides"
+
+
 def test_component_names_apply_first() -> None:
     combinations = expand([parse_grid("perturbation.eps=2,4"), parse_grid("perturbation.name=ddfp,none")])
     assert [c.label for c in combinations] == [

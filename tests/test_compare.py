@@ -181,7 +181,7 @@ def test_json_is_a_list_of_rows(ablation: Path, capsys: pytest.CaptureFixture) -
 
 def test_latex_is_a_booktabs_tabular(ablation: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["compare", str(ablation), "--format", "latex"], capsys)
-    assert code == 0 and out.startswith("\\begin{tabular}{llrrrrrrr}")  # best, final, n, Δ, paired Δ, pairs, CI
+    assert code == 0 and out.startswith("\\begin{tabular}{llrrrrrrrr}")  # best, final, n, Δ, paired Δ, pairs, CI, by seed
     body = out.split("\\midrule\n")[1].split("\\bottomrule")[0].strip().splitlines()
     assert len(body) == len(SCORES) and all(line.endswith("\\\\") for line in body)
     assert "\\toprule" in out and "\\end{tabular}" in out and "best\\_miou (\\%)" in out

@@ -127,14 +127,15 @@ def test_markdown_shows_final_next_to_best_and_the_paired_columns(paired_runs: P
     lines = out.splitlines()
     assert code == 0
     assert lines[0] == (
-        "| perturbation.name | best_miou (%) | final_miou (%) | n | Δ (pp) | paired Δ (pp) | pairs | 95% CI (pp) | notes |"
+        "| perturbation.name | best_miou (%) | final_miou (%) | n | Δ (pp) | paired Δ (pp) | pairs | 95% CI (pp) | Δ by seed (pp) | notes |"
     )
     ddfp, dropout, none = (line.strip("| ").replace("**", "").split(" | ") for line in lines[2:5])
     assert ddfp[1:7] == ["60.50 ± 6.56", "59.50 ± 6.56", "4", "+8.50", "+5.33 ± 0.58", "3"]
-    assert ddfp[7] == "[+3.90, +6.77]" and "CI excludes 0" in ddfp[8] and "seeds not in baseline: 3" in ddfp[8]
-    assert dropout[5:8] == ["+1.00 ± -", "1", "-"] and "baseline seeds missing: 1, 2" in dropout[8]
-    assert "CI excludes 0" not in dropout[8]
-    assert none[5:8] == ["-", "-", "-"] and none[8].startswith("baseline")
+    assert ddfp[7] == "[+3.90, +6.77]" and ddfp[8] == "0: +5.00, 1: +6.00, 2: +5.00"
+    assert "CI excludes 0" in ddfp[9] and "seeds not in baseline: 3" in ddfp[9]
+    assert dropout[5:9] == ["+1.00 ± -", "1", "-", "0: +1.00"] and "baseline seeds missing: 1, 2" in dropout[9]
+    assert "CI excludes 0" not in dropout[9]
+    assert none[5:9] == ["-", "-", "-", "-"] and none[9].startswith("baseline")
 
 
 def test_final_metric_puts_final_first_and_best_beside_it(paired_runs: Path, capsys: pytest.CaptureFixture) -> None:
@@ -157,8 +158,8 @@ def test_every_format_shows_both_values_and_the_interval(paired_runs: Path, outp
     elif output == "json":
         assert json.loads(out)[0]["secondary"]["metric"] == "final_miou"
     elif output == "latex":
-        assert out.startswith("\\begin{tabular}{lrrrrrrr}") and "final\\_miou (\\%)" in out and "95\\% CI (pp)" in out
-        assert out.splitlines()[4].endswith("[+3.90, +6.77]$^*$} \\\\") and "% $^*$: the 95\\% CI of the paired $\\Delta$ excludes 0" in out
+        assert out.startswith("\\begin{tabular}{lrrrrrrrr}") and "final\\_miou (\\%)" in out and "95\\% CI (pp)" in out
+        assert out.splitlines()[4].endswith("[+3.90, +6.77]$^*$} & \\textbf{0: +5.00, 1: +6.00, 2: +5.00} \\\\") and "% $^*$: the 95\\% CI of the paired $\\Delta$ excludes 0" in out
         assert "% perturbation.name=dropout: seeds not in baseline: 5; baseline seeds missing: 1, 2" in out
     else:
         assert "final_miou (%)" in out and "95% CI (pp)" in out and "59.50 ± 6.56" in out and "+5.33 ± 0.58" in out
@@ -170,7 +171,7 @@ def test_a_value_no_run_has_gets_no_column(tmp_path: Path, capsys: pytest.Captur
         (path / "summary.json").write_text(json.dumps({"seed": 0, "best_miou": score}))  # an old summary: no final
     code, out, _ = run_cli(["compare", str(tmp_path), "--format", "md"], capsys)
     assert code == 0 and "final_miou" not in out.splitlines()[0]
-    assert out.splitlines()[2] == "| **ddfp** | **60.00 ± -** | **1** | **+10.00** | **+10.00 ± -** | **1** | **-** | **best** |"
+    assert out.splitlines()[2] == "| **ddfp** | **60.00 ± -** | **1** | **+10.00** | **+10.00 ± -** | **1** | **-** | **0: +10.00** | **best** |"
 
 
 def test_a_group_whose_run_lacks_the_value_shows_a_dash(paired_runs: Path, capsys: pytest.CaptureFixture) -> None:

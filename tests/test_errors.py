@@ -354,6 +354,47 @@ def test_a_broken_installed_plugin_never_breaks_the_others(
     assert "unknown perturbation" in err and "failed to import" in err and "needs libfoo" in err
 
 
+INSTALLED_PLUGIN_WITH_A_MISSPELLED_HOOK = """
+from sandbox.api import hookimpl
+
+@hookimpl
+def sandbox_register_perturbations(register):
+    register("shake_ok", lambda **options: None, "works")
+
+@hookimpl
+def sandbox_register_perturbatons(register):
+    register("shake", lambda **options: None, "never registered: the hook name is misspelled")
+
+def sandbox_register_consistency_losses(register):
+    register("shaky", lambda **options: None, "never registered: no @hookimpl")
+"""
+
+
+def test_an_installed_plugin_with_hooks_never_called_is_reported_and_the_rest_still_works(
+    tmp_path: Path, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "misspelled_plugin_xyz.py").write_text(INSTALLED_PLUGIN_WITH_A_MISSPELLED_HOOK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = importlib.metadata.distributions
+    fake = FakeDistribution("misspelled_plugin_xyz", name="misspelled-plugin", version="0.2")
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [*real(), fake])
+    monkeypatch.setenv("COLUMNS", "1000")  # the problems in one table line each
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plugins"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and " shake_ok " in out, "the package's valid hook still registers"
+    assert "misspelled-plugin 0.2" in out and "sandbox_register_perturbatons is no sandbox hook" in out
+    assert "sandbox_register_consistency_losses is not marked @hookimpl" in out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipe", "show", str(tiny_recipe), "--set", "perturbation.name=shake"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "name = 'shake': unknown perturbation" in err and "broken plugins: misspelled-plugin 0.2" in err
+    assert "sandbox_register_perturbatons is no sandbox hook" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 applies on a GPU")
 def test_fp16_on_a_cpu_is_a_warning_and_the_summary_says_float32(
     tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture

@@ -7,7 +7,8 @@ group has it for all its runs, ``-`` for a group one of whose runs lacks it), n,
 the means to the baseline (Δ), and the paired Δ (:mod:`sandbox.analysis.paired`): mean ± sample
 std of the per-seed differences to the baseline run of the same seed, the number of pairs and the
 95% Student-t confidence interval of the paired mean (``-`` where undefined: the baseline itself,
-or a single pair). A key column shows ``-`` for a group whose recipes lack the key.
+or a single pair), and each pair's difference (``Δ by seed``, ``SEED: points``). A key column
+shows ``-`` for a group whose recipes lack the key.
 
 Human formats (``table``, ``md``, ``latex``) show percent with two decimals and differences in
 signed percentage points; the notes say ``best``, ``baseline``, ``unequal seeds``, when the
@@ -43,6 +44,9 @@ HUMAN_FORMATS = ("table", "md", "latex")
 
 INTERVAL_TITLE = f"{100 * CONFIDENCE_LEVEL:g}% CI (pp)"
 """Column title of the confidence interval of the paired Δ."""
+
+BY_SEED_TITLE = "Δ by seed (pp)"
+"""Column title of the per-seed differences to the baseline (``SEED: points``)."""
 
 
 # --- statistics and cells ----------------------------------------------------------------------
@@ -88,6 +92,13 @@ def interval_cell(paired: PairedDelta | None) -> str:
     """``[low, high]`` in signed points; ``-`` where the interval is undefined."""
     interval = None if paired is None else paired.interval
     return "-" if interval is None else f"[{signed_points(interval[0])}, {signed_points(interval[1])}]"
+
+
+def by_seed_cell(paired: PairedDelta | None) -> str:
+    """Each pair's difference as ``SEED: ±points``, in the group's seed order; ``-`` for the baseline or without pairs."""
+    if paired is None or not paired.deltas:
+        return "-"
+    return ", ".join(f"{format_value(seed)}: {signed_points(delta)}" for seed, delta in zip(paired.seeds, paired.deltas))
 
 
 def excludes_zero(paired: PairedDelta | None) -> bool:
@@ -149,7 +160,7 @@ def header(comparison: Comparison) -> list[str]:
     """Column titles of the human formats."""
     return [
         *key_columns(comparison), *(f"{metric} (%)" for metric in shown_metrics(comparison)), "n", "Δ (pp)",
-        "paired Δ (pp)", "pairs", INTERVAL_TITLE, "notes",
+        "paired Δ (pp)", "pairs", INTERVAL_TITLE, BY_SEED_TITLE, "notes",
     ]
 
 
@@ -162,7 +173,8 @@ def human_row(group: Group, comparison: Comparison) -> list[str]:
     """One group's cells, in the order of :func:`header`."""
     return [
         *key_cells(group), *metric_cells(group, comparison), str(group.n), signed_points(group.delta),
-        paired_cell(group.paired), pairs_cell(group.paired), interval_cell(group.paired), notes(group, comparison),
+        paired_cell(group.paired), pairs_cell(group.paired), interval_cell(group.paired), by_seed_cell(group.paired),
+        notes(group, comparison),
     ]
 
 
@@ -318,6 +330,7 @@ def latex_row(group: Group, comparison: Comparison) -> str:
         *(escape_latex(cell) for cell in key_cells(group)),
         *(cell.replace("±", "$\\pm$") for cell in metric_cells(group, comparison)),
         n, signed_points(group.delta), paired_cell(group.paired).replace("±", "$\\pm$"), pairs_cell(group.paired), interval,
+        by_seed_cell(group.paired),
     ]
     if group.best:
         cells = [rf"\textbf{{{cell}}}" for cell in cells]
@@ -344,7 +357,7 @@ def render_latex(comparison: Comparison) -> str:
     metrics = [f"{escape_latex(metric)} (\\%)" for metric in shown_metrics(comparison)]
     titles = [
         *(escape_latex(key) for key in keys), *metrics, "$n$", r"$\Delta$ (pp)",
-        r"paired $\Delta$ (pp)", "pairs", f"{100 * CONFIDENCE_LEVEL:g}\\% CI (pp)",
+        r"paired $\Delta$ (pp)", "pairs", f"{100 * CONFIDENCE_LEVEL:g}\\% CI (pp)", r"$\Delta$ by seed (pp)",
     ]
     spec = "l" * len(keys) + "r" * (len(titles) - len(keys))
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(titles) + r" \\", r"\midrule"]

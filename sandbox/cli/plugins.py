@@ -22,5 +22,5 @@ def plugins(plugin: Optional[List[str]] = PluginOption) -> None:
     for component in registry:
         table.add_row(component.kind.name, component.name, component.provider, Text(component.description))  # [tables] as written
     for provider, error in registry.broken.items():
-        table.add_row(Text("broken", style="red"), "-", provider, Text(f"failed to import: {error}"))
+        table.add_row(Text("broken", style="red"), "-", provider, Text(error))
     Console(width=max(Console().width, 120)).print(table)

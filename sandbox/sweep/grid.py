@@ -17,7 +17,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sandbox.errors import SandboxError
 from sandbox.recipe import MAX_SEED, load_recipe
@@ -84,7 +84,20 @@ def parse_grid(text: str) -> Axis:
         raise SandboxError(f"--grid {text!r}: expected KEY=VALUE1,VALUE2,..., e.g. --grid perturbation.eps=2,4")
     if key in PROTECTED_KEYS:
         raise SandboxError(f"--grid {text!r}: the sweep sets {key!r} itself (use --seeds for seeds)")
-    return Axis(key, tuple(dict.fromkeys(values)))
+    repeated = first_repeat(values)
+    if repeated is not None:
+        raise SandboxError(f"--grid {text!r}: the value {repeated} is listed twice; each value runs once")
+    return Axis(key, tuple(values))
+
+
+def first_repeat(items: list[Any]) -> Any | None:
+    """The first item that occurs a second time in ``items``; None when all differ."""
+    seen: set[Any] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -96,7 +109,10 @@ def parse_seeds(text: str) -> list[int]:
     for seed in seeds:
         if not 0 <= seed <= MAX_SEED:
             raise SandboxError(f"--seeds {text!r}: seed {seed} is out of range; expected integers from 0 to {MAX_SEED}")
-    return list(dict.fromkeys(seeds))
+    repeated = first_repeat(seeds)
+    if repeated is not None:
+        raise SandboxError(f"--seeds {text!r}: seed {repeated} is listed twice; each seed runs once")
+    return seeds
 
 
 @dataclass(frozen=True)
