@@ -85,17 +85,18 @@ def make_plugin_host(extra_plugins: Iterable[str] = ()) -> PluginHost:
     manager.add_hookspecs(hookspecs)
     host = PluginHost(manager)
     for entry_point, provider in _entry_points():
+        where = f"{provider} ({entry_point.name} = {entry_point.value})"
         try:
             plugin = entry_point.load()
         except Exception as error:  # one broken package must not break the others
-            host.broken[f"{provider} ({entry_point.name} = {entry_point.value})"] = f"failed to import: {type(error).__name__}: {error}"
+            host.broken[where] = f"failed to import: {type(error).__name__}: {error}"
             continue
         if not manager.is_registered(plugin):
             manager.register(plugin, name=f"{provider.split()[0]}:{entry_point.name}")
             host.providers[id(plugin)] = provider
             problems = hook_problems(manager, plugin)
             if problems:  # the package's valid hooks still count; what it meant to register is reported
-                host.broken[f"{provider} ({entry_point.name} = {entry_point.value})"] = "; ".join(problems)
+                host.broken[where] = "; ".join(problems)
     for spec in extra_plugins:
         module = import_plugin_module(spec)
         if not manager.is_registered(module):
