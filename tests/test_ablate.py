@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,17 @@ def test_a_value_or_seed_listed_twice_is_an_error_not_a_silently_shorter_sweep()
     with pytest.raises(SandboxError, match=r"--grid 'perturbation.eps=2,4,2': the value 2 is listed twice"):
         parse_grid("perturbation.eps=2,4,2")
     assert parse_grid("perturbation.eps=2,2.0").values == ("2", "2.0"), "spellings differ: the recipe check decides"
+
+
+def test_one_value_written_two_ways_is_an_error_not_two_runs_of_one_recipe(tiny_recipe: Path) -> None:
+    for grid, labels in (
+        ("perturbation.eps=2,4,2.0", "'perturbation.eps=2' and 'perturbation.eps=2.0'"),
+        ("train.lr=1e-2,0.01", "'train.lr=1e-2' and 'train.lr=0.01'"),
+    ):
+        with pytest.raises(SandboxError, match=f"--grid: {re.escape(labels)} give the same recipe"):
+            applicable_combinations(tiny_recipe, [], [parse_grid(grid)], load_registry)
+    combinations, _ = applicable_combinations(tiny_recipe, [], [parse_grid("perturbation.eps=2,2.5")], load_registry)
+    assert len(combinations) == 2, "values that differ still run"
 
 
 def test_component_names_apply_first() -> None:

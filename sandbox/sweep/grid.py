@@ -134,10 +134,9 @@ class Combination:
 
 def expand(axes: list[Axis]) -> list[Combination]:
     """Every combination of the axes' values; component ``name`` keys are applied first."""
-    keys = [axis.key for axis in axes]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise SandboxError(f"--grid {repeated[0]} is given twice; list all its values in one --grid")
+    repeated = first_repeat([axis.key for axis in axes])
+    if repeated is not None:
+        raise SandboxError(f"--grid {repeated} is given twice; list all its values in one --grid")
     ordered = sorted(axes, key=lambda axis: not axis.key.endswith(".name"))
     return [
         Combination(tuple(zip((axis.key for axis in ordered), values)))
@@ -214,5 +213,32 @@ def applicable_combinations(
     clashes = sorted({label for label in labels if labels.count(label) > 1})
     if clashes:
         raise SandboxError(f"--grid: two combinations share the folder name {clashes[0]!r}; use simpler values")
+    twins = same_recipe(recipe_path, overrides, list(combinations))
+    if twins is not None:
+        first, second = twins
+        raise SandboxError(
+            f"--grid: {first.label!r} and {second.label!r} give the same recipe (one value written two ways); "
+            "list each value once"
+        )
     return list(combinations), list(notes)
+
+
+def same_recipe(
+    recipe_path: Path, overrides: list[str], combinations: list[Combination]
+) -> tuple[Combination, Combination] | None:
+    """The first two combinations whose recipes are equal (``eps=2`` and ``eps=2.0``); None when all differ.
+
+    A combination whose recipe does not load is left out: its run reports the error itself.
+    """
+    seen: list[tuple[Recipe, Combination]] = []
+    for combination in combinations:
+        try:
+            recipe = load_recipe(recipe_path, [*overrides, *combination.overrides])
+        except SandboxError:
+            continue
+        for earlier, twin in seen:
+            if earlier == recipe:
+                return twin, combination
+        seen.append((recipe, combination))
+    return None
 
