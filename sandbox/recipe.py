@@ -499,3 +499,24 @@ def resolve_components(recipe: Recipe, registry: Registry, source: str = "recipe
             target = target[part]
         target[last] = {"name": spec.name, **options}
     return Recipe.model_validate(data)
+
+
+def load_resolved_recipe(
+    path: Path, overrides: list[str] | None, plugins: list[str] | None
+) -> tuple[Recipe, Registry]:
+    """The recipe with overrides applied, ``plugins`` extended by ``--plugin``, components resolved; the registry used.
+
+    The resolved recipe (saved as the run's ``recipe.toml``) thus names every plugin the run used.
+    """
+    from sandbox.plugins import load_registry  # imports the plugins (torch): recipes are read without it
+
+    recipe = load_recipe(path, list(overrides or []))
+    recipe.plugins = [*recipe.plugins, *(entry for entry in map(as_recipe_plugin, plugins or []) if entry not in recipe.plugins)]
+    registry = load_registry(recipe.plugins)
+    return resolve_components(recipe, registry, str(path)), registry
+
+
+def as_recipe_plugin(spec: str) -> str:
+    """A ``--plugin`` as the resolved recipe records it: a ``.py`` file by its absolute path (so the
+    saved ``recipe.toml`` loads it from anywhere), a module by its name."""
+    return str(Path(spec).resolve()) if spec.endswith(".py") else spec

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from host_syncs import counting_host_syncs
-from sandbox.cli.common import load_resolved_recipe
+from sandbox.recipe import load_resolved_recipe
 from sandbox.train.log_window import LogWindow
 from sandbox.train.loop import start_run
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
-from sandbox.cli.common import load_resolved_recipe
+from sandbox.recipe import load_resolved_recipe
 from sandbox.train.loop import start_run
 
 recipe_path, out = Path(sys.argv[1]), Path(sys.argv[2])

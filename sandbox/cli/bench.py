@@ -10,11 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
 from sandbox.errors import SandboxError
+from sandbox.recipe import Recipe, load_resolved_recipe
 
 if TYPE_CHECKING:
-    from sandbox.recipe import Recipe
     from sandbox.registry import Registry
 
 

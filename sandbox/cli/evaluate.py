@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
+from sandbox.recipe import load_resolved_recipe
 
 if TYPE_CHECKING:
     from sandbox.train.evaluate import EvalResult

@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from sandbox.analysis.runs import find_run_dirs
-from sandbox.cli.common import PluginOption, load_resolved_recipe, writing_to
+from sandbox.cli.common import PluginOption, writing_to
+from sandbox.recipe import load_resolved_recipe
 
 CURVES_FOLDER = "curves"
 """Sub-folder of ``--out`` for ``<value>.png`` (one per logged value, every run overlaid)."""

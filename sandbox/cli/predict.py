@@ -10,7 +10,8 @@ import typer
 from PIL import Image
 
 from sandbox.analysis.colours import colourize, overlay, palette_image
-from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe, writing_to
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, writing_to
+from sandbox.recipe import load_resolved_recipe
 
 if TYPE_CHECKING:
     from sandbox.analysis.inference import Predictor

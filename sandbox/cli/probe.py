@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbox.cli.common import PluginOption, load_resolved_recipe, writing_to
+from sandbox.cli.common import PluginOption, writing_to
 from sandbox.errors import SandboxError
+from sandbox.recipe import load_resolved_recipe
 
 if TYPE_CHECKING:
     from torch import Tensor

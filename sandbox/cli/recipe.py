@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
+from sandbox.recipe import load_resolved_recipe
 
 app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 

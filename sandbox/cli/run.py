@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 
 from sandbox.analysis.report import percent
-from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, load_resolved_recipe
+from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
+from sandbox.recipe import load_resolved_recipe
 from sandbox.sweep.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 
 if TYPE_CHECKING:

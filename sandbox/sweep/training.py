@@ -17,6 +17,7 @@ from rich.console import Console
 
 from sandbox.analysis.runs import write_failure
 from sandbox.errors import SandboxError
+from sandbox.recipe import load_resolved_recipe
 from sandbox.run_files import FAILED_MARKER
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ def combination_recipe(
     path: Path, overrides: list[str], plugins: list[str], combination: Combination, seed: int, folder: Path
 ) -> tuple[Recipe, Registry]:
     """The resolved recipe of one run of the sweep (named by its label, inside ``folder``)."""
-    from sandbox.cli.common import load_resolved_recipe  # sandbox.cli imports the ablate command, which imports this
-
     resolved, registry = load_resolved_recipe(path, [*overrides, *combination.overrides, f"seed={seed}"], plugins)
     resolved.name = combination.label
     resolved.output_dir = str(folder)
