@@ -209,10 +209,9 @@ def applicable_combinations(
     unused = [axis.key for axis in axes if axis.key not in used]
     if unused:
         raise SandboxError(f"--grid {unused[0]}: {unused_reason(recipe_path, overrides, axes, unused[0], registry)}")
-    labels = [combination.label for combination in combinations]
-    clashes = sorted({label for label in labels if labels.count(label) > 1})
-    if clashes:
-        raise SandboxError(f"--grid: two combinations share the folder name {clashes[0]!r}; use simpler values")
+    clash = first_repeat([combination.label for combination in combinations])
+    if clash is not None:
+        raise SandboxError(f"--grid: two combinations share the folder name {clash!r}; use simpler values")
     twins = same_recipe(recipe_path, overrides, list(combinations))
     if twins is not None:
         first, second = twins
@@ -241,4 +240,3 @@ def same_recipe(
                 return twin, combination
         seen.append((recipe, combination))
     return None
-
