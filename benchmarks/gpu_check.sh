@@ -74,7 +74,8 @@ run() {
     return "$status"
 }
 
-run gpu_tests "$limit_tests" "$python" -m pytest -q -s -m gpu tests/test_gpu.py tests/test_host_syncs.py -p no:cacheprovider
+# -n 0: one process (not pytest-xdist's workers): the tests share one device and print what they measured (-s).
+run gpu_tests "$limit_tests" "$python" -m pytest -q -s -n 0 -m gpu tests/test_gpu.py tests/test_host_syncs.py -p no:cacheprovider
 ddfp_start=$SECONDS
 run ddfp_levers "$limit_ddfp" "$python" -m sandbox bench recipes/ddfp_pascal.toml --levers "${synthetic[@]}" \
     "${bench_steps[@]}" "${ddfp_sizes[@]}"

@@ -8,16 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from test_distributed import (
-    LAUNCH_TIMEOUT_S,
-    OUR_FRAME,
-    accelerate_command,
-    free_port,
-    launch_env,
-    start,
-    two_machines_fail,
-    wait_bounded,
-)
+import pytest
+
+from launching import LAUNCH_TIMEOUT_S, accelerate_command, free_port, launch_env, start, wait_bounded
+from test_distributed import OUR_FRAME, two_machines_fail
 
 PLUGIN = '''
 """A perturbation that fails where it is told to (a test plugin)."""
@@ -39,11 +33,23 @@ class Planted(Perturbation):
     process; -2: none), after ``delay_s`` seconds on ``delay_rank``, in launch attempt ``attempt`` only
     (-1: every attempt); ``to_rank``: raises when moved to its device (after ``accelerator.prepare``);
     ``eval_call`` (>= 0): evaluation's ``predict`` raises on its call ``eval_call`` on every process,
-    ``delay_rank`` sleeping ``delay_s`` before each of its calls up to that one."""
+    ``delay_rank`` sleeping ``delay_s`` before each of its calls up to that one; ``scenario``: one of
+    ``SCENARIOS``, settings by name."""
+
+    SCENARIOS = {
+        "train_seconds_apart": {"delay_rank": 1, "delay_s": 2.0},
+        "eval_seconds_apart": {"only_rank": -2, "delay_rank": 0, "delay_s": 2.0, "eval_call": 3},
+        "none": {"only_rank": -2},
+    }
+    """Named settings (``scenario``), so that one grid axis of a sweep tries them one after another."""
 
     def __init__(self, call: int = 1, only_rank: int = -1, delay_rank: int = -1, delay_s: float = 0.0,
-                 attempt: int = -1, to_rank: int = -1, eval_call: int = -1) -> None:
+                 attempt: int = -1, to_rank: int = -1, eval_call: int = -1, scenario: str = "") -> None:
         super().__init__()
+        if scenario:
+            settings = self.SCENARIOS[scenario]
+            only_rank, delay_rank = settings.get("only_rank", only_rank), settings.get("delay_rank", delay_rank)
+            delay_s, eval_call = settings.get("delay_s", delay_s), settings.get("eval_call", eval_call)
         self.call, self.only_rank, self.count = call, only_rank, 0
         self.delay_rank, self.delay_s, self.attempt, self.to_rank = delay_rank, delay_s, attempt, to_rank
         if eval_call >= 0:
@@ -116,59 +122,48 @@ def test_a_restarted_attempt_does_not_see_the_failure_of_the_one_before(tiny_rec
     assert f"error: training failed after 3 of 6 steps: {RAISED} (on process 1)" in text, "attempt 0 failed"
 
 
+@pytest.mark.slow  # its twin in the default run: the sweep's train_seconds_apart (below); this is `sandbox run`'s
 def test_the_same_error_seconds_apart_is_one_failure(tiny_recipe: Path, tmp_path: Path) -> None:
     """Process 1 fails 2 s after process 0, by itself: neither is stopped by its watcher."""
     lines = two_machines_fail(tiny_recipe, tmp_path, {m: planted(tmp_path, delay_rank=1, delay_s=2) for m in (0, 1)})
     assert lines == [f"error: training failed after 3 of 6 steps: {RAISED}"] * 2
 
 
-def test_ablate_goes_on_after_the_same_error_seconds_apart(tiny_recipe: Path, tmp_path: Path) -> None:
+def test_ablate_goes_on_after_the_same_error_seconds_apart_in_training_and_in_a_long_evaluation(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    """One sweep on 2 processes. ``train_seconds_apart``: process 1 raises 2 s after process 0, by
+    itself. ``eval_seconds_apart``: process 0 evaluates slowly (2 s a batch) and fails 8 s after process
+    1, at the same batch: the evaluation's heartbeat keeps its watcher from ending it (it would after
+    ``STUCK_S``, 5 s). Both failures are recorded alike by both processes, and the sweep goes on to
+    ``none``, which trains."""
     out = tmp_path / "sweep"
     log = tmp_path / "ablate.log"
-    command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                                 "-m", "sandbox", "ablate", str(tiny_recipe), *planted(tmp_path, delay_rank=1, delay_s=2),
-                                 "--grid", "perturbation.only_rank=-1,-2", "--set", "train.threads=1", "--output", str(out))
+    command = accelerate_command(
+        "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+        "-m", "sandbox", "ablate", str(tiny_recipe), *planted(tmp_path),
+        "--grid", "perturbation.scenario=train_seconds_apart,eval_seconds_apart,none", "--set", "dataset.num_val=8",
+        "--set", "train.threads=1", "--output", str(out),
+    )
     started = time.monotonic()
     wait_bounded([start(command, launch_env(tmp_path), log)])
     assert time.monotonic() - started < LAUNCH_TIMEOUT_S
     text = log.read_text()
     assert "exitcode  : 1" in text, text[-3000:]  # a failed run makes the sweep exit 1 after the others
     runs = out / "tiny"
-    failed = (runs / "perturbation.only_rank=-1" / "seed3" / "FAILED").read_text()
+    failed = (runs / "perturbation.scenario=train_seconds_apart" / "seed3" / "FAILED").read_text()
     assert failed == f"training failed after 3 of 6 steps: {RAISED}\n"
-    assert text.count("perturbation.only_rank=-1 seed3: FAILED") == 2, "both processes record it and go on"
-    assert (runs / "perturbation.only_rank=-2" / "seed3" / "summary.json").is_file(), "the sweep went on"
-    assert not any(line.startswith("error:") for line in text.splitlines()), text[-3000:]
-    assert not OUR_FRAME.search(text), text[-3000:]
-
-
-def test_ablate_goes_on_after_the_same_error_in_a_long_evaluation_seconds_apart(
-    tiny_recipe: Path, tmp_path: Path
-) -> None:
-    """Process 0 evaluates slowly (2 s a batch) and fails 8 s after process 1, at the same batch: the
-    evaluation's heartbeat keeps its watcher from ending it (it would after ``STUCK_S``, 5 s), both
-    record the same failure, and the sweep goes on."""
-    out = tmp_path / "sweep"
-    log = tmp_path / "ablate.log"
-    command = accelerate_command(
-        "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-        "-m", "sandbox", "ablate", str(tiny_recipe), *planted(tmp_path, only_rank=-2, delay_rank=0, delay_s=2),
-        "--grid", "perturbation.eval_call=3,-1", "--set", "dataset.num_val=8", "--set", "train.threads=1",
-        "--output", str(out),
-    )
-    wait_bounded([start(command, launch_env(tmp_path), log)])
-    text = log.read_text()
-    assert "exitcode  : 1" in text, text[-3000:]  # a failed run makes the sweep exit 1 after the others
-    runs = out / "tiny"
-    failed = (runs / "perturbation.eval_call=3" / "seed3" / "FAILED").read_text()
+    assert text.count("perturbation.scenario=train_seconds_apart seed3: FAILED") == 2, "both processes record it and go on"
+    failed = (runs / "perturbation.scenario=eval_seconds_apart" / "seed3" / "FAILED").read_text()
     assert "RuntimeError: planted failure in evaluation" in failed, failed
     assert "ProcessGroupLost" not in text and "stopped" not in failed, text[-3000:]
-    assert text.count("perturbation.eval_call=3 seed3: FAILED") == 2, "both processes record it and go on"
-    assert (runs / "perturbation.eval_call=-1" / "seed3" / "summary.json").is_file(), "the sweep went on"
+    assert text.count("perturbation.scenario=eval_seconds_apart seed3: FAILED") == 2, "both processes record it and go on"
+    assert (runs / "perturbation.scenario=none" / "seed3" / "summary.json").is_file(), "the sweep went on"
     assert not any(line.startswith("error:") for line in text.splitlines()), text[-3000:]
     assert not OUR_FRAME.search(text), text[-3000:]
 
 
+@pytest.mark.slow  # its twin in the default run: the sweep that a construction failure ends (below)
 def test_a_failure_after_the_agreed_set_up_on_one_process_ends_both(tiny_recipe: Path, tmp_path: Path) -> None:
     """Process 1 fails moving a module to its device, after ``accelerator.prepare``; process 0 is then
     inside the next collective, which process 1 never reaches."""
@@ -202,8 +197,6 @@ def test_ablate_ends_when_a_failure_during_construction_stops_a_peer(tiny_recipe
 def test_an_error_of_one_process_names_it(monkeypatch, capsys) -> None:
     """A one-line error raised by process 1 alone, outside every agreed phase, says which process it
     was; an error every process raised together is printed as it is."""
-    import pytest
-
     from sandbox import cli
     from sandbox.errors import SandboxError, shared_error
 

@@ -196,6 +196,7 @@ class TinyNetwork(SegmentationNetwork):
         return list(self.encoder.parameters())
 
 
+@pytest.mark.slow  # inductor's first compile: half a minute of CPU; test_compile_trains_like_eager_float32 covers it
 def test_compile_of_a_small_network_equals_eager_in_value_and_gradient() -> None:
     torch.manual_seed(0)
     eager = TinyNetwork()

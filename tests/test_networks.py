@@ -243,7 +243,15 @@ def test_a_crop_that_does_not_fit_the_network_is_one_line(tiny_recipe: Path, cap
     )
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+BENCHED_BY_DEFAULT = ("Unet", "DPT")
+"""The architectures the default run benches (a CNN and the ViT); the others are ``slow``: every
+architecture trains through the same iteration in :func:`test_every_smp_architecture_trains_two_ddfp_steps`."""
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    [a if a in BENCHED_BY_DEFAULT else pytest.param(a, marks=pytest.mark.slow) for a in ARCHITECTURES],
+)
 def test_bench_times_every_smp_architecture(architecture: str, tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
     encoder = SMALL_ENCODER.get(architecture, "resnet18")
     with pytest.raises(SystemExit) as exit_info:

@@ -16,13 +16,13 @@ run without ``sync_bn`` must differ (the comparison can fail).
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_distributed import accelerate_command, finish, free_port, launch_env, start
+from shared_launch import Job, SharedLaunch
 
 RECIPE = """
 name = "parity"
@@ -93,21 +93,8 @@ CONFIGS: dict[str, list[str]] = {
     "control_without_sync_bn": ["perturbation.name=none", "train.sync_bn=false"],
 }
 
-WORKER = '''
-"""Train every parity configuration on this launch's processes; save each end state to OUT/NAME/rank{i}.pt."""
-import json, os, sys
-from pathlib import Path
-
-import torch
-
-import sandbox.train.step as step_module
-from sandbox.plugins import load_registry
-from sandbox.recipe import load_recipe, resolve_components
-from sandbox.train.loop import start_run
-from sandbox.train.student_pass import network_of
-
-
-def fixed_boxes(batch, height, width, p, generator, box="unimatch", decision="sample", device="cpu"):
+def fixed_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator, box: str = "unimatch",
+                decision: str = "sample", device: str = "cpu") -> torch.Tensor:
     """The same box in every image (none with p = 0): CutMix pairs each image with its own partner-stream image."""
     masks = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     if p > 0:
@@ -115,29 +102,44 @@ def fixed_boxes(batch, height, width, p, generator, box="unimatch", decision="sa
     return masks
 
 
-step_module.cutmix_boxes = fixed_boxes
-recipe_path, out, configs = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-world = int(os.environ.get("WORLD_SIZE", "1"))
-registry = load_registry()
-for name, overrides in configs.items():
-    per_process = [f"train.batch_size={4 // world}", f"train.unlabeled_batch_size={4 // world}"]
-    recipe = load_recipe(recipe_path, [*overrides, *per_process, f"name={name}_{world}"])
-    recipe = resolve_components(recipe, registry)
-    trainer = start_run(recipe, registry, resume=False, overwrite=False)
-    summary = trainer.train()
-    student = network_of(trainer.accelerator.unwrap_model(trainer.model))
-    density = trainer.method.density
-    state = {
-        "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-        "teacher": {k: v.detach().cpu() for k, v in trainer.teacher.state_dict().items()},
-        "density": {k: v.detach().cpu() for k, v in density.state_dict().items()} if density is not None else {},
-        "density_adam": density.optimizer_state()["optimizer"]["state"] if density is not None else {},
-        "miou": summary["final_miou"],
-    }
-    (out / name).mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / name / f"rank{trainer.accelerator.process_index}.pt")
-    trainer.accelerator.wait_for_everyone()
-'''
+def train_every_configuration(folder: Path) -> None:
+    """Launch job: train every configuration of :data:`CONFIGS` on this launch's processes with the global
+    batch split between them; save each end state to ``folder/NAME/rank{i}.pt`` (runs under ``folder/runs``)."""
+    import sandbox.train.step as step_module
+    from sandbox.plugins import load_registry
+    from sandbox.recipe import load_recipe, resolve_components
+    from sandbox.train.loop import start_run
+    from sandbox.train.student_pass import network_of
+
+    recipe_path = folder / "parity.toml"
+    recipe_path.write_text(RECIPE.format(output_dir=(folder / "runs").as_posix()))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    registry = load_registry()
+    original_boxes, step_module.cutmix_boxes = step_module.cutmix_boxes, fixed_boxes
+    try:
+        for name, overrides in CONFIGS.items():
+            per_process = [f"train.batch_size={4 // world}", f"train.unlabeled_batch_size={4 // world}"]
+            recipe = load_recipe(recipe_path, [*overrides, *per_process, f"name={name}_{world}"])
+            recipe = resolve_components(recipe, registry)
+            trainer = start_run(recipe, registry, resume=False, overwrite=False)
+            summary = trainer.train()
+            student = network_of(trainer.accelerator.unwrap_model(trainer.model))
+            density = trainer.method.density
+            state = {
+                "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+                "teacher": {k: v.detach().cpu() for k, v in trainer.teacher.state_dict().items()},
+                "density": {k: v.detach().cpu() for k, v in density.state_dict().items()} if density is not None else {},
+                "density_adam": density.optimizer_state()["optimizer"]["state"] if density is not None else {},
+                "miou": summary["final_miou"],
+            }
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            torch.save(state, folder / name / f"rank{trainer.accelerator.process_index}.pt")
+            trainer.accelerator.wait_for_everyone()
+    finally:
+        step_module.cutmix_boxes = original_boxes
+
+
+LAUNCH_JOBS = {"parity": Job(train_every_configuration, worlds=(1, 2))}
 
 RELATIVE_TOLERANCE = 1e-4
 """Float noise: summation order differs between one batch of 4 and two of 2. A tensor's difference is
@@ -158,27 +160,10 @@ def assert_tensor_close(actual: torch.Tensor, expected: torch.Tensor, what: str)
     assert difference <= bound, f"{what}: |difference| {difference:.3g} > {bound:.3g} (norm {float(expected.norm()):.3g})"
 
 
-@pytest.fixture(scope="module")
-def parity_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """Every configuration trained on 1 process and on 2 processes (the two launches run side by side)."""
-    root = tmp_path_factory.mktemp("parity")
-    recipe = root / "parity.toml"
-    recipe.write_text(RECIPE.format(output_dir=(root / "runs").as_posix()))
-    script = root / "worker.py"
-    script.write_text(WORKER)
-    configs = json.dumps(CONFIGS)
-    processes, logs, outs = [], [], {}
-    for world in (1, 2):
-        outs[world] = root / f"world{world}"
-        outs[world].mkdir()
-        logs.append(root / f"world{world}.log")
-        if world == 1:
-            command = [sys.executable, str(script)]
-        else:
-            command = accelerate_command("--num_processes", "2", "--main_process_port", str(free_port()), str(script))
-        processes.append(start([*command, str(recipe), str(outs[world]), configs], launch_env(root), logs[-1]))
-    finish(processes, logs)
-    return outs
+@pytest.fixture
+def parity_runs(shared_launch: SharedLaunch) -> dict[int, Path]:
+    """Every configuration trained on 1 process and on 2 processes (the session's shared launch), by world size."""
+    return {world: shared_launch.folder("parity", world) for world in (1, 2)}
 
 
 def load_states(outs: dict[int, Path], name: str) -> tuple[dict, list[dict]]:
@@ -190,7 +175,7 @@ def load_states(outs: dict[int, Path], name: str) -> tuple[dict, list[dict]]:
 
 def metrics(outs: dict[int, Path], name: str, world: int) -> list[dict]:
     """The training records (not evaluation) of the run of ``name`` on ``world`` processes."""
-    path = next((outs[world].parent / "runs").glob(f"{name}_{world}/*/metrics.jsonl"))
+    path = next((outs[world] / "runs").glob(f"{name}_{world}/*/metrics.jsonl"))
     records = [json.loads(line) for line in path.read_text().splitlines()]
     drop = {"images_per_s", "lr"}
     return [{k: v for k, v in r.items() if k not in drop} for r in records if "loss" in r]

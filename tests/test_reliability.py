@@ -84,9 +84,10 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tiny_re
     assert all((folder / "COMPLETE").is_file() for folder in (run_dir / "checkpoints").iterdir())
 
 
-def test_a_checkpoint_without_its_marker_is_ignored_and_removed(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cli("run", str(tiny_recipe))
-    run_dir = tmp_path.joinpath("runs", *RUN)
+def test_a_checkpoint_without_its_marker_is_ignored_and_removed(
+    tiny_recipe: Path, trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = trained_tiny_run
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
     checkpoints = run_dir / "checkpoints"
@@ -119,10 +120,9 @@ class Payload:
 
 @pytest.mark.parametrize("damage", ["truncated model", "truncated custom state", "unsafe pickle"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
-    damage: str, tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    damage: str, tiny_recipe: Path, trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    cli("run", str(tiny_recipe))
-    run_dir = tmp_path.joinpath("runs", *RUN)
+    run_dir = trained_tiny_run
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
     last = run_dir / "checkpoints" / "step_00000006"
@@ -275,12 +275,12 @@ def test_overwrite_keeps_nothing_stale(tiny_recipe: Path, tmp_path: Path, capsys
     "error", [OSError(5, "Input/output error"), MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")]
 )
 def test_an_error_that_is_not_the_files_content_leaves_the_checkpoint_alone(
-    error: Exception, tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    error: Exception, tiny_recipe: Path, trained_tiny_run: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from accelerate.utils import other
 
-    cli("run", str(tiny_recipe))
-    run_dir = tmp_path.joinpath("runs", *RUN)
+    run_dir = trained_tiny_run
     forget_the_end(run_dir)
     real_load = other.load
 

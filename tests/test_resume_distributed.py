@@ -1,54 +1,32 @@
-"""``--resume`` on several processes: they agree on the checkpoint that loads before any is renamed."""
+"""``--resume`` on several processes: a one-process run resumed on two processes, which agree on the
+checkpoint that loads before any is renamed."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from test_distributed import accelerate_command, finish, free_port, launch_env, start
-
-RUN = ("runs", "tiny", "seed3")
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny recipe trained once on one process (checkpoints at steps 3 and 6)."""
-    from conftest import TINY_RECIPE
-    from sandbox.cli import main
-
-    root = tmp_path_factory.mktemp("resume")
-    recipe = root / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(output_dir=(root / "runs").as_posix()))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", str(recipe), "--set", "train.threads=1"])
-    assert exit_info.value.code == 0
-    return root
-
+from launching import accelerate_command, finish, free_port, launch_env, start
 
 REPETITIONS = [0] + [pytest.param(index, marks=pytest.mark.slow) for index in range(1, 5)]
 
 
 @pytest.mark.parametrize("repetition", REPETITIONS)
-def test_two_processes_resume_from_the_checkpoint_before_a_damaged_one(
-    finished_run: Path, tmp_path: Path, repetition: int
+def test_two_processes_resume_a_one_process_run_from_the_checkpoint_before_a_damaged_one(
+    tiny_recipe: Path, trained_tiny_run: Path, tmp_path: Path, repetition: int
 ) -> None:
-    """The newest checkpoint's model file is truncated: both processes find it damaged, fall back to
-    step 3 together, and only then is it renamed (the slow marks repeat the race five times)."""
-    root = tmp_path / "copy"
-    shutil.copytree(finished_run, root)
-    run_dir = root.joinpath(*RUN)
-    recipe = root / "tiny.toml"
-    for path in (recipe, run_dir / "recipe.toml"):  # the copy's own output_dir
-        path.write_text(path.read_text().replace(finished_run.as_posix(), root.as_posix()))
+    """The run trained on one process; its newest checkpoint's model file is truncated: both processes
+    find it damaged, fall back to step 3 together, and only then is it renamed (the slow marks repeat
+    the race five times). The records after step 3 are written once, by rank 0."""
+    run_dir = trained_tiny_run
     (run_dir / "summary.json").unlink()
     model = run_dir / "checkpoints" / "step_00000006" / "model.safetensors"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     log = tmp_path / "resume.log"
     command = accelerate_command("--num_processes", "2", "--main_process_port", str(free_port()),
-                                 "-m", "sandbox", "run", str(recipe), "--resume", "--set", "train.threads=1")
+                                 "-m", "sandbox", "run", str(tiny_recipe), "--resume")
     finish([start(command, launch_env(tmp_path), log)], [log])
     lines = log.read_text().splitlines()
     warnings = [line for line in lines if line.startswith("warning: checkpoint")]
@@ -60,3 +38,5 @@ def test_two_processes_resume_from_the_checkpoint_before_a_damaged_one(
     assert (run_dir / "checkpoints" / "corrupt-step_00000006").is_dir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iters"] == 6 and summary["processes"] == 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(6) == 2, "records after step 3 are written once, by rank 0"

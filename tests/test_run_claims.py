@@ -24,7 +24,7 @@ from sandbox.cli import main
 from sandbox.errors import SandboxError
 from sandbox.sweep.claims import Claim, claim_path, read_claim, replace_file
 from sandbox.train.rundir import RunDirectory, guarded_writes
-from test_distributed import LAUNCH_TIMEOUT_S, launch_env, start, wait_bounded
+from launching import LAUNCH_TIMEOUT_S, launch_env, start, wait_bounded
 
 LONG = ["--set", "train.iters=16", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=8",
         "--set", "train.threads=1"]
@@ -111,6 +111,7 @@ def test_overwrite_or_resume_of_a_running_run_is_refused_and_touches_nothing(
     assert_trained_once(run)
 
 
+@pytest.mark.slow  # its twin in the default run: the ablate run whose claim is taken over (below)
 def test_a_run_whose_claim_is_taken_over_stops_before_its_next_write(tiny_recipe: Path, tmp_path: Path) -> None:
     run = run_path(tmp_path)
     log = tmp_path / "holder.log"
@@ -227,7 +228,7 @@ def test_sigterm_releases_the_runs_claim(tiny_recipe: Path, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_a_held_run_ends_every_process_of_a_launch_with_the_same_line(tiny_recipe: Path, tmp_path: Path) -> None:
     """``accelerate launch ... -m sandbox run``: the main process claims, the other learns the outcome."""
-    from test_distributed import accelerate_command, free_port
+    from launching import accelerate_command, free_port
 
     run = run_path(tmp_path)
     run.mkdir(parents=True)

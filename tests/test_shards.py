@@ -26,7 +26,7 @@ from sandbox.sweep.claims import Claim, claim_path, read_claim, replace_file
 from sandbox.sweep.decisions import claim_run, failure_stamp
 from sandbox.sweep.shards import Shard, parse_shard, shard_of
 from sandbox.train.rundir import RunDirectory
-from test_distributed import LAUNCH_TIMEOUT_S, accelerate_command, free_port, launch_env, start, wait_bounded
+from launching import LAUNCH_TIMEOUT_S, accelerate_command, free_port, launch_env, start, wait_bounded
 
 SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2", "--set", "train.threads=1"]
 GRID = ["--grid", "perturbation.name=none,dropout", "--seeds", "0,1"]

@@ -3,7 +3,7 @@ on the concatenated batch (outputs, gradients of parameters and inputs, running 
 
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -13,60 +13,10 @@ from torch import nn
 
 from sandbox.errors import SandboxError
 from sandbox.train.sync_batchnorm import is_synchronised, synchronise_batchnorm
-from test_distributed import run_gloo_processes
-
-WORKER = '''
-import os, sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, sys.argv[2])
-from sync_bn_model import make_model, make_batch, loss_of
-from sandbox.train.sync_batchnorm import synchronise_batchnorm
-
-out = sys.argv[1]
-distributed = "WORLD_SIZE" in os.environ
-if distributed:
-    dist.init_process_group("gloo")
-rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-model = make_model()
-if distributed:
-    synchronise_batchnorm(model, torch.device("cpu"))
-images, weights = make_batch()
-images = images.chunk(world)[rank].clone().requires_grad_(True)
-weights = weights.chunk(world)[rank]
-outputs = []
-for step in range(3):  # three train-mode steps: running statistics accumulate
-    model.zero_grad()
-    output = model(images)
-    loss = loss_of(output, weights, world)
-    loss.backward()
-    outputs.append(output.detach())
-    if distributed:  # as DDP: gradients averaged over processes
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= 0.1 * p.grad
-model.eval()
-evaluated = model(images.detach())
-torch.save({
-    "outputs": outputs, "input_grad": images.grad, "evaluated": evaluated.detach(),
-    "state": model.state_dict(), "grads": {k: p.grad for k, p in model.named_parameters()},
-}, f"{out}/rank{rank}.pt")
-if distributed:
-    dist.barrier()
-    dist.destroy_process_group()
-os._exit(0)
-'''
-
-MODEL = '''
-import torch
-from torch import nn
-from timm.layers import BatchNormAct2d
+from shared_launch import Job, SharedLaunch, process_group
 
 
-def make_model():
+def make_model() -> nn.Sequential:
     """Conv, BatchNorm, ReLU, conv, timm BatchNormAct2d, conv, BatchNorm with cumulative averaging."""
     torch.manual_seed(0)
     return nn.Sequential(
@@ -76,32 +26,66 @@ def make_model():
     )
 
 
-def make_batch():
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """Six images of different scales (processes' means differ) and loss weights."""
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(6, 3, 5, 7, generator=generator) * torch.arange(1, 7).view(6, 1, 1, 1) + 2.0
     return images, torch.randn(6, 4, 5, 7, generator=generator)
 
 
-def loss_of(output, weights, world):
+def loss_of(output: torch.Tensor, weights: torch.Tensor, world: int) -> torch.Tensor:
     """The mean over every process's elements: this process's sum x processes / all elements."""
     return (output * weights).pow(2).sum() * world / (output.numel() * world)
-'''
 
 
-def run_workers(tmp_path: Path, world: int) -> list[dict]:
-    """Run the worker on ``world`` gloo processes (1: no process group) and load each rank's results."""
-    (tmp_path / "sync_bn_model.py").write_text(MODEL)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    out = tmp_path / f"world{world}"
-    out.mkdir()
-    run_gloo_processes([sys.executable, str(script), str(out), str(tmp_path)], world, out)
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+def normalise_this_process_share(folder: Path) -> None:
+    """Launch job: three train-mode steps and one eval-mode pass of :func:`make_model` on this process's
+    share of :func:`make_batch` (BatchNorm synchronised on several processes); saves ``rank{i}.pt``."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        process_group()
+    rank = dist.get_rank() if world > 1 else 0
+    model = make_model()
+    if world > 1:
+        synchronise_batchnorm(model, torch.device("cpu"))
+    images, weights = make_batch()
+    images = images.chunk(world)[rank].clone().requires_grad_(True)
+    weights = weights.chunk(world)[rank]
+    outputs = []
+    for _ in range(3):  # three train-mode steps: running statistics accumulate
+        model.zero_grad()
+        output = model(images)
+        loss = loss_of(output, weights, world)
+        loss.backward()
+        outputs.append(output.detach())
+        if world > 1:  # as DDP: gradients averaged over processes
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    model.eval()
+    evaluated = model(images.detach())
+    torch.save({
+        "outputs": outputs, "input_grad": images.grad, "evaluated": evaluated.detach(),
+        "state": model.state_dict(), "grads": {k: p.grad for k, p in model.named_parameters()},
+    }, folder / f"rank{rank}.pt")
 
 
-def test_two_processes_normalise_as_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
-    (single,), pair = run_workers(tmp_path, 1), run_workers(tmp_path, 2)
+LAUNCH_JOBS = {"sync_batchnorm": Job(normalise_this_process_share, worlds=(1, 2))}
+
+
+def rank_results(shared_launch: SharedLaunch, world: int) -> list[dict]:
+    """What each of the ``world`` processes of the launch job saved."""
+    folder = shared_launch.folder("sync_batchnorm", world)
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def test_two_processes_normalise_as_one_process_on_the_concatenated_batch(shared_launch: SharedLaunch) -> None:
+    (single,), pair = rank_results(shared_launch, 1), rank_results(shared_launch, 2)
     close = dict(rtol=1e-4, atol=1e-5)
     for step in range(3):
         torch.testing.assert_close(torch.cat([r["outputs"][step] for r in pair]), single["outputs"][step], **close)

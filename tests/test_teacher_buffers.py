@@ -8,52 +8,53 @@ from pathlib import Path
 
 import torch
 
-from test_distributed import accelerate_command, finish, free_port, launch_env, start
+from conftest import TINY_RECIPE
+from shared_launch import Job, SharedLaunch
 
-SCRIPT = '''
-import sys
-from pathlib import Path
-
-import torch
-from accelerate.state import AcceleratorState
-
-from sandbox.recipe import load_resolved_recipe
-from sandbox.train.loop import start_run
-
-recipe_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-for mode in ("each_step", "when_read"):
-    AcceleratorState._reset_state()
-    recipe, registry = load_resolved_recipe(recipe_path, [
-        f"name={mode}", "train.iters=6", "train.sync_bn=false", "train.teacher_statistics=own", "train.threads=1",
-        "train.log_every=100", "train.eval_every=100", "train.checkpoint_every=100",
-    ], [])
-    trainer = start_run(recipe, registry, resume=False, overwrite=True)
-    rank = trainer.accelerator.process_index
-    iteration = trainer.iteration
-    iteration.teacher_buffers_read_each_step = mode == "each_step"  # what every step did before
-    agree = iteration.agree_on_teacher
-    seen = {}
-
-    def agree_on_teacher():
-        if iteration.teacher_buffers_differ and "before" not in seen:  # the processes' own statistics
-            seen["before"] = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
-        agree()
-
-    iteration.agree_on_teacher = agree_on_teacher
-    trainer.train()
-    torch.save({"teacher": trainer.teacher.state_dict(), **seen}, out / f"{mode}_rank{rank}.pt")
-'''
+MODES = ("each_step", "when_read")
 
 
-def test_the_teacher_averaged_when_read_equals_the_per_step_average(tiny_recipe: Path, tmp_path: Path) -> None:
-    script = tmp_path / "teacher_buffers.py"
-    script.write_text(SCRIPT)
-    log = tmp_path / "launch.log"
-    command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                                 str(script), str(tiny_recipe), str(tmp_path))
-    finish([start(command, launch_env(tmp_path), log)], [log])
-    states = {(mode, rank): torch.load(tmp_path / f"{mode}_rank{rank}.pt", weights_only=True)
-              for mode in ("each_step", "when_read") for rank in (0, 1)}
+def train_both_ways(folder: Path) -> None:
+    """Launch job: the tiny recipe without ``sync_bn`` trained twice, the teacher's statistics averaged
+    at every step and when read; saves ``{mode}_rank{i}.pt`` (the end teacher, and the processes' own
+    statistics before the first average)."""
+    from sandbox.recipe import load_resolved_recipe
+    from sandbox.train.loop import start_run
+
+    recipe_path = folder / "tiny.toml"
+    recipe_path.write_text(TINY_RECIPE.format(output_dir=(folder / "runs").as_posix()))
+    for mode in MODES:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        recipe, registry = load_resolved_recipe(recipe_path, [
+            f"name={mode}", "train.iters=6", "train.sync_bn=false", "train.teacher_statistics=own", "train.threads=1",
+            "train.log_every=100", "train.eval_every=100", "train.checkpoint_every=100",
+        ], [])
+        trainer = start_run(recipe, registry, resume=False, overwrite=True)
+        rank = trainer.accelerator.process_index
+        iteration = trainer.iteration
+        iteration.teacher_buffers_read_each_step = mode == "each_step"  # what every step did before
+        agree = iteration.agree_on_teacher
+        seen = {}
+
+        def agree_on_teacher() -> None:
+            if iteration.teacher_buffers_differ and "before" not in seen:  # the processes' own statistics
+                seen["before"] = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+            agree()
+
+        iteration.agree_on_teacher = agree_on_teacher
+        trainer.train()
+        torch.save({"teacher": trainer.teacher.state_dict(), **seen}, folder / f"{mode}_rank{rank}.pt")
+
+
+LAUNCH_JOBS = {"teacher_buffers": Job(train_both_ways)}
+
+
+def test_the_teacher_averaged_when_read_equals_the_per_step_average(shared_launch: SharedLaunch) -> None:
+    folder = shared_launch.folder("teacher_buffers")
+    states = {(mode, rank): torch.load(folder / f"{mode}_rank{rank}.pt", weights_only=True)
+              for mode in MODES for rank in (0, 1)}
     reference = states["each_step", 0]["teacher"]
     buffers = [key for key in reference if "running_" in key]
     assert buffers

@@ -68,9 +68,9 @@ def test_ddfp_run_trains_model_and_flow_and_writes_every_output(tiny_recipe: Pat
     assert saved["versions"]["torch"] == torch.__version__.split("+")[0] or saved["versions"]["torch"]
 
 
-def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(tiny_recipe: Path) -> None:
-    cli("run", str(tiny_recipe))
-    first = run_dir_of(tiny_recipe)
+def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(tiny_recipe: Path, trained_tiny_run: Path) -> None:
+    first = trained_tiny_run
+    assert first == run_dir_of(tiny_recipe)
     reference = records(first)
     reference_weights = torch.load(first / "last.pt", weights_only=True)["model"]
 
