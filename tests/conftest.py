@@ -135,6 +135,7 @@ def xdist_scope(nodeid: str) -> str:
     return XDIST_GROUPS.get(f"{module}::{name.split('[', 1)[0]}", XDIST_GROUPS.get(module, nodeid))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (-p no:xdist) nothing calls it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """pytest-xdist's scope scheduler with :func:`xdist_scope` as the scope (its own ``loadgroup``
     cannot group with this pytest: it renames ``item._nodeid``, which pytest 9.2 no longer reads)."""

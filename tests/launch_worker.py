@@ -2,8 +2,9 @@
 
 Arguments: the launch's root folder and a JSON list of ``[name, "module:function"]``. This process
 is one of a launch's (``WORLD_SIZE``, ``RANK`` set) or a process of its own. Job ``name`` writes
-under ``ROOT/world{W}/{name}``; ``done_rank{R}`` marks it finished on rank R (and says how long it took). A job that raises
-leaves ``error_rank{R}.txt`` and ends the process (its output is in ``log_rank{R}.txt``): a peer may be inside a collective it never reaches.
+under ``ROOT/world{W}/{name}``, its output goes to ``log_rank{R}.txt`` there, and ``done_rank{R}``
+marks it finished on rank R (saying how long it took). A job that raises leaves ``error_rank{R}.txt``
+and ends the process: a peer may be inside a collective it never reaches.
 """
 
 import contextlib

@@ -1,7 +1,7 @@
 """One launch for every library-level multi-process check of a test session.
 
-Starting a process that imports torch, torchvision, timm and Accelerate costs about 6 s of CPU on
-this project's machine, most of a small multi-process check. The checks that drive the library
+Starting a process that imports torch, torchvision, timm and Accelerate costs about 5 s of CPU on
+this project's machine (a 2-process launch 14 s), most of a small multi-process check. The checks that drive the library
 themselves (not the ``sandbox`` command) therefore share processes: one ``accelerate launch`` of 2
 CPU (gloo) processes, and one process of its own for the one-process references, each running the
 session's *jobs* one after another (``tests/launch_worker.py``).
@@ -81,7 +81,6 @@ class SharedLaunch:
             pytest.fail(f"launch job {name!r} failed on {world} process(es):\n" + "\n".join(p.read_text() for p in errors), False)
         pytest.fail(f"launch job {name!r} did not finish on rank(s) {missing} of {world} (an earlier job failed, or "
                     f"the launch did):\n{self.logs[world].read_text()[-4000:]}", False)
-
 
     def output(self, name: str, world: int = 2) -> str:
         """What job ``name``'s processes printed (standard output and error), rank after rank."""

@@ -18,14 +18,14 @@ def train_both_ways(folder: Path) -> None:
     """Launch job: the tiny recipe without ``sync_bn`` trained twice, the teacher's statistics averaged
     at every step and when read; saves ``{mode}_rank{i}.pt`` (the end teacher, and the processes' own
     statistics before the first average)."""
+    from accelerate.state import AcceleratorState
+
     from sandbox.recipe import load_resolved_recipe
     from sandbox.train.loop import start_run
 
     recipe_path = folder / "tiny.toml"
     recipe_path.write_text(TINY_RECIPE.format(output_dir=(folder / "runs").as_posix()))
     for mode in MODES:
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state()
         recipe, registry = load_resolved_recipe(recipe_path, [
             f"name={mode}", "train.iters=6", "train.sync_bn=false", "train.teacher_statistics=own", "train.threads=1",
