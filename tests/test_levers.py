@@ -164,16 +164,19 @@ def test_each_lever_trains_like_eager_float32_within_its_tolerance(tiny_recipe: 
 
 
 @pytest.mark.slow
-def test_compile_trains_like_eager_float32(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inductor on the tiny recipe (minutes on 2 CPU cores: compilation of each pass)."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # dropout: eager's random numbers
-    eager = train_synthetic(resolved(tiny_recipe, LEVERS_OFF))
-    AcceleratorState._reset_state()
-    torch._dynamo.reset()
-    try:
-        lever = train_synthetic(resolved(tiny_recipe, [*LEVERS_OFF, "train.compile=true"]))
-    finally:
+def test_compile_trains_like_eager_float32(tiny_recipe: Path) -> None:
+    """Inductor on the tiny recipe (minutes on 2 CPU cores: compilation of each pass).
+
+    The config's own ``patch`` (not pytest's monkeypatch, whose undo deletes the option from the
+    config module: a later compile in this process then fails on the missing ``fallback_random``)."""
+    with torch._inductor.config.patch(fallback_random=True):  # dropout: eager's random numbers
+        eager = train_synthetic(resolved(tiny_recipe, LEVERS_OFF))
+        AcceleratorState._reset_state()
         torch._dynamo.reset()
+        try:
+            lever = train_synthetic(resolved(tiny_recipe, [*LEVERS_OFF, "train.compile=true"]))
+        finally:
+            torch._dynamo.reset()
     assert_close(lever, eager, Tolerance(loss_rtol=1e-5, param_atol=1e-5))
 
 
