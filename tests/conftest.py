@@ -64,12 +64,17 @@ def _single_thread() -> None:
     torch.set_num_threads(threads)
 
 
+def write_tiny_recipe(folder: Path) -> Path:
+    """``folder/tiny.toml``: :data:`TINY_RECIPE` writing its runs under ``folder/runs``."""
+    path = folder / "tiny.toml"
+    path.write_text(TINY_RECIPE.format(output_dir=(folder / "runs").as_posix()))
+    return path
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     """A DDFP recipe of a few iterations on tiny generated data, writing under ``tmp_path/runs``."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_RECIPE.format(output_dir=(tmp_path / "runs").as_posix()))
-    return path
+    return write_tiny_recipe(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +84,8 @@ def _trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sandbox.cli import main
 
     root = tmp_path_factory.mktemp("trained_tiny")
-    recipe = root / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(output_dir=(root / "runs").as_posix()))
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", str(recipe)])
+        main(["run", str(write_tiny_recipe(root))])
     assert exit_info.value.code == 0
     return root
 

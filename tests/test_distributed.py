@@ -36,13 +36,12 @@ def train_recording_writes(folder: Path, overrides: list[str]) -> None:
     :class:`Trainer` and save this rank's end state to ``folder/rank{i}.pt``: teacher and student weights,
     the reduced confusion matrix, the optimizer's learning rate, and every run-directory write a
     non-main process attempted (recorded instead of done)."""
-    from conftest import TINY_RECIPE
+    from conftest import write_tiny_recipe
     from sandbox.train import loop
     from sandbox.train.evaluate import build_val_view, evaluate, val_loader
     from sandbox.train.student_pass import network_of
 
-    recipe_path = folder / "tiny.toml"
-    recipe_path.write_text(TINY_RECIPE.format(output_dir=(folder / "runs").as_posix()))
+    recipe_path = write_tiny_recipe(folder)
     registry = load_registry()
     recipe = resolve_components(load_recipe(recipe_path, overrides), registry)
     run_dir = RunDirectory.for_recipe(recipe)
@@ -278,12 +277,11 @@ GMM_RUN = ["density.name=gmm", "train.iters=12", "train.checkpoint_every=3", "tr
 def train_gmm_uninterrupted(folder: Path) -> None:
     """Launch job: :data:`GMM_RUN` trained to the end (``folder/runs/tiny/seed3``), what ``sandbox run``
     does on these processes."""
-    from conftest import TINY_RECIPE
+    from conftest import write_tiny_recipe
     from sandbox.recipe import load_resolved_recipe
     from sandbox.train.loop import start_run
 
-    recipe_path = folder / "tiny.toml"
-    recipe_path.write_text(TINY_RECIPE.format(output_dir=(folder / "runs").as_posix()))
+    recipe_path = write_tiny_recipe(folder)
     recipe, registry = load_resolved_recipe(recipe_path, GMM_RUN, [])
     start_run(recipe, registry, resume=False, overwrite=False).train()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY_RECIPE
+from conftest import write_tiny_recipe
 from shared_launch import Job, SharedLaunch
 
 MODES = ("each_step", "when_read")
@@ -23,8 +23,7 @@ def train_both_ways(folder: Path) -> None:
     from sandbox.recipe import load_resolved_recipe
     from sandbox.train.loop import start_run
 
-    recipe_path = folder / "tiny.toml"
-    recipe_path.write_text(TINY_RECIPE.format(output_dir=(folder / "runs").as_posix()))
+    recipe_path = write_tiny_recipe(folder)
     for mode in MODES:
         AcceleratorState._reset_state()
         recipe, registry = load_resolved_recipe(recipe_path, [
