@@ -38,6 +38,24 @@ def sum_over_processes(values: Tensor) -> Tensor:
     return values
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward pass all-reduces the incoming gradients (see
+    :func:`differentiable_sum_over_processes`). torch's own ``torch.distributed.nn.functional.all_reduce``
+    does the same but is deprecated (a FutureWarning on every process at each first call)."""
+
+    @staticmethod
+    def forward(ctx: object, values: Tensor) -> Tensor:  # noqa: D102 - autograd's protocol
+        summed = values.clone()
+        torch.distributed.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx: object, gradient: Tensor) -> Tensor:  # noqa: D102 - autograd's protocol
+        summed = gradient.contiguous().clone()
+        torch.distributed.all_reduce(summed)
+        return summed
+
+
 def differentiable_sum_over_processes(values: Tensor) -> Tensor:
     """``values`` summed over every process, with gradients flowing back to each process's share.
 
@@ -47,9 +65,7 @@ def differentiable_sum_over_processes(values: Tensor) -> Tensor:
     """
     if process_count() == 1:
         return values
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(values)
+    return _SumOverProcesses.apply(values)
 
 
 def share_of_total(count: Tensor, total: Tensor) -> Tensor:

@@ -203,9 +203,17 @@ class TrainSection(Section):
     sync_bn: bool = Field(
         False,
         description=(
-            "the student's and the teacher's BatchNorms normalise over every process's batch (SyncBatchNorm on "
-            "CUDA, the same statistics through gloo on CPU processes): N processes then train what one process "
+            "the student's and the teacher's BatchNorms normalise over every process's batch (one all-reduce per "
+            "layer, no host-device synchronisation; see sync_bn_impl): N processes then train what one process "
             "trains on the concatenated batch"
+        ),
+    )
+    sync_bn_impl: Literal["sandbox", "torch"] = Field(
+        "sandbox",
+        description=(
+            "the class that synchronises BatchNorm with sync_bn: 'sandbox' (the project's, on every device, the one "
+            "the parity tests prove) or 'torch' (torch's SyncBatchNorm, CUDA only: a host-device synchronisation "
+            "in every BatchNorm layer of every training pass; kept for comparison)"
         ),
     )
 

@@ -26,66 +26,88 @@ def make_model() -> nn.Sequential:
     )
 
 
-def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Six images of different scales (processes' means differ) and loss weights."""
+CASES: dict[str, tuple[tuple[int, int], bool]] = {
+    "even": ((3, 3), False),
+    "uneven": ((3, 1), False),
+    "one_each": ((1, 1), False),
+    "empty_process": ((0, 4), False),
+    "batch_of_one": ((1, 0), False),
+    "channels_last": ((2, 3), True),
+}
+"""Each case: how many images each of 2 processes holds, and whether model and images are channels_last.
+Unequal splits are what tell a count-weighted combination of the processes' statistics from a plain average."""
+
+
+def make_batch(images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` images of different scales (processes' means differ) and loss weights."""
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(6, 3, 5, 7, generator=generator) * torch.arange(1, 7).view(6, 1, 1, 1) + 2.0
-    return images, torch.randn(6, 4, 5, 7, generator=generator)
+    batch = torch.randn(images, 3, 5, 7, generator=generator) * torch.arange(1, images + 1).view(images, 1, 1, 1) + 2.0
+    return batch, torch.randn(images, 4, 5, 7, generator=generator)
 
 
-def loss_of(output: torch.Tensor, weights: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean over every process's elements: this process's sum x processes / all elements."""
-    return (output * weights).pow(2).sum() * world / (output.numel() * world)
+def loss_of(output: torch.Tensor, weights: torch.Tensor, world: int, elements: int) -> torch.Tensor:
+    """The mean over every process's ``elements``: this process's sum x processes / all elements (DDP averages)."""
+    return (output * weights).pow(2).sum() * world / elements
 
 
 def normalise_this_process_share(folder: Path) -> None:
-    """Launch job: three train-mode steps and one eval-mode pass of :func:`make_model` on this process's
-    share of :func:`make_batch` (BatchNorm synchronised on several processes); saves ``rank{i}.pt``."""
+    """Launch job: for each of :data:`CASES`, three train-mode steps and one eval-mode pass of
+    :func:`make_model` on this process's share of the case's batch (one process: the whole batch;
+    BatchNorm synchronised on several); saves ``CASE/rank{i}.pt``."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         process_group()
     rank = dist.get_rank() if world > 1 else 0
-    model = make_model()
-    if world > 1:
-        synchronise_batchnorm(model, torch.device("cpu"))
-    images, weights = make_batch()
-    images = images.chunk(world)[rank].clone().requires_grad_(True)
-    weights = weights.chunk(world)[rank]
-    outputs = []
-    for _ in range(3):  # three train-mode steps: running statistics accumulate
-        model.zero_grad()
-        output = model(images)
-        loss = loss_of(output, weights, world)
-        loss.backward()
-        outputs.append(output.detach())
-        if world > 1:  # as DDP: gradients averaged over processes
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= 0.1 * p.grad
-    model.eval()
-    evaluated = model(images.detach())
-    torch.save({
-        "outputs": outputs, "input_grad": images.grad, "evaluated": evaluated.detach(),
-        "state": model.state_dict(), "grads": {k: p.grad for k, p in model.named_parameters()},
-    }, folder / f"rank{rank}.pt")
+    for case, (split, channels_last) in CASES.items():
+        model = make_model()
+        if world > 1:
+            synchronise_batchnorm(model, torch.device("cpu"))
+        images, weights = make_batch(sum(split))
+        if world > 1:
+            images, weights = images.split(split)[rank], weights.split(split)[rank]
+        elements = sum(split) * 4 * 5 * 7  # every process's output elements
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.clone().requires_grad_(True)
+        outputs = []
+        for _ in range(3):  # three train-mode steps: running statistics accumulate
+            model.zero_grad()
+            output = model(images)
+            loss = loss_of(output, weights, world, elements)
+            loss.backward()
+            outputs.append(output.detach())
+            if world > 1:  # as DDP: gradients averaged over processes
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        model.eval()
+        evaluated = model(images.detach())
+        (folder / case).mkdir(exist_ok=True)
+        torch.save({
+            "outputs": outputs, "input_grad": images.grad, "evaluated": evaluated.detach(),
+            "channels_last": output.is_contiguous(memory_format=torch.channels_last) and len(output) > 1,
+            "state": model.state_dict(), "grads": {k: p.grad for k, p in model.named_parameters()},
+        }, folder / case / f"rank{rank}.pt")
 
 
 LAUNCH_JOBS = {"sync_batchnorm": Job(normalise_this_process_share, worlds=(1, 2))}
 
 
-def rank_results(shared_launch: SharedLaunch, world: int) -> list[dict]:
-    """What each of the ``world`` processes of the launch job saved."""
-    folder = shared_launch.folder("sync_batchnorm", world)
+def rank_results(shared_launch: SharedLaunch, world: int, case: str) -> list[dict]:
+    """What each of the ``world`` processes of the launch job saved for ``case``."""
+    folder = shared_launch.folder("sync_batchnorm", world) / case
     return [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
 
 
-def test_two_processes_normalise_as_one_process_on_the_concatenated_batch(shared_launch: SharedLaunch) -> None:
-    (single,), pair = rank_results(shared_launch, 1), rank_results(shared_launch, 2)
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_normalise_as_one_process_on_the_concatenated_batch(shared_launch: SharedLaunch, case: str) -> None:
+    (single,), pair = rank_results(shared_launch, 1, case), rank_results(shared_launch, 2, case)
     close = dict(rtol=1e-4, atol=1e-5)
     for step in range(3):
         torch.testing.assert_close(torch.cat([r["outputs"][step] for r in pair]), single["outputs"][step], **close)
@@ -98,6 +120,8 @@ def test_two_processes_normalise_as_one_process_on_the_concatenated_batch(shared
         for key, value in single["grads"].items():
             torch.testing.assert_close(rank["grads"][key], value, **close, msg=f"gradient of {key}")
     assert int(pair[0]["state"]["1.num_batches_tracked"]) == 3
+    if CASES[case][1]:
+        assert single["channels_last"] and any(r["channels_last"] for r in pair), "the outputs keep channels_last"
 
 
 def test_conversion_keeps_parameters_keys_and_plain_behaviour_on_one_process() -> None:
@@ -121,3 +145,12 @@ def test_a_batchnorm_with_its_own_forward_is_refused_by_name() -> None:
 
     with pytest.raises(SandboxError, match=r"train.sync_bn: 1 is a .*Custom"):
         synchronise_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), Custom(4)), torch.device("cpu"))
+
+
+def test_torch_syncbatchnorm_is_refused_off_cuda_and_an_unknown_class_by_name() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(SandboxError, match=r"train.sync_bn_impl = 'torch': .*CUDA.*'cpu'"):
+        synchronise_batchnorm(model, torch.device("cpu"), "torch")
+    with pytest.raises(SandboxError, match=r"train.sync_bn_impl = 'apex': expected one of sandbox, torch"):
+        synchronise_batchnorm(model, torch.device("cpu"), "apex")
+    assert type(model[1]) is nn.BatchNorm2d, "a refused conversion leaves the model as it was"

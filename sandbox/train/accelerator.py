@@ -86,16 +86,18 @@ def scaled_lr(lr: float, batch_size: int, num_processes: int, reference_total_ba
     return lr * batch_size * num_processes / reference_total_batch
 
 
-def maybe_sync_batchnorm(model: nn.Module, accelerator: Accelerator, enabled: bool) -> nn.Module:
+def maybe_sync_batchnorm(
+    model: nn.Module, accelerator: Accelerator, enabled: bool, implementation: str = "sandbox"
+) -> nn.Module:
     """``model`` whose BatchNorms normalise over every process's batch when ``enabled`` and several processes run.
 
-    On CUDA devices torch's SyncBatchNorm; on CPU (gloo) processes the same statistics through
-    :mod:`sandbox.train.sync_batchnorm`. A single process keeps BatchNorm (nothing to sync). Call
-    before ``accelerator.prepare`` (the student) and on the teacher alike.
+    ``implementation``: ``train.sync_bn_impl`` (:mod:`sandbox.train.sync_batchnorm`). A single
+    process keeps BatchNorm (nothing to sync). Call before ``accelerator.prepare`` (the student)
+    and on the teacher alike.
     """
     if not enabled or accelerator.num_processes == 1:
         return model
-    return synchronise_batchnorm(model, accelerator.device)
+    return synchronise_batchnorm(model, accelerator.device, implementation)
 
 
 @torch.no_grad()

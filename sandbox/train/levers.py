@@ -33,11 +33,22 @@ class Networks:
     """On the accelerator's device, without gradients (never prepared)."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    buffers_agree: bool = False
+    """Every process computes the same buffers (``train.sync_bn``): DDP need not broadcast them."""
 
     def prepare(self, accelerator: Accelerator) -> tuple[torch.nn.Module, Any, Any]:
         """``accelerator.prepare`` of the student's training pass (:class:`StudentPass`: what DDP wraps),
-        the optimizer and the schedule."""
-        return accelerator.prepare(StudentPass(self.student), self.optimizer, self.scheduler)
+        the optimizer and the schedule.
+
+        DDP makes every process's buffers the main process's when it wraps the model; with
+        :attr:`buffers_agree` it does not broadcast them again before each forward pass (a
+        collective per pass that would change nothing: ``sync_bn`` takes BatchNorm's running
+        statistics to be the only buffers a forward pass changes).
+        """
+        model, optimizer, scheduler = accelerator.prepare(StudentPass(self.student), self.optimizer, self.scheduler)
+        if self.buffers_agree and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.broadcast_buffers = False  # torch >= 2.14 calls it forward_sync_buffers; this setter stays
+        return model, optimizer, scheduler
 
 
 def image_methods(network: SegmentationNetwork) -> list[str]:
@@ -123,8 +134,11 @@ def build_networks(model: SegmentationNetwork, accelerator: Accelerator, setting
     not copied). The student moves to its device in :meth:`Networks.prepare`, which the caller runs.
     """
     device = accelerator.device
-    teacher = maybe_sync_batchnorm(copy.deepcopy(model), accelerator, settings.sync_bn)
+    teacher = maybe_sync_batchnorm(copy.deepcopy(model), accelerator, settings.sync_bn, settings.sync_bn_impl)
     teacher = apply_network_levers(teacher.requires_grad_(False).to(device), settings, device)
-    student = apply_network_levers(maybe_sync_batchnorm(model, accelerator, settings.sync_bn), settings, device)
+    student = apply_network_levers(
+        maybe_sync_batchnorm(model, accelerator, settings.sync_bn, settings.sync_bn_impl), settings, device
+    )
     optimizer, scheduler = build_optimizer(student, settings, lr)
-    return Networks(student, teacher, optimizer, scheduler)
+    buffers_agree = settings.sync_bn and accelerator.num_processes > 1
+    return Networks(student, teacher, optimizer, scheduler, buffers_agree)

@@ -1,12 +1,18 @@
 """BatchNorm over the batch of every process (``train.sync_bn``), on any device.
 
-On CUDA devices the BatchNorms become torch's ``SyncBatchNorm`` (timm's converter, which also
-keeps timm's ``BatchNormAct2d`` activation). torch's ``SyncBatchNorm`` runs on CUDA only, so on
-other devices (CPU processes talking through gloo: the tests, CPU clusters) each BatchNorm's class
-is swapped for a subclass that computes the same thing with one differentiable all-reduce per
-layer: the statistics of the global batch in the forward pass, and in the backward pass the
-gradient of every process's loss with respect to them. Parameters, buffers, state-dict keys and
-hooks stay those of the original module, so checkpoints load with or without ``sync_bn``.
+By default (``train.sync_bn_impl = "sandbox"``) each BatchNorm's class is swapped for a subclass
+that computes the statistics of the global batch with one differentiable all-reduce per layer: in
+the forward pass the statistics, in the backward pass the gradient of every process's loss with
+respect to them. It never waits for the device (the counts are the shapes' numbers), runs on CUDA
+(NCCL or gloo) and CPU (gloo) processes alike, and is the class the 1-vs-N parity tests prove.
+Parameters, buffers, state-dict keys and hooks stay those of the original module, so checkpoints
+load with or without ``sync_bn``.
+
+``train.sync_bn_impl = "torch"`` (CUDA only) converts them to torch's ``SyncBatchNorm`` instead
+(timm's converter, which keeps timm's ``BatchNormAct2d`` activation): the same statistics, but its
+forward selects the non-empty processes' counts with a boolean mask, a host-device
+synchronisation in every BatchNorm layer of every train-mode pass. It stays selectable for
+comparison (``benchmarks/gpu_check.sh`` times both).
 """
 
 from __future__ import annotations
@@ -96,13 +102,25 @@ def _plain_forward(cls: type) -> bool:
     return cls.forward is _BatchNorm.forward
 
 
-def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+IMPLEMENTATIONS = ("sandbox", "torch")
+"""The values of ``train.sync_bn_impl``: this module's :class:`ProcessGroupBatchNorm`, or torch's SyncBatchNorm."""
+
+
+def synchronise_batchnorm(model: nn.Module, device: torch.device, implementation: str = "sandbox") -> nn.Module:
     """``model`` with every BatchNorm normalising over the batch of every process.
 
-    CUDA: torch's SyncBatchNorm (new modules, same parameters). Other devices: each BatchNorm's
-    class swapped for its :class:`ProcessGroupBatchNorm` subclass in place. A BatchNorm subclass
-    with a forward of its own cannot be synchronised faithfully: a one-line error names it.
+    ``implementation`` "sandbox": each BatchNorm's class swapped for its
+    :class:`ProcessGroupBatchNorm` subclass in place, on any device. "torch": torch's
+    SyncBatchNorm (new modules, same parameters), CUDA only. A BatchNorm subclass with a forward
+    of its own cannot be synchronised faithfully: a one-line error names it.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise SandboxError(f"train.sync_bn_impl = {implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation == "torch" and device.type != "cuda":
+        raise SandboxError(
+            f"train.sync_bn_impl = 'torch': torch's SyncBatchNorm runs on CUDA devices only, this process's device "
+            f"is {device.type!r}; set sync_bn_impl = 'sandbox' (the same statistics on every device)"
+        )
     norms = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
     for name, module in norms:
         if not isinstance(module, ProcessGroupBatchNorm) and not _plain_forward(type(module)):
@@ -110,7 +128,7 @@ def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
                 f"train.sync_bn: {name or 'the model'} is a {type(module).__qualname__}, a BatchNorm with its own forward "
                 "that cannot be synchronised across processes; set sync_bn = false or use torch's BatchNorm"
             )
-    if device.type == "cuda":
+    if implementation == "torch":
         from timm.layers import convert_sync_batchnorm
 
         return convert_sync_batchnorm(model)
@@ -126,4 +144,4 @@ def is_synchronised(model: nn.Module) -> bool:
     return bool(norms) and all(isinstance(m, (nn.SyncBatchNorm, ProcessGroupBatchNorm)) for m in norms)
 
 
-__all__ = ["ProcessGroupBatchNorm", "global_batch_statistics", "is_synchronised", "synchronise_batchnorm"]
+__all__ = ["IMPLEMENTATIONS", "ProcessGroupBatchNorm", "global_batch_statistics", "is_synchronised", "synchronise_batchnorm"]
