@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sandbox.host_side import host_side
+
 
 def process_count() -> int:
     """The number of processes of an initialised torch.distributed group (1 without one)."""
@@ -24,6 +26,36 @@ def process_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+_HOST_GROUPS: dict[int, object] = {}
+"""The gloo group for host tensors, by the id of the default group it accompanies (made once)."""
+
+
+def host_group() -> object | None:
+    """A process group that all-reduces tensors in host memory without touching a device: None (the
+    default group) when the default backend handles CPU tensors (gloo, or a backend per device type
+    with gloo for the CPU), else a gloo group over the same processes, made on the first call (every
+    process must make that call, at the same point)."""
+    if "gloo" in str(torch.distributed.get_backend()):
+        return None
+    key = id(torch.distributed.group.WORLD)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = torch.distributed.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+@host_side
+def host_values_of_every_process(value: int) -> list[int]:
+    """Every process's ``value`` (a host number, e.g. a tensor's size), in rank order: one all-reduce of
+    host memory (:func:`host_group`), so the host never waits for a device. ``[value]`` on one process."""
+    processes = process_count()
+    if processes == 1:
+        return [value]
+    slots = torch.zeros(processes, dtype=torch.int64)
+    slots[process_rank()] = value
+    torch.distributed.all_reduce(slots, group=host_group())
+    return slots.tolist()
 
 
 def sum_over_processes(values: Tensor) -> Tensor:

@@ -30,7 +30,10 @@ def host_side(function: Function) -> Function:
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     """``tensor`` (in host memory) on ``device``: on a GPU through pinned memory, copied
-    asynchronously (the host does not wait); elsewhere as it is, or a plain copy."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    asynchronously (the host does not wait); elsewhere a plain copy, or on the same device a
+    tensor object of its own sharing the memory (as on a GPU, the host's tensor and the device's
+    stay two objects: a tool that tells them apart, the tests' sync counter, sees which one code uses)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    moved = tensor.to(device)
+    return moved.detach() if moved is tensor else moved

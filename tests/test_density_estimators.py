@@ -148,6 +148,32 @@ def test_an_update_whose_nll_is_not_finite_is_undone_on_the_device(name: str, op
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_a_first_update_whose_nll_is_not_finite_leaves_zero_moments(name: str, options: dict[str, Any]) -> None:
+    """The very first update undone: the parameters as they were just before it (after gmm's data
+    initialisation), Adam's moments zeros, its step count advanced."""
+    torch.manual_seed(0)
+    x, y = make_clusters(200, 8, 3, torch.Generator().manual_seed(2))
+    x[0, 0] = float("inf")
+    est = build(name, 8, 3, 10, **options)
+    step_if_finite, before = est._step_if_finite, {}
+
+    def snapshot_then_step(finite: Tensor) -> None:
+        assert not est.optimizer.state, "no moments before the first update"
+        before.update(copy.deepcopy(est.state_dict()))
+        step_if_finite(finite)
+
+    est._step_if_finite = snapshot_then_step
+    assert not math.isfinite(est.fit_step(x, y)["nll"])
+    assert before
+    for key, value in est.state_dict().items():  # gmm's means initialised from the infinite pixel are not finite
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    for index, state in est.optimizer.state_dict()["state"].items():
+        assert int(state["step"]) == 1, f"Adam {index}: the step count advances"
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], torch.zeros_like(state[key])), f"Adam {index} {key}"
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
 def test_checkpoint_round_trip_gives_identical_next_update(name: str, options: dict[str, Any]) -> None:
     """A resumed estimator (through torch.save) makes exactly the same next update."""
     torch.manual_seed(0)

@@ -7,18 +7,23 @@ GPU (``-m gpu``) CUDA's own detector counts them (``torch.cuda.set_sync_debug_mo
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import pytest
 import torch
 
 from host_syncs import counting_host_syncs
+from shared_launch import Job, SharedLaunch
+from sandbox.host_side import host_side
 from sandbox.recipe import load_resolved_recipe
 from sandbox.train.log_window import LogWindow
 from sandbox.train.loop import start_run
+from sandbox.train.step import LabeledBatch, UnlabeledBatch
 
 UNIMATCH = [
     "model.mix_bn=false", "model.dropout=0.0", "perturbation.name=dropout", "train.pseudo_labels=student",
@@ -31,19 +36,23 @@ METHODS = {
     "none": ["perturbation.name=none"],
     "dropout": ["perturbation.name=dropout"],
     "unimatch": UNIMATCH,
+    "ddfp_nflows": ["density.name=nflows"],
 }
 
 
-def syncs_per_step(recipe_path: Path, method: str, counter: Callable[[], ContextManager[list]]) -> dict[int, list]:
-    """Train the tiny recipe with ``method``; what ``counter`` recorded during each iteration, by step."""
+def syncs_per_step(
+    recipe_path: Path, method: str, counter: Callable[[tuple], ContextManager[list]], extra: Sequence[str] = ()
+) -> dict[int, list]:
+    """Train the tiny recipe with ``method`` (and ``extra`` settings); what ``counter`` recorded during
+    each iteration (given the iteration's batches), by step."""
     settings = ["train.iters=6", "train.threshold=0.3", "train.log_every=100", "train.eval_every=100",
-                "train.checkpoint_every=100", *METHODS[method]]
+                "train.checkpoint_every=100", *METHODS[method], *extra]
     recipe, registry = load_resolved_recipe(recipe_path, settings, [])
     trainer = start_run(recipe, registry, resume=False, overwrite=True)
     iteration, counted = trainer.iteration, {}
 
     def counting(step: int, *batches: object) -> object:
-        with counter() as calls:
+        with counter(batches) as calls:
             result = iteration(step, *batches)
         counted[step] = calls
         return result
@@ -57,8 +66,15 @@ def syncs_per_step(recipe_path: Path, method: str, counter: Callable[[], Context
 
 
 @contextmanager
-def counted_host_syncs() -> Iterator[list]:
+def counted_host_syncs(batches: tuple) -> Iterator[list]:
+    """:func:`counting_host_syncs` with the batches' device copies marked as device tensors (their
+    host copies, ``host_masks`` and ``host_padding``, are the host's)."""
     with counting_host_syncs() as syncs:
+        for batch in batches:
+            if isinstance(batch, LabeledBatch):
+                syncs.mark_device(batch.images, batch.masks)
+            elif isinstance(batch, UnlabeledBatch):
+                syncs.mark_device(batch.weak, batch.strong, batch.padding, batch.strong2)
         yield syncs.calls
 
 
@@ -66,11 +82,50 @@ def counted_host_syncs() -> Iterator[list]:
 def test_a_training_step_waits_for_the_device_once(tiny_recipe: Path, method: str) -> None:
     for step, calls in syncs_per_step(tiny_recipe, method, counted_host_syncs).items():
         assert len(calls) == 1, f"step {step}: {calls}"
-        assert calls[0][0] == "_local_scalar_dense" and "iteration.py" in calls[0][1], calls
+        assert calls[0][0] == "item" and "iteration.py" in calls[0][1], calls
+
+
+TWO_PROCESSES = {
+    "ddfp_glow": ["train.sync_bn=true"],
+    "ddfp_gmm": [],
+    "ddfp_nflows": [],
+    "unimatch": ["train.sync_bn=true"],
+}
+"""The methods counted on 2 processes (every framework and estimator), with extra settings: BatchNorm
+synchronised over the processes for one of each framework."""
+
+
+def count_on_this_process(folder: Path) -> None:
+    """Launch job: the syncs of each step of each of :data:`TWO_PROCESSES` on this process, saved to
+    ``syncs_rank{i}.json`` as ``{method: {step: [[name, where], ...]}}``."""
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(folder)
+    counted = {method: syncs_per_step(recipe, method, counted_host_syncs, extra)
+               for method, extra in TWO_PROCESSES.items()}
+    rank = int(os.environ["RANK"])
+    (folder / f"syncs_rank{rank}.json").write_text(json.dumps(counted))
+
+
+LAUNCH_JOBS = {"host_syncs": Job(count_on_this_process, worlds=(2,))}
+
+
+def test_a_training_step_waits_for_the_device_once_on_two_processes(shared_launch: SharedLaunch) -> None:
+    """On several processes too: the estimator's pixel counts are exchanged in host memory, the
+    synchronised BatchNorm reads nothing, the non-finite check is agreed on the device."""
+    folder = shared_launch.folder("host_syncs", 2)
+    for rank in range(2):
+        counted = json.loads((folder / f"syncs_rank{rank}.json").read_text())
+        assert sorted(counted) == sorted(TWO_PROCESSES)
+        for method, steps in counted.items():
+            assert steps, method
+            for step, calls in steps.items():
+                assert len(calls) == 1, f"rank {rank}, {method}, step {step}: {calls}"
+                assert calls[0][0] == "item" and "iteration.py" in calls[0][1], calls
 
 
 @contextmanager
-def cuda_sync_warnings() -> Iterator[list]:
+def cuda_sync_warnings(batches: tuple) -> Iterator[list]:
     """CUDA's synchronisation warnings raised inside the block."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -91,16 +146,37 @@ def test_a_cuda_training_step_synchronises_once(tiny_recipe: Path, method: str) 
         assert len(calls) == 1, f"step {step}: {calls}"
 
 
+@host_side
+def host_work(values: torch.Tensor) -> list:
+    """Host-side code: free with a host tensor, counted with a device tensor."""
+    return (values > 2).nonzero().flatten().tolist()
+
+
 def test_the_sync_counter_sees_what_synchronises() -> None:
-    """It counts scalar reads, data-dependent shapes and copies to the host (it can fail)."""
-    values = torch.arange(6.0)
+    """It counts scalar reads, data-dependent shapes, copies to the host and device tensors handed to
+    host-side code (it can fail); host tensors in host-side code and moves to the run's device are free."""
+    host = torch.arange(6.0)
     with counting_host_syncs() as syncs:
+        values = host * 1  # made while counting, outside host-side code: a device tensor
         values.sum().item()
         values[values > 2]
         values.nonzero()
         values.tolist()
+        values.numpy()
+        bool(values[0]), int(values[1]), float(values[2])
+        values.cpu()
+        values.to("cpu")
+        values.to(values.device)  # a move to the run's device (on a GPU: stays there)
+        host.cpu()  # a host tensor stays where it is
         torch.where(values > 2, values, 0.0)  # no sync
-    assert [name for name, _ in syncs.calls] == ["_local_scalar_dense", "index", "nonzero", "tolist"]
+        assert host_work(host) == [3, 4, 5]
+        assert not syncs.calls[11:], syncs.summary()
+        host_work(values)
+    assert [name for name, _ in syncs.calls] == [
+        "item", "index", "nonzero", "tolist", "numpy", "__bool__", "__int__", "__float__", "cpu", "to",
+        "device tensor in host-side code: gt", "device tensor in host-side code: nonzero",
+        "device tensor in host-side code: flatten", "tolist",
+    ]
 
 
 def test_logging_a_step_never_reads_the_device() -> None:

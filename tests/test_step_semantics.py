@@ -284,14 +284,18 @@ def test_own_teacher_statistics_need_a_train_mode_teacher() -> None:
 
 
 
-def test_the_perturbation_size_relative_to_the_features_is_logged() -> None:
-    step, *_ = make_step()
+def test_the_perturbation_size_relative_to_the_features_is_logged_on_log_steps() -> None:
+    step, *_ = make_step(log_every=3, iters=10, warmup_iters=0)
     labeled, unlabeled = batches()
     unlabeled.strong[:] = 0.0
     unlabeled.strong[:, 0] = 4.0  # norm 4 everywhere; the stub perturbation adds 1 to each of 3 channels
-    _, logs = step.semi_supervised(5, StubModel(), StubModel(), labeled, unlabeled)
-    assert logs["perturbation_relative_norm"].item() == pytest.approx(3**0.5 / 4)
-    _, logs = make_step()[0].semi_supervised(4, StubModel(), StubModel(), labeled, unlabeled)
+    for index in (5, 8, 9):  # the 6th, 9th and last (10th) iterations write a log line
+        _, logs = step.semi_supervised(index, StubModel(), StubModel(), labeled, unlabeled)
+        assert logs["perturbation_relative_norm"].item() == pytest.approx(3**0.5 / 4)
+    for index in (6, 7):
+        _, logs = step.semi_supervised(index, StubModel(), StubModel(), labeled, unlabeled)
+        assert "loss_perturbed" in logs and "perturbation_relative_norm" not in logs, "computed for log lines only"
+    _, logs = make_step(log_every=1)[0].semi_supervised(4, StubModel(), StubModel(), labeled, unlabeled)
     assert "perturbation_relative_norm" not in logs, "no perturbed view before perturbation_start_iters"
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sandbox.density.mixture_prior import GaussianMixturePrior
 from sandbox.api import DensityEstimator
-from sandbox.distributed import process_count, process_rank, sum_over_processes
+from sandbox.distributed import host_values_of_every_process, process_count, process_rank
 
 
 def require_positive(**values: int) -> None:
@@ -47,16 +47,6 @@ def proportional_shares(counts: list[int], budget: int) -> list[int]:
     for index in order[: budget - sum(shares)]:
         shares[index] += 1
     return shares
-
-
-def pixel_counts_of_every_process(count: int, device: torch.device) -> list[int]:
-    """Every process's pixel count, in rank order (one all-reduce; ``[count]`` on one process)."""
-    processes = process_count()
-    if processes == 1:
-        return [count]
-    slots = torch.zeros(processes, dtype=torch.int64, device=device)
-    slots[process_rank()] = count
-    return [int(value) for value in sum_over_processes(slots).tolist()]
 
 
 def pool_gradients_and_sum(parameters: list[nn.Parameter], weight: float, summary: Tensor, total: int) -> Tensor:
@@ -148,15 +138,15 @@ class OnlineMixtureDensity(DensityEstimator):
         pixels (absent when none is labeled). With no pixels at all, no update is made (the
         schedule still advances) and ``nll`` is NaN; a process without pixels contributes nothing.
 
-        Nothing here waits for the device on one process (on several, the pixel counts are read
-        once): ``nll`` and ``accuracy`` are returned as tensors, and an update whose NLL is not
+        Nothing here waits for the device (on several processes the pixel counts, sizes known to
+        the host, are exchanged in host memory): ``nll`` and ``accuracy`` are returned as tensors, and an update whose NLL is not
         finite (on any process) is undone on the device (:meth:`_step_if_finite`).
         """
         lr = float(self.optimizer.param_groups[0]["lr"])
         features, labels = features.detach(), labels.detach()
         count = features.shape[0]
         processes = process_count()
-        counts = pixel_counts_of_every_process(count, self.prior.means.device)
+        counts = host_values_of_every_process(count)  # sizes are host numbers: exchanged in host memory
         shares = proportional_shares(counts, self.sampled_pixels)
         share = shares[process_rank()]
         if sum(counts) == 0:
@@ -196,19 +186,21 @@ class OnlineMixtureDensity(DensityEstimator):
         memory, advances either way). Decided on the device: the host does not wait."""
         parameters = [p for p in self.parameters() if p.grad is not None]
         moments = ("exp_avg", "exp_avg_sq")
-        before = [
-            (p.detach().clone(), [self.optimizer.state[p][name].clone() for name in moments] if self.optimizer.state.get(p) else None)
-            for p in parameters
-        ]
+        if not parameters:  # no gradient reached any parameter: nothing to update or undo
+            self.optimizer.step()
+            return
+        with torch.no_grad():  # one flat vector: every parameter, then every exp_avg, then every exp_avg_sq
+            before = torch.cat([p.reshape(-1) for p in parameters] + [
+                self.optimizer.state[p][name].reshape(-1) if self.optimizer.state.get(p) else p.new_zeros(p.numel())
+                for name in moments for p in parameters  # a first update's moments were zeros
+            ])
         torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip)
         self.optimizer.step()
-        with torch.no_grad():
-            for parameter, (old, old_moments) in zip(parameters, before):
-                parameter.copy_(torch.where(finite, parameter, old))
-                state = self.optimizer.state[parameter]
-                for index, name in enumerate(moments):  # a first update's moments were zeros
-                    previous = old_moments[index] if old_moments is not None else torch.zeros_like(state[name])
-                    state[name].copy_(torch.where(finite, state[name], previous))
+        with torch.no_grad():  # the same vector after the step, then each tensor's part of the chosen one copied back
+            tensors = parameters + [self.optimizer.state[p][name] for name in moments for p in parameters]
+            after = torch.cat([t.reshape(-1) for t in tensors])
+            kept = torch.where(finite, after, before).split([t.numel() for t in tensors])
+            torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(kept, tensors)])
 
     def optimizer_state(self) -> dict[str, Any]:
         """Adam's and the learning-rate schedule's state dicts."""

@@ -48,7 +48,7 @@ from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import beat, collective_free, shared_failures
 from sandbox.train.iteration import TrainingIteration, reads_teacher
 from sandbox.train.levers import build_networks
-from sandbox.train.log_window import LogWindow
+from sandbox.train.log_window import LogWindow, is_log_step
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
     COMPLETE_MARKER,
@@ -519,7 +519,7 @@ class Trainer:
                     self.state.consecutive_nonfinite += 0 if finite else 1
                     if not finite:
                         warned = self._warn_nonfinite(reporter, logs, warned)
-                if self.state.step % settings.log_every == 0 or self.state.step == settings.iters:
+                if is_log_step(step, settings):  # state.step == step + 1 finished iterations
                     elapsed = time.perf_counter() - window_start
                     self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
                     means = mean_over_processes(window.means())

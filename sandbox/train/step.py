@@ -19,6 +19,7 @@ from sandbox.host_side import host_side, to_device
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
 from sandbox.train.cutmix import apply_cutmix, cutmix_boxes, paste
+from sandbox.train.log_window import is_log_step
 from sandbox.train.plugin_calls import blame, check_density_stats, check_loss, check_perturbed
 
 
@@ -106,6 +107,10 @@ def relative_step(features: Tensor, perturbed: Tensor, valid: Tensor) -> Tensor:
     How far a perturbation moves the classifier input relative to the features' own size: the
     scale on which a fixed ``eps`` has to be judged. Pixels whose features are all zero (a dead
     ReLU map) have no relative size and are left out.
+
+    The step computes it (``perturbation_relative_norm``) only on iterations that write a log line
+    (:func:`~sandbox.train.log_window.is_log_step`): the logged value is that iteration's alone,
+    not a mean over the steps of the log window as the other logged values are.
     """
     size = features.float().norm(dim=1)
     ratio = (perturbed - features).float().norm(dim=1) / size.clamp(min=1e-12)
@@ -186,6 +191,10 @@ class SemiSupervisedStep:
         self.skipped_density_updates: Tensor | int = 0
         """Density updates whose NLL was not finite since :meth:`take_skipped_density_updates` (a
         tensor on the device once counted: read it at logging intervals only)."""
+        self.log_step = True
+        """Whether the current iteration writes a log line (set by :meth:`semi_supervised`, read by
+        :meth:`perturbation_hook`): what only a log line reads (``perturbation_relative_norm``) is
+        computed on those iterations alone."""
 
     def take_skipped_density_updates(self) -> int:
         """The number of skipped density updates since the last call (and reset it); reads the device."""
@@ -232,6 +241,7 @@ class SemiSupervisedStep:
         or encoder maps), the loss weights and ``unsupervised_normalisation``.
         """
         logs: dict[str, Tensor] = {}
+        self.log_step = is_log_step(step, self.settings)
         perturbing = step >= self.settings.perturbation_start_iters
         labels = self.pseudo_labels(student, teacher, labeled, unlabeled, partners, perturbing, logs)
         views = [
@@ -437,9 +447,10 @@ class SemiSupervisedStep:
 
         ``valid`` marks the trusted pixels of the perturbed images; None when they are only known
         inside the pass (the student's own pseudo-labels): they then come from the clean
-        classifier output the network hands over (and ``padding``).
+        classifier output the network hands over (and ``padding``). On a log step (:attr:`log_step`
+        when the hook is made) it also logs ``perturbation_relative_norm`` (:func:`relative_step`).
         """
-        method, settings = self.method, self.settings
+        method, settings, log_step = self.method, self.settings, self.log_step
 
         def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput], clean: ClassifierOutput | None) -> Tensor | None:
             if settings.perturb_at == "encoder":  # every map of every image of the pass: no pseudo-label mask
@@ -453,7 +464,7 @@ class SemiSupervisedStep:
             label = method.label("perturbation")
             with blame(label, "forward"):
                 perturbed = check_perturbed(label, features, method.perturbation(features, context))
-            if perturbed is not None and settings.perturb_at == "classifier":
+            if perturbed is not None and settings.perturb_at == "classifier" and log_step:
                 logs["perturbation_relative_norm"] = relative_step(features, perturbed, context.valid)
             return perturbed
 
