@@ -58,8 +58,9 @@ def make_accelerator(
 
 
 def effective_precision(accelerator: Accelerator) -> str:
-    """The precision the processes really train in: ``fp16`` needs a GPU (on a CPU it is float32, ``no``)."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    """The precision the processes really train in: ``fp16`` needs Accelerate's gradient scaler, which
+    it makes on a GPU only (on a CPU fp16 is float32, ``no``)."""
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         return "no"
     return accelerator.mixed_precision
 

@@ -13,6 +13,7 @@ running statistic of the averages. A teacher nothing reads (:func:`reads_teacher
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +101,12 @@ class TrainingIteration:
             if buffers:
                 torch._foreach_copy_(buffers, self._saved_buffers)
             stepped = False
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
+        else:  # the schedule advances all the same; torch would warn that no optimizer step preceded it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                self.scheduler.step()
         if stepped and step >= settings.warmup_iters and self.teacher_read:
             update_teacher(self.teacher, student, ema_decay(step, settings.warmup_iters, settings.ema_decay), self.copy_buffers)
         if self.average_teacher_buffers and (step >= settings.warmup_iters or not self.copy_buffers):
