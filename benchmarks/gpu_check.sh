@@ -5,7 +5,13 @@
 #      tests/test_host_syncs.py: one host-device synchronisation per training step, by CUDA's detector);
 #   2. `sandbox bench --levers` on recipes/ddfp_pascal.toml at the paper's crop 513 and batch 8+8
 #      (4+4 when 8+8 does not fit in memory);
+#      (its rows: eager float32, channels_last, compile, fp16, bf16, foreach, fused, all: fp16 vs bf16
+#      vs fp32 at the paper's crop);
 #   3. `sandbox bench --levers` on recipes/unimatch_pascal.toml at its own crop and batch;
+#   4. the two BatchNorm synchronisations (train.sync_bn_impl "sandbox" and "torch") on 2 processes
+#      sharing the GPU (benchmarks/batchnorm_classes.py: ddfp_pascal's network at crop 513, 4 images
+#      per process; logits and gradients equal within 1e-3, ms per step, syncs per step by CUDA's
+#      detector);
 # then one summary. Logs and summary.txt go to the folder given as argument, else $OUT, else
 # ./gpu_check_out.
 #
@@ -16,8 +22,8 @@
 # instead of ResNet-101, one timed step, and torch.compile disabled (TORCHDYNAMO_DISABLE=1:
 # compiling on a CPU takes minutes), so its figures mean nothing. Without the dry flag and without
 # a CUDA device the script stops at once.
-# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch" seconds; default 190 190 100 on
-# a GPU, 900 600 600 in the dry run); a phase that runs out is reported as such and the script goes
+# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch batchnorm" seconds; default
+# 170 170 90 50 on a GPU, 900 600 600 300 in the dry run); a phase that runs out is reported as such and the script goes
 # on. The exit status is 0 when every phase passed, 1 otherwise, 2 without a CUDA device.
 set -u -o pipefail
 
@@ -37,8 +43,9 @@ if [ "$dry" = 1 ]; then
     ddfp_sizes=("${tiny[@]}" --set train.batch_size=2 --set train.unlabeled_batch_size=2)
     ddfp_fallback=("${tiny[@]}" --set train.batch_size=1 --set train.unlabeled_batch_size=1)
     unimatch_sizes=("${tiny[@]}")
+    batchnorm_sizes=(--set backbone.model=resnet18 --crop 33 --batch 2 --steps 1 --warmup 0)
     mode="dry run on the CPU (tiny sizes, compile disabled: figures mean nothing)"
-    limits="900 600 600"
+    limits="900 600 600 300"
 else
     if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
         echo "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine," \
@@ -49,10 +56,11 @@ else
     ddfp_sizes=(--set train.crop_size=513 --set train.batch_size=8 --set train.unlabeled_batch_size=8)
     ddfp_fallback=(--set train.crop_size=513 --set train.batch_size=4 --set train.unlabeled_batch_size=4)
     unimatch_sizes=()
+    batchnorm_sizes=(--crop 513 --batch 4 --steps 5 --warmup 2)
     mode="$("$python" -c 'import torch; print(torch.cuda.get_device_name(0))')"
-    limits="190 190 100"
+    limits="170 170 90 50"
 fi
-read -r limit_tests limit_ddfp limit_unimatch <<< "${GPU_CHECK_LIMITS:-$limits}"
+read -r limit_tests limit_ddfp limit_unimatch limit_batchnorm <<< "${GPU_CHECK_LIMITS:-$limits}"
 synthetic=(--num-classes 21 --set backbone.weights=none)  # synthetic data and random weights: nothing to download
 
 # run NAME LIMIT COMMAND...: COMMAND's output in $out/NAME.log; its status in $out/NAME.status
@@ -87,10 +95,12 @@ if [ "$?" != 0 ] && grep -qi "out of memory" "$out/ddfp_levers.log"; then  # the
 fi
 run unimatch_levers "$limit_unimatch" "$python" -m sandbox bench recipes/unimatch_pascal.toml --levers \
     "${synthetic[@]}" "${bench_steps[@]}" "${unimatch_sizes[@]}"
+run batchnorm "$limit_batchnorm" "$python" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    benchmarks/batchnorm_classes.py recipes/ddfp_pascal.toml --set backbone.weights=none "${batchnorm_sizes[@]}"
 
 {
     echo "gpu_check: $mode"
-    for name in gpu_tests ddfp_levers unimatch_levers; do
+    for name in gpu_tests ddfp_levers unimatch_levers batchnorm; do
         echo "$name: $(cat "$out/$name.status")"
     done
     if [ -e "$out/ddfp_levers_first_try.log" ]; then
@@ -109,8 +119,10 @@ run unimatch_levers "$limit_unimatch" "$python" -m sandbox bench recipes/unimatc
             grep '^measured ' "$out/$name.log" || echo "  none"
         fi
     done
+    echo
+    sed -n '/^batchnorm classes:/,/^logits and gradients/p' "$out/batchnorm.log"
 } > "$out/summary.txt"
 cat "$out/summary.txt"
-if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers): ' "$out/summary.txt"); then
+if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers|batchnorm): ' "$out/summary.txt"); then
     exit 1
 fi

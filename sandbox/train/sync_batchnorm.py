@@ -42,7 +42,8 @@ def global_batch_statistics(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     count = values.numel() // max(channels, 1)
     mean = values.sum(dims) / max(count, 1)
     squared = (values - mean.view(1, channels, *[1] * (x.dim() - 2))).pow(2).sum(dims)
-    local = torch.cat([mean, squared, mean.new_tensor([float(count)])])
+    counted = torch.full((1,), float(count), dtype=mean.dtype, device=mean.device)  # a fill: no copy from the host
+    local = torch.cat([mean, squared, counted])
     processes, rank = process_count(), process_rank()
     slots = torch.stack([local if index == rank else torch.zeros_like(local) for index in range(processes)])
     gathered = differentiable_sum_over_processes(slots)
