@@ -27,7 +27,7 @@ from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.accelerator import maybe_sync_batchnorm, scaled_lr
 from sandbox.train.loop import Trainer
 from sandbox.train.rundir import RunDirectory
-from sandbox.train.sync_batchnorm import is_synchronised
+from sandbox.train.sync_batchnorm import ProcessGroupBatchNorm, is_synchronised
 from launching import LAUNCH_TIMEOUT_S, accelerate_command, finish, free_port, launch_env, start, wait_bounded
 from shared_launch import RUNNER, Job, SharedLaunch
 
@@ -247,8 +247,11 @@ def test_sync_bn_converts_for_several_processes_on_any_device(capsys: pytest.Cap
 
     count = batchnorms(small(), torch.nn.BatchNorm2d)
     cuda = SimpleNamespace(num_processes=2, device=torch.device("cuda"), is_main_process=True)
-    converted = maybe_sync_batchnorm(small(), cuda, enabled=True)  # conversion needs no GPU
-    assert batchnorms(converted, torch.nn.SyncBatchNorm) == count and batchnorms(converted, torch.nn.BatchNorm2d) == 0
+    converted = maybe_sync_batchnorm(small(), cuda, enabled=True)  # the default: the project's class on CUDA too
+    assert is_synchronised(converted) and batchnorms(converted, torch.nn.SyncBatchNorm) == 0
+    assert sum(isinstance(m, ProcessGroupBatchNorm) for m in converted.modules()) == count
+    torch_class = maybe_sync_batchnorm(small(), cuda, enabled=True, implementation="torch")  # conversion needs no GPU
+    assert batchnorms(torch_class, torch.nn.SyncBatchNorm) == count and batchnorms(torch_class, torch.nn.BatchNorm2d) == 0
     assert batchnorms(maybe_sync_batchnorm(small(), cuda, enabled=False), torch.nn.SyncBatchNorm) == 0
     single = SimpleNamespace(num_processes=1, device=torch.device("cuda"), is_main_process=True)
     assert batchnorms(maybe_sync_batchnorm(small(), single, enabled=True), torch.nn.SyncBatchNorm) == 0
