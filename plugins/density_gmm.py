@@ -83,23 +83,28 @@ class DiagonalGaussianMixture(GaussianMixturePrior):
         classes, labeled_features = labels[labeled], features[labeled]
         sums = features.new_zeros(num_components, self.dim).index_add_(0, classes, labeled_features)
         counts = torch.bincount(classes, minlength=num_components).to(features.dtype)
-        totals = torch.stack([features.sum(dim=0), features.pow(2).sum(dim=0)])
-        moments = sum_over_processes(torch.cat([sums.reshape(-1), counts, totals.reshape(-1), features.new_tensor([count])]))
-        sums, counts, totals, total = moments.split([num_components * self.dim, num_components, 2 * self.dim, 1])
-        sums, counts, totals, total = sums.view(num_components, self.dim), counts.unsqueeze(1), totals.view(2, self.dim), int(total)
+        moments = sum_over_processes(torch.cat([sums.reshape(-1), counts, features.sum(dim=0), features.new_tensor([count])]))
+        sums, counts, feature_sum, total = moments.split([num_components * self.dim, num_components, self.dim, 1])
+        sums, counts, total = sums.view(num_components, self.dim), counts.unsqueeze(1), int(total)
         if total == 0:
             return False
-        batch_mean = totals[0] / total
-        batch_std = (totals[1] / total - batch_mean.pow(2)).clamp(min=0.0).sqrt()
+        batch_mean = feature_sum / total
+        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), batch_mean)  # fallbacks placed below
+        # Squared deviations from the global means, summed over every process (a second pass: the
+        # one-pass E[x^2] - E[x]^2 loses its digits to cancellation when the mean is large)
+        spread = sum_over_processes(torch.cat([
+            (features - batch_mean).pow(2).sum(dim=0), (labeled_features - means[classes]).pow(2).sum(dim=0)
+        ]))
+        batch_squares, deviations = spread.split([self.dim, self.dim])
+        batch_std = (batch_squares / total).sqrt()
         draw = torch.randn(num_components, self.dim, generator=torch.Generator().manual_seed(FALLBACK_SEED))
         fallback = batch_mean + batch_std * draw.to(device=features.device, dtype=features.dtype)
-        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), fallback)
+        means = torch.where(counts > 0, means, fallback)
         degrees_of_freedom = int(counts.sum()) - int((counts > 0).sum())
         if degrees_of_freedom > 0:
-            deviations = sum_over_processes((labeled_features - means[classes]).pow(2).sum(dim=0))
             variance = deviations / degrees_of_freedom
         elif total > 1:
-            variance = (totals[1] - totals[0].pow(2) / total) / (total - 1)
+            variance = batch_squares / (total - 1)
         else:
             variance = torch.ones_like(means[0])
         self.means.copy_(means)

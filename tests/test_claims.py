@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import pytest
 
@@ -244,6 +245,206 @@ def test_a_refresh_delayed_past_a_takeover_attempt_never_restores_the_old_claim(
         assert outcome == [True] and current.token == old.token and not keeper.lost
     assert attempt.won + outcome[0] == 1
     assert leftovers(tmp_path) == []
+
+
+class Clock:
+    """The ``time`` module as :mod:`sandbox.sweep.claims` sees it, with a wall clock and a monotonic clock
+    that a test moves forward at once (a stall of ten minutes without sleeping)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    moved = Clock()
+    monkeypatch.setattr(claims, "time", moved)
+    return moved
+
+
+def after_the_first_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object]) -> None:
+    """Run ``action`` once, right after the next read of a ``CLAIM`` file and before the reader goes on."""
+    real, pending = claims.read_claim, [action]
+
+    def read(path: Path) -> Claim | None:
+        claim = real(path)
+        if path.name == "CLAIM" and pending:
+            pending.pop()()
+        return claim
+
+    monkeypatch.setattr(claims, "read_claim", read)
+
+
+@pytest.mark.parametrize("taken_over", [True, False], ids=["taken-over", "refreshed"])
+def test_a_taker_that_read_a_stale_claim_checks_it_again_under_its_takeover_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_over: bool
+) -> None:
+    """A late taker: it read the stale claim, then (before it took the takeover file) another taker
+    completed a takeover, or the slow holder refreshed its claim. It must find that out under the
+    takeover file (which the first taker removed, or the refresh released) and lose."""
+    path = claim_path(tmp_path)
+    old = stale_claim(path, silent_s=5.0, timeout_s=4.0)
+    keeper = ClaimKeeper(path, old)
+    early = Claim.new(600, shard="1/2")
+    done: list[object] = []
+    after_the_first_read(monkeypatch, lambda: done.append(acquire(path, early) if taken_over else keeper.refresh()))
+    late = Claim.new(600)
+    attempt = acquire(path, late)  # its first read of CLAIM sees the stale claim; the other acts right after
+    assert done == ([Attempt(True, old)] if taken_over else [True])
+    expected = early if taken_over else keeper.mine
+    assert not attempt.won and attempt.other == expected, "never both: the late taker loses"
+    assert read_claim(path) == expected
+    assert leftovers(tmp_path) == []
+    if not taken_over:
+        keeper.check()  # the holder goes on
+
+
+def test_a_release_that_finds_its_claim_taken_over_under_its_takeover_file_leaves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder releases a claim it was deemed dead for: a taker completes its takeover between the
+    release's first look at ``CLAIM`` and its takeover file. The taker's claim stays."""
+    path = claim_path(tmp_path)
+    old = stale_claim(path, silent_s=5.0, timeout_s=4.0)
+    taker = Claim.new(600, shard="1/2")
+    done: list[Attempt] = []
+    after_the_first_read(monkeypatch, lambda: done.append(acquire(path, taker)))
+    claims.release(path, old)  # it still sees its own token first
+    assert done == [Attempt(True, old)]
+    assert read_claim(path) == taker
+    assert leftovers(tmp_path) == []
+
+
+def stall_the_refresh(monkeypatch: pytest.MonkeyPatch, where: str) -> tuple[threading.Event, threading.Event]:
+    """Make the refresh of the thread named ``refresher`` stall until the second event is set; the first is
+    set when it stalls. ``where``: ``"read"``, right after it has read its token in ``CLAIM`` under its
+    takeover file (before its stall check); ``"write"``, inside its write of ``CLAIM``, after its stall
+    check (the new content in the temporary file, before the ``fsync`` and the ``rename``)."""
+    stalled, resume = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        if threading.current_thread().name == "refresher":
+            stalled.set()
+            assert resume.wait(10), "the test never resumed the refresh"
+
+    if where == "read":
+        real_read = claims.read_claim
+
+        def read(path: Path) -> Claim | None:
+            claim = real_read(path)
+            if path.name == "CLAIM":
+                stall()
+            return claim
+
+        monkeypatch.setattr(claims, "read_claim", read)
+    else:
+        real_write = claims.write_atomically
+
+        def write(path: Path, data: bytes) -> None:
+            def content(handle: BinaryIO) -> None:
+                handle.write(data)
+                if path.name == "CLAIM":
+                    stall()
+
+            real_write(path, content)
+
+        monkeypatch.setattr(claims, "write_atomically", write)
+    return stalled, resume
+
+
+def refresh_stalled_while(
+    keeper: ClaimKeeper, stalled: threading.Event, resume: threading.Event, meanwhile: Callable[[], None]
+) -> list[bool]:
+    """Run ``keeper.refresh()`` in the thread ``refresher``; once it stalls, run ``meanwhile`` and let it go on."""
+    outcome: list[bool] = []
+    refresher = threading.Thread(target=lambda: outcome.append(keeper.refresh()), name="refresher")
+    refresher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not stalled.wait(0.01) and refresher.is_alive() and time.monotonic() < deadline:
+            pass
+        assert stalled.is_set(), "the refresh never stalled"
+        meanwhile()
+    finally:
+        resume.set()
+        refresher.join(10)
+    assert not refresher.is_alive()
+    return outcome
+
+
+@pytest.mark.parametrize("stall", [0.6, 1.1], ids=["half-timeout", "whole-timeout"])
+def test_a_refresh_stalled_after_its_check_of_the_claim_gives_up_instead_of_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock, stall: float
+) -> None:
+    """The refresh has seen its token in ``CLAIM`` under its takeover file, then stalls (suspended, the
+    filesystem hangs) for ``stall`` timeouts. Past half its timeout it gives up without writing; past
+    the whole timeout a taker has taken the claim over meanwhile (the refresher's takeover file went
+    stale), and a write would overwrite the taker's claim."""
+    from sandbox.errors import SandboxError
+
+    path = claim_path(tmp_path)
+    mine = Claim.new(600)
+    assert acquire(path, mine).won
+    keeper = ClaimKeeper(path, mine)
+    stalled, resume = stall_the_refresh(monkeypatch, "read")
+    attempts: list[tuple[Claim, Attempt]] = []
+
+    def meanwhile() -> None:
+        clock.ahead = stall * mine.timeout_s
+        taker = Claim.new(600, shard="1/2")
+        attempts.append((taker, acquire(path, taker)))
+
+    outcome = refresh_stalled_while(keeper, stalled, resume, meanwhile)
+    [(taker, attempt)] = attempts
+    assert outcome == [False], "a stalled refresh does not write"
+    if stall < 1:  # nobody may take the claim yet: it stays as it was, and the holder stops all the same
+        assert not attempt.won and attempt.other == mine and read_claim(path) == mine
+        with pytest.raises(SandboxError, match="could not be refreshed for 6 min"):
+            keeper.check()
+    else:
+        assert attempt.won and read_claim(path) == taker, "the taker's claim stays"
+        with pytest.raises(SandboxError, match=r"was taken over \(now held by .* \(shard 1/2\)\)"):
+            keeper.check()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.xfail(strict=True, reason="issue 35: a refresh stalled inside its write overwrites a completed takeover")
+def test_a_refresh_stalled_inside_its_write_past_the_timeout_never_undoes_a_takeover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    """The refresh passed all its checks and is writing ``CLAIM`` (temporary file, ``fsync``, ``rename``)
+    when it stalls for longer than the timeout; a taker takes the claim over meanwhile, as it may: the
+    holder was silent for longer than its timeout. The late write must not bring the old claim back,
+    and the holder must stop."""
+    from sandbox.errors import SandboxError
+
+    path = claim_path(tmp_path)
+    mine = Claim.new(600)
+    assert acquire(path, mine).won
+    keeper = ClaimKeeper(path, mine)
+    stalled, resume = stall_the_refresh(monkeypatch, "write")
+    attempts: list[tuple[Claim, Attempt]] = []
+
+    def meanwhile() -> None:
+        clock.ahead = 1.1 * mine.timeout_s
+        taker = Claim.new(600, shard="1/2")
+        attempts.append((taker, acquire(path, taker)))
+
+    refresh_stalled_while(keeper, stalled, resume, meanwhile)
+    [(taker, attempt)] = attempts
+    assert attempt.won, "a holder silent for longer than its timeout is taken over"
+    assert read_claim(path) == taker, "the late write left the taker's claim"
+    with pytest.raises(SandboxError, match="was taken over"):
+        keeper.check()
 
 
 def test_a_refresh_after_a_takeover_finds_it_and_the_guard_stops_the_holder(

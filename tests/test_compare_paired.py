@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sandbox.analysis.compare import compare_runs, differing_keys
-from sandbox.analysis.paired import mean_confidence_interval, pair_by_seed
+from sandbox.analysis.paired import CI_NO_PAIRS, CI_OK, CI_ONE_PAIR, CI_ZERO_VARIANCE, mean_confidence_interval, pair_by_seed
 from sandbox.analysis.runs import find_runs
 from sandbox.analysis.student_t import regularized_incomplete_beta, t_cdf, t_quantile
 from sandbox.recipe import Recipe
@@ -133,7 +133,7 @@ def test_markdown_shows_final_next_to_best_and_the_paired_columns(paired_runs: P
     assert ddfp[1:7] == ["60.50 ± 6.56", "59.50 ± 6.56", "4", "+8.50", "+5.33 ± 0.58", "3"]
     assert ddfp[7] == "[+3.90, +6.77]" and ddfp[8] == "0: +5.00, 1: +6.00, 2: +5.00"
     assert "CI excludes 0" in ddfp[9] and "seeds not in baseline: 3" in ddfp[9]
-    assert dropout[5:9] == ["+1.00 ± -", "1", "-", "0: +1.00"] and "baseline seeds missing: 1, 2" in dropout[9]
+    assert dropout[5:9] == ["+1.00 ± -", "1", "n/a (1 pair)", "0: +1.00"] and "baseline seeds missing: 1, 2" in dropout[9]
     assert "CI excludes 0" not in dropout[9]
     assert none[5:9] == ["-", "-", "-", "-"] and none[9].startswith("baseline")
 
@@ -171,7 +171,7 @@ def test_a_value_no_run_has_gets_no_column(tmp_path: Path, capsys: pytest.Captur
         (path / "summary.json").write_text(json.dumps({"seed": 0, "best_miou": score}))  # an old summary: no final
     code, out, _ = run_cli(["compare", str(tmp_path), "--format", "md"], capsys)
     assert code == 0 and "final_miou" not in out.splitlines()[0]
-    assert out.splitlines()[2] == "| **ddfp** | **60.00 ± -** | **1** | **+10.00** | **+10.00 ± -** | **1** | **-** | **0: +10.00** | **best** |"
+    assert out.splitlines()[2] == "| **ddfp** | **60.00 ± -** | **1** | **+10.00** | **+10.00 ± -** | **1** | **n/a (1 pair)** | **0: +10.00** | **best** |"
 
 
 def test_a_group_whose_run_lacks_the_value_shows_a_dash(paired_runs: Path, capsys: pytest.CaptureFixture) -> None:
@@ -243,3 +243,118 @@ def test_an_absent_key_shows_a_dash_and_raises_no_warning(density_runs: Path, ca
     ]
     code, _, err = run_cli(["compare", str(density_runs), "--format", "md", "--columns", "density.name,perturbation.name"], capsys)
     assert code == 0 and err == ""
+
+
+# --- issue 34: an interval of width 0 (all differences equal) or of one pair says nothing ------------
+
+
+def test_equal_differences_give_a_degenerate_interval_that_never_excludes_zero() -> None:
+    exact = pair_by_seed([0, 1], [1.5, 2.5], [0, 1], [0.5, 1.5])  # differences 1.0 and 1.0, bit for bit
+    assert exact.deltas == [1.0, 1.0] and exact.std == 0.0 and exact.interval == (1.0, 1.0)
+    assert exact.ci_status == CI_ZERO_VARIANCE and exact.excludes_zero is None
+    rounded = pair_by_seed([0, 1], [0.41, 0.42], [0, 1], [0.40, 0.41])  # 0.01 each, unequal in the 17th digit
+    assert rounded.deltas[0] != rounded.deltas[1] and 0 < rounded.std < 1e-15
+    assert rounded.ci_status == CI_ZERO_VARIANCE and rounded.excludes_zero is None
+    three = pair_by_seed([0, 1, 2], [0.30, 0.31, 0.40], [0, 1, 2], [0.40, 0.41, 0.50])  # -0.10 three times
+    assert three.ci_status == CI_ZERO_VARIANCE and three.excludes_zero is None and three.n == 3
+    zeros = pair_by_seed([0, 1], [0.5, 0.6], [0, 1], [0.5, 0.6])
+    assert zeros.ci_status == CI_ZERO_VARIANCE and zeros.excludes_zero is None
+
+
+def test_a_small_real_spread_is_an_interval() -> None:
+    paired = pair_by_seed([0, 1], [0.51, 0.5100001], [0, 1], [0.50, 0.50])  # differences 1e-7 apart: a spread, not rounding
+    assert paired.ci_status == CI_OK and paired.excludes_zero is True
+    low, high = paired.interval or (0.0, 0.0)
+    assert high - low == pytest.approx(2 * t_quantile(0.975, 1) * statistics.stdev(paired.deltas) / math.sqrt(2))
+
+
+def test_one_pair_and_no_pair_have_no_interval_and_say_why() -> None:
+    one = pair_by_seed([0, 1], [0.6, 0.7], [0], [0.5])
+    assert one.ci_status == CI_ONE_PAIR and one.interval is None and one.excludes_zero is None
+    none = pair_by_seed([7], [0.6], [0], [0.5])
+    assert none.ci_status == CI_NO_PAIRS and none.interval is None and none.excludes_zero is None and none.mean is None
+    assert pair_by_seed([0, 1, 2], [0.51, 0.49, 0.52], [0, 1, 2], [0.5, 0.5, 0.5]).ci_status == CI_OK
+
+
+def test_an_interval_wholly_below_zero_excludes_it() -> None:
+    paired = pair_by_seed([0, 1, 2], [0.37, 0.38, 0.46], [0, 1, 2], [0.40, 0.41, 0.50])  # -3, -3, -4 points
+    low, high = paired.interval or (0.0, 0.0)
+    assert low < high < 0 and paired.ci_status == CI_OK and paired.excludes_zero is True
+
+
+def test_t_cdf_of_a_negative_t_is_the_lower_tail() -> None:
+    assert t_cdf(-12.706, 1) == pytest.approx(0.025, abs=1e-5) and t_cdf(-2.776, 4) == pytest.approx(0.025, abs=1e-4)
+    for df in (1, 3, 30):
+        assert t_cdf(-1.3, df) == pytest.approx(1 - t_cdf(1.3, df), abs=1e-12) and t_cdf(-1.3, df) < 0.5
+
+
+@pytest.fixture
+def degenerate_runs(tmp_path: Path) -> Path:
+    """none (the baseline) seeds 0-2; ddfp a clear gain and vat a clear loss on seeds 0-2 (intervals that
+    exclude 0); dropout seeds 0-1, each +1.00 point (an interval of width 0); noise seed 2 alone (one pair)."""
+    root = tmp_path / "runs"
+    groups = {
+        "none": [0.40, 0.41, 0.50], "ddfp": [0.45, 0.47, 0.55], "vat": [0.37, 0.38, 0.46],
+        "dropout": [0.41, 0.42], "noise": [None, None, 0.60],
+    }
+    for name, scores in groups.items():
+        for seed, score in enumerate(scores):
+            if score is not None:
+                write_run(root, name, seed, {"name": name}, score, final=score - 0.01)
+    return root
+
+
+DDFP_MARKDOWN_ROW = (  # as before issue 34: a normal interval is shown as it was
+    "| ddfp | 49.00 ± 5.29 | 48.00 ± 5.29 | 3 | +5.33 | +5.33 ± 0.58 | 3 | [+3.90, +6.77] | 0: +5.00, 1: +6.00, 2: +5.00 | CI excludes 0 |"
+)
+
+
+@pytest.mark.parametrize("output", ["table", "md", "latex", "csv", "json"])
+def test_every_format_marks_a_degenerate_or_one_pair_interval_and_never_says_it_excludes_zero(
+    degenerate_runs: Path, output: str, capsys: pytest.CaptureFixture
+) -> None:
+    code, out, err = run_cli(["compare", str(degenerate_runs), "--format", output], capsys)
+    assert code == 0 and err == "" and "nan" not in out.lower()
+    if output in ("table", "md", "latex"):
+        lines = out.splitlines()
+        row = {name: next(line for line in lines if name in line) for name in ("ddfp", "dropout", "noise", "vat")}
+        assert "[+3.90, +6.77]" in row["ddfp"] and "[-4.77, -1.90]" in row["vat"]
+        assert "degenerate: all 2 differences equal" in row["dropout"] and "[+1.00, +1.00]" not in out
+        assert "n/a (1 pair)" in row["noise"]
+        if output == "latex":
+            assert row["ddfp"].endswith("& [+3.90, +6.77]$^*$ & 0: +5.00, 1: +6.00, 2: +5.00 \\\\")
+            assert "$^*$" in row["vat"] and "$^*$" not in row["dropout"] and "$^*$" not in row["noise"]
+            assert "& degenerate: all 2 differences equal & 0: +1.00, 1: +1.00 \\\\" in row["dropout"]
+        else:
+            assert out.count("CI excludes 0") == 2 and "CI excludes 0" in row["ddfp"] and "CI excludes 0" in row["vat"]
+            assert "CI excludes 0" not in row["dropout"] and "CI excludes 0" not in row["noise"]
+        if output == "md":
+            assert row["ddfp"] == DDFP_MARKDOWN_ROW
+            assert row["dropout"].split(" | ")[7:] == ["degenerate: all 2 differences equal", "0: +1.00, 1: +1.00", "unequal seeds (2 of 3), baseline seeds missing: 2 |"]
+            assert row["noise"].split(" | ")[6:9] == ["**1**", "**n/a (1 pair)**", "**2: +10.00**"]
+            assert "n/a for one pair, degenerate when all differences are equal" in out
+    elif output == "csv":
+        rows = {row["perturbation.name"]: row for row in csv.DictReader(io.StringIO(out))}
+        header = out.splitlines()[0].split(",")
+        assert header[-11:] == [
+            "paired_n", "paired_delta", "paired_std", "ci_low", "ci_high", "ci_excludes_zero",
+            "paired_seeds", "deltas", "seeds_only_here", "seeds_only_in_baseline", "ci_status",
+        ]
+        assert {name: row["ci_status"] for name, row in rows.items()} == {
+            "ddfp": "ok", "dropout": "zero_variance", "noise": "one_pair", "none": "", "vat": "ok",
+        }
+        assert {name: row["ci_excludes_zero"] for name, row in rows.items()} == {
+            "ddfp": "True", "dropout": "", "noise": "", "none": "", "vat": "True",
+        }
+        assert float(rows["dropout"]["ci_low"]) == pytest.approx(0.01) and float(rows["dropout"]["ci_high"]) == pytest.approx(0.01)
+        assert float(rows["dropout"]["paired_std"]) < 1e-15 and rows["noise"]["ci_low"] == rows["noise"]["paired_std"] == ""
+        assert float(rows["ddfp"]["ci_low"]) == pytest.approx(0.038991157567500864)
+    else:
+        rows = {row["group"]["perturbation.name"]: row for row in json.loads(out)}
+        assert rows["none"]["paired"] is None
+        ddfp, dropout, noise, vat = (rows[name]["paired"] for name in ("ddfp", "dropout", "noise", "vat"))
+        assert ddfp["ci_status"] == "ok" and ddfp["excludes_zero"] is True and ddfp["ci_low"] == pytest.approx(0.038991157567500864)
+        assert vat["ci_status"] == "ok" and vat["excludes_zero"] is True and vat["ci_high"] < 0
+        assert dropout["ci_status"] == "zero_variance" and dropout["excludes_zero"] is None and dropout["n"] == 2
+        assert dropout["ci_low"] == pytest.approx(0.01) and dropout["ci_high"] == pytest.approx(0.01)
+        assert noise["ci_status"] == "one_pair" and noise["excludes_zero"] is None and noise["ci_low"] is None and noise["n"] == 1

@@ -2,9 +2,12 @@
 
 The same recipes run on 1 process with the global batch (4 labeled + 4 unlabeled images) and on 2
 CPU (gloo) processes with 2 + 2 each, ``sync_bn = true``; the random draws are made equal: no
-dropout, threshold 0 (every non-padding pixel trusted: the counts still differ between processes,
-through padding), no estimator input noise and no pixel sampling, CutMix off with in-batch
-partners and a fixed box with a partner stream. The consistency losses are the soft KL: a hard
+dropout (UniMatch's feature dropout becomes a fixed channel mask, :func:`fixed_channel_dropout`),
+threshold 0 (every non-padding pixel trusted: the counts still differ between processes, through
+padding) except in ``ddfp_glow_threshold``, where the processes trust unequal numbers of pixels, no
+estimator input noise and no pixel sampling, CutMix off with in-batch partners and a fixed box with
+a partner stream. Every run starts from the same supervised warm start (:func:`warm_start`), so that
+its predictions cover several classes and the mIoU compared tells models apart. The consistency losses are the soft KL: a hard
 pseudo-label (argmax) flips where two classes are tied within float noise, which moves a few
 parameters by up to 2e-3 of their norm (measured with "ce"): a discrete choice, not a difference
 of what the processes compute. After warm-up and several semi-supervised steps
@@ -18,11 +21,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
 
-from shared_launch import Job, SharedLaunch
+from shared_launch import Job, SharedLaunch, process_group
 
 RECIPE = """
 name = "parity"
@@ -87,17 +91,75 @@ CONFIGS: dict[str, list[str]] = {
     "mean_teacher": ["perturbation.name=none"],
     "ddfp_glow": [],
     "ddfp_nflows": ["density.name=nflows", "density.sampled_pixels=100000", "density.input_noise=0.0"],
-    "ddfp_gmm": ["density.name=gmm", "density.sampled_pixels=100000", "density.input_noise=0.0"],
-    "unimatch": [*UNIMATCH, "perturbation.name=dropout", "perturbation.p=0.0", "train.perturb_at=encoder"],
+    # Adam's first steps are sign steps (m/sqrt(v) = g/|g|): a mean element whose pooled gradient is
+    # within float noise of zero moves +-lr either way (measured: one component 3.3e-3 apart with lr
+    # 1e-2, the student following through DDFP's direction); lr 1e-4 bounds that below the tolerance.
+    "ddfp_gmm": ["density.name=gmm", "density.sampled_pixels=100000", "density.input_noise=0.0", "density.lr=0.0001"],
+    "unimatch": [*UNIMATCH, "perturbation.name=dropout", "perturbation.p=0.5", "train.perturb_at=encoder"],
     "unimatch_ddfp": [*UNIMATCH, "model.mix_bn=true"],
     "control_without_sync_bn": ["perturbation.name=none", "train.sync_bn=false"],
     "ddfp_glow_bf16": ["train.mixed_precision=bf16"],
+    "ddfp_glow_threshold": ["train.threshold=0.5"],
 }
 """Configurations trained on 1 and on 2 processes. ``ddfp_glow_bf16`` is compared against its own noise
 floor (:func:`test_bf16_on_two_processes_differs_from_one_process_less_than_bf16_from_float32`)."""
 
 MIXED_PRECISION = {"ddfp_glow_bf16": "ddfp_glow"}
 """Each mixed-precision configuration and its float32 twin."""
+
+WARM_START_STEPS = 25
+"""Supervised steps of :func:`warm_start` before every configuration's run: from scratch, 6 steps
+leave the tiny model predicting background everywhere (every run's mIoU was 0.1506, whatever it
+learnt); warm, it predicts several classes and the mIoU of two different models differs."""
+
+
+def warm_start(recipe_path: Path) -> dict[str, torch.Tensor]:
+    """The network of the parity recipe after :data:`WARM_START_STEPS` plain supervised steps (SGD on its
+    labeled images, one process's computation, made alike in every process of every launch)."""
+    import torch.nn.functional as F
+
+    from sandbox.data.views import normalize
+    from sandbox.plugins import load_registry
+    from sandbox.recipe import load_recipe, resolve_components
+    from sandbox.train.builder import build_dataset, build_model
+
+    registry = load_registry()
+    recipe = resolve_components(load_recipe(recipe_path), registry)
+    source = build_dataset(recipe, registry)
+    torch.manual_seed(recipe.seed)
+    network = build_model(recipe, registry, source.num_classes)
+    images = normalize(torch.stack([image for image, _ in source.labeled]))
+    masks = torch.stack([mask for _, mask in source.labeled])
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(WARM_START_STEPS):
+        optimizer.zero_grad()
+        F.cross_entropy(network(images)[0], masks, ignore_index=source.ignore_index).backward()
+        optimizer.step()
+    return {key: value.detach().clone() for key, value in network.state_dict().items()}
+
+
+def starting_from(build: Callable[..., Any], state: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    """``build_model`` whose network starts from ``state`` (:func:`warm_start`, made with Mix BN: a network
+    without it takes the main statistics, ``classifier.1.main.weight`` as ``classifier.1.weight``)."""
+
+    def main_of(key: str) -> str:
+        module, _, name = key.rpartition(".")
+        return key if key in state else f"{module}.main.{name}"
+
+    def build_warm(*args: Any, **kwargs: Any) -> Any:
+        network = build(*args, **kwargs)
+        network.load_state_dict({key: state[main_of(key)] for key in network.state_dict()})
+        return network
+
+    return build_warm
+
+
+def fixed_channel_dropout(self: Any, features: torch.Tensor, context: Any) -> torch.Tensor:
+    """UniMatch's channel dropout with a fixed draw: every other channel zeroed, the rest doubled (p =
+    0.5), the same in every image on every process (a random draw differs between 1 and 2 processes)."""
+    keep = (torch.arange(features.shape[1], device=features.device) % 2 == 0).to(features.dtype) * 2.0
+    return features * keep.view(1, -1, *[1] * (features.dim() - 2))
+
 
 def fixed_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator, box: str = "unimatch",
                 decision: str = "sample", device: str = "cpu") -> torch.Tensor:
@@ -113,6 +175,8 @@ def train_every_configuration(folder: Path) -> None:
     batch split between them; save each end state to ``folder/NAME/rank{i}.pt`` (runs under ``folder/runs``)."""
     from accelerate.state import AcceleratorState
 
+    import sandbox_builtins.perturbations as perturbations_module
+    import sandbox.train.loop as loop_module
     import sandbox.train.step as step_module
     from sandbox.plugins import load_registry
     from sandbox.recipe import load_recipe, resolve_components
@@ -124,6 +188,25 @@ def train_every_configuration(folder: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     registry = load_registry()
     original_boxes, step_module.cutmix_boxes = step_module.cutmix_boxes, fixed_boxes
+    if world > 1:  # computed once, on the main process
+        process_group()
+        shared = [warm_start(recipe_path) if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        warm = shared[0]
+    else:
+        warm = warm_start(recipe_path)
+    original_build, loop_module.build_model = loop_module.build_model, starting_from(loop_module.build_model, warm)
+    dropout = perturbations_module.FeatureDropout
+    original_dropout, dropout.forward = dropout.forward, fixed_channel_dropout
+    denominators: list[int] = []
+    original_denominator = step_module.SemiSupervisedStep.loss_denominator
+
+    def recorded_denominator(self: Any, valid: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        result = original_denominator(self, valid, padding)
+        denominators.append(int(result))  # this process's trusted (or non-padding) pixels of each loss
+        return result
+
+    step_module.SemiSupervisedStep.loss_denominator = recorded_denominator
     try:
         for name, overrides in CONFIGS.items():
             AcceleratorState._reset_state()  # its mixed precision is set once per process; PartialState stays
@@ -131,6 +214,7 @@ def train_every_configuration(folder: Path) -> None:
             recipe = load_recipe(recipe_path, [*overrides, *per_process, f"name={name}_{world}"])
             recipe = resolve_components(recipe, registry)
             trainer = start_run(recipe, registry, resume=False, overwrite=False)
+            denominators.clear()
             summary = trainer.train()
             student = network_of(trainer.accelerator.unwrap_model(trainer.model))
             density = trainer.method.density
@@ -140,6 +224,8 @@ def train_every_configuration(folder: Path) -> None:
                 "density": {k: v.detach().cpu() for k, v in density.state_dict().items()} if density is not None else {},
                 "density_adam": density.optimizer_state()["optimizer"]["state"] if density is not None else {},
                 "miou": summary["final_miou"],
+                "per_class_iou": summary["final_per_class_iou"],
+                "denominators": list(denominators),
                 "broadcast_buffers": getattr(trainer.model, "broadcast_buffers", None),  # DDP's, on 2 processes
             }
             (folder / name).mkdir(parents=True, exist_ok=True)
@@ -147,6 +233,9 @@ def train_every_configuration(folder: Path) -> None:
             trainer.accelerator.wait_for_everyone()
     finally:
         step_module.cutmix_boxes = original_boxes
+        loop_module.build_model = original_build
+        dropout.forward = original_dropout
+        step_module.SemiSupervisedStep.loss_denominator = original_denominator
 
 
 LAUNCH_JOBS = {"parity": Job(train_every_configuration, worlds=(1, 2))}
@@ -283,3 +372,34 @@ def test_a_run_on_two_processes_prints_no_deprecation_warning(shared_launch: Sha
     texts.append(shared_launch.logs[2].read_text())
     for text in texts:
         assert "FutureWarning" not in text and "DeprecationWarning" not in text, text[-3000:]
+
+
+def test_the_compared_miou_tells_models_apart(parity_runs: dict[int, Path]) -> None:
+    """The mIoU the parity compares is informative: the model predicts several classes, and two
+    different models (DDFP and the mean teacher after the same steps) score differently."""
+    ddfp, _ = load_states(parity_runs, "ddfp_glow")
+    mean_teacher, _ = load_states(parity_runs, "mean_teacher")
+    scored = [name for name, iou in ddfp["per_class_iou"].items() if iou]
+    assert len(scored) >= 2, ddfp["per_class_iou"]
+    assert abs(ddfp["miou"] - mean_teacher["miou"]) > 1e-3, (ddfp["miou"], mean_teacher["miou"])
+
+
+def test_with_a_threshold_the_processes_trust_unequal_pixel_counts_that_sum_to_one_process(
+    parity_runs: dict[int, Path]
+) -> None:
+    """Every loss's denominator (trusted pixels) on 2 processes: unequal between them at some step,
+    yet summing to one process's, so the normalisation by the total is what the parity above proves."""
+    single, pair = load_states(parity_runs, "ddfp_glow_threshold")
+    one, first, second = single["denominators"], pair[0]["denominators"], pair[1]["denominators"]
+    assert one and len(first) == len(second) == len(one)
+    assert any(a != b for a, b in zip(first, second)), (first, second)
+    assert 0 < min(one) and max(one) < max(load_states(parity_runs, "ddfp_glow")[0]["denominators"]), "some untrusted"
+    assert [a + b for a, b in zip(first, second)] == one
+
+
+def test_unimatch_parity_runs_a_perturbation_that_changes_the_loss(parity_runs: dict[int, Path]) -> None:
+    """UniMatch's perturbed view is not the clean one (a zero loss would prove nothing), on 2 strong views."""
+    records = metrics(parity_runs, "unimatch", 1)
+    perturbed = [r["loss_perturbed"] for r in records if "loss_perturbed" in r]
+    assert perturbed and min(perturbed) > 1e-2, perturbed
+    assert any("loss_unsup" in r for r in records)

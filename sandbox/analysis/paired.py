@@ -5,8 +5,13 @@ their scores removes the seed's share of the noise. For a group and the baseline
 ran gives one difference (group run minus baseline run); the mean difference gets the sample
 standard deviation (``ddof=1``) of the differences and a two-sided Student-t confidence interval
 ``mean ± t_quantile((1 + level) / 2, n - 1) * std / sqrt(n)``. With one pair the std and the
-interval are undefined (None). A seed only one of the two groups ran (or a run without a seed)
-takes no part: :class:`PairedDelta` lists it, so that it is reported rather than dropped unseen.
+interval are undefined (None). With two or more pairs whose differences are all equal (to within
+the rounding of a subtraction, :data:`EQUAL_DIFFERENCES_TOLERANCE`) the std is 0 and the interval
+has width 0: it is computed, but says nothing about the uncertainty of the mean.
+:attr:`PairedDelta.ci_status` tells these cases apart (:data:`CI_OK`, :data:`CI_ZERO_VARIANCE`,
+:data:`CI_ONE_PAIR`, :data:`CI_NO_PAIRS`), and :attr:`PairedDelta.excludes_zero` is None unless the
+interval is informative (:data:`CI_OK`). A seed only one of the two groups ran (or a run without a
+seed) takes no part: :class:`PairedDelta` lists it, so that it is reported rather than dropped unseen.
 """
 
 from __future__ import annotations
@@ -20,6 +25,20 @@ from sandbox.analysis.student_t import t_quantile
 
 CONFIDENCE_LEVEL = 0.95
 """The coverage of the confidence interval of a paired mean difference."""
+
+EQUAL_DIFFERENCES_TOLERANCE = 1e-12
+"""Differences whose spread (largest minus smallest) is at most this, times ``max(1, |largest difference|)``,
+count as all equal: what is left is the rounding of subtracting two scores (0.41 - 0.40 and
+0.42 - 0.41 differ in the 17th digit), not a spread between seeds."""
+
+CI_OK = "ok"
+"""The interval is the Student-t interval of two or more differences that are not all equal."""
+CI_ZERO_VARIANCE = "zero_variance"
+"""Two or more differences, all equal: std 0, an interval of width 0 that says nothing about uncertainty."""
+CI_ONE_PAIR = "one_pair"
+"""A single pair: no std, no interval."""
+CI_NO_PAIRS = "no_pairs"
+"""No seed both groups ran: no paired Δ at all."""
 
 
 @dataclass
@@ -58,15 +77,36 @@ class PairedDelta:
         return mean_confidence_interval(self.deltas, self.level)
 
     @property
+    def ci_status(self) -> str:
+        """Whether :attr:`interval` is informative: :data:`CI_OK`, or why not (:data:`CI_ZERO_VARIANCE`,
+        :data:`CI_ONE_PAIR`, :data:`CI_NO_PAIRS`)."""
+        if self.n == 0:
+            return CI_NO_PAIRS
+        if self.n == 1:
+            return CI_ONE_PAIR
+        if all_equal(self.deltas):
+            return CI_ZERO_VARIANCE
+        return CI_OK
+
+    @property
     def excludes_zero(self) -> bool | None:
-        """Whether :attr:`interval` lies wholly above or below 0; None without an interval."""
+        """Whether :attr:`interval` lies wholly above or below 0; None where it is not informative
+        (:attr:`ci_status` is not :data:`CI_OK`: fewer than two pairs, or a zero-width interval)."""
         interval = self.interval
-        return None if interval is None else interval[0] > 0 or interval[1] < 0
+        if interval is None or self.ci_status != CI_OK:
+            return None
+        return interval[0] > 0 or interval[1] < 0
 
     @property
     def unpaired(self) -> bool:
         """Whether a seed of either group has no partner."""
         return bool(self.only_here or self.only_in_baseline)
+
+
+def all_equal(values: list[float]) -> bool:
+    """Whether the non-empty ``values`` are all equal to within :data:`EQUAL_DIFFERENCES_TOLERANCE`."""
+    spread = max(values) - min(values)
+    return spread <= EQUAL_DIFFERENCES_TOLERANCE * max(1.0, max(abs(value) for value in values))
 
 
 def mean_confidence_interval(values: list[float], level: float = CONFIDENCE_LEVEL) -> tuple[float, float] | None:

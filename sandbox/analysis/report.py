@@ -6,9 +6,10 @@ value next to it (``final_miou`` beside ``best_miou`` and the other way round; l
 group has it for all its runs, ``-`` for a group one of whose runs lacks it), n, the difference of
 the means to the baseline (Δ), and the paired Δ (:mod:`sandbox.analysis.paired`): mean ± sample
 std of the per-seed differences to the baseline run of the same seed, the number of pairs and the
-95% Student-t confidence interval of the paired mean (``-`` where undefined: the baseline itself,
-or a single pair), and each pair's difference (``Δ by seed``, ``SEED: points``). A key column
-shows ``-`` for a group whose recipes lack the key.
+95% Student-t confidence interval of the paired mean (``-`` for the baseline itself or without
+pairs; ``n/a (1 pair)`` for a single pair; ``degenerate: all N differences equal`` for a
+zero-width interval, which never counts as excluding 0), and each pair's difference (``Δ by
+seed``, ``SEED: points``). A key column shows ``-`` for a group whose recipes lack the key.
 
 Human formats (``table``, ``md``, ``latex``) show percent with two decimals and differences in
 signed percentage points; the notes say ``best``, ``baseline``, ``unequal seeds``, when the
@@ -18,7 +19,9 @@ out (unfinished, failed) are listed below the table (as ``%`` comments in LaTeX)
 (``csv``, ``json``) hold raw fractions (empty cells in CSV, null in JSON, never NaN, where
 undefined) and keep stdout parseable: the runs left out go to stderr. CSV keeps its first columns
 (keys, mean, std, n, delta, best, baseline, unequal_seeds, seeds) and appends the secondary value's
-and the paired Δ's. In every format, a seed that ran more than once in a group counts once and a
+and the paired Δ's; both say in ``ci_status`` whether the interval is informative
+(:attr:`~sandbox.analysis.paired.PairedDelta.ci_status`: ``ok``, ``zero_variance``, ``one_pair``,
+``no_pairs``). In every format, a seed that ran more than once in a group counts once and a
 ``note:`` line on stderr names the runs (:func:`duplicate_lines`); when ``--columns`` hides a
 differing key, a ``warning:`` line names it (:func:`hidden_keys_line`).
 """
@@ -37,7 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sandbox.analysis.compare import Comparison, Duplicate, Group, format_value
-from sandbox.analysis.paired import CONFIDENCE_LEVEL, PairedDelta
+from sandbox.analysis.paired import CI_ONE_PAIR, CI_ZERO_VARIANCE, CONFIDENCE_LEVEL, PairedDelta
 
 HUMAN_FORMATS = ("table", "md", "latex")
 """Formats that list the runs left out below the table (the others write them to stderr)."""
@@ -89,7 +92,12 @@ def pairs_cell(paired: PairedDelta | None) -> str:
 
 
 def interval_cell(paired: PairedDelta | None) -> str:
-    """``[low, high]`` in signed points; ``-`` where the interval is undefined."""
+    """``[low, high]`` in signed points; ``n/a (1 pair)``, ``degenerate: all N differences equal`` (an
+    interval of width 0), or ``-`` (the baseline, no pairs) where it is not informative."""
+    if paired is not None and paired.ci_status == CI_ONE_PAIR:
+        return "n/a (1 pair)"
+    if paired is not None and paired.ci_status == CI_ZERO_VARIANCE:
+        return f"degenerate: all {paired.n} differences equal"
     interval = None if paired is None else paired.interval
     return "-" if interval is None else f"[{signed_points(interval[0])}, {signed_points(interval[1])}]"
 
@@ -102,7 +110,7 @@ def by_seed_cell(paired: PairedDelta | None) -> str:
 
 
 def excludes_zero(paired: PairedDelta | None) -> bool:
-    """Whether the group has a confidence interval of its paired Δ and it excludes 0."""
+    """Whether the group has an informative confidence interval of its paired Δ and it excludes 0."""
     return paired is not None and bool(paired.excludes_zero)
 
 
@@ -189,7 +197,8 @@ def caption(comparison: Comparison) -> str:
     base = f"; Δ vs baseline {reference.label()}" if reference is not None else ""
     return (
         f"mean ± sample std (ddof=1) over seeds, - for n=1{base}; paired Δ: mean ± sample std of the differences "
-        f"to the baseline run of the same seed, with its {100 * CONFIDENCE_LEVEL:g}% Student-t CI (- for one pair)"
+        f"to the baseline run of the same seed, with its {100 * CONFIDENCE_LEVEL:g}% Student-t CI "
+        "(n/a for one pair, degenerate when all differences are equal)"
     )
 
 
@@ -393,6 +402,7 @@ def paired_dict(paired: PairedDelta | None) -> dict[str, Any] | None:
         "ci_low": None if interval is None else interval[0],
         "ci_high": None if interval is None else interval[1],
         "excludes_zero": paired.excludes_zero,
+        "ci_status": paired.ci_status,
         "seeds_only_here": paired.only_here,
         "seeds_only_in_baseline": paired.only_in_baseline,
     }
@@ -436,9 +446,10 @@ CSV_STAT_COLUMNS = ["mean", "std", "n", "delta", "best", "baseline", "unequal_se
 
 CSV_PAIRED_COLUMNS = [
     "paired_n", "paired_delta", "paired_std", "ci_low", "ci_high", "ci_excludes_zero",
-    "paired_seeds", "deltas", "seeds_only_here", "seeds_only_in_baseline",
+    "paired_seeds", "deltas", "seeds_only_here", "seeds_only_in_baseline", "ci_status",
 ]
-"""Columns of the paired Δ, last in the CSV (after those of the secondary value)."""
+"""Columns of the paired Δ, last in the CSV (after those of the secondary value); ``ci_status``
+(:attr:`~sandbox.analysis.paired.PairedDelta.ci_status`) last of all."""
 
 
 def blank(value: Any) -> Any:
@@ -476,7 +487,7 @@ def csv_paired_cells(paired: PairedDelta | None) -> list[Any]:
     deltas = " ".join(repr(value) for value in paired.deltas)
     return [
         paired.n, blank(paired.mean), blank(paired.std), blank(interval[0]), blank(interval[1]),
-        blank(paired.excludes_zero), seeds[0], deltas, seeds[1], seeds[2],
+        blank(paired.excludes_zero), seeds[0], deltas, seeds[1], seeds[2], paired.ci_status,
     ]
 
 
