@@ -381,6 +381,28 @@ def refresh_stalled_while(
     return outcome
 
 
+def stalled_refresh_and_takeover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock, where: str, stall: float
+) -> tuple[ClaimKeeper, Claim, Claim, Attempt, list]:
+    """A holder's refresh stalled at ``where`` (:func:`stall_the_refresh`) for ``stall`` timeouts while a
+    taker tries its takeover: ``(keeper, holder's claim, taker's claim, taker's attempt, refresh outcome)``."""
+    path = claim_path(tmp_path)
+    mine = Claim.new(600)
+    assert acquire(path, mine).won
+    keeper = ClaimKeeper(path, mine)
+    stalled, resume = stall_the_refresh(monkeypatch, where)
+    attempts: list[tuple[Claim, Attempt]] = []
+
+    def meanwhile() -> None:
+        clock.ahead = stall * mine.timeout_s
+        taker = Claim.new(600, shard="1/2")
+        attempts.append((taker, acquire(path, taker)))
+
+    outcome = refresh_stalled_while(keeper, stalled, resume, meanwhile)
+    [(taker, attempt)] = attempts
+    return keeper, mine, taker, attempt, outcome
+
+
 @pytest.mark.parametrize("stall", [0.6, 1.1], ids=["half-timeout", "whole-timeout"])
 def test_a_refresh_stalled_after_its_check_of_the_claim_gives_up_instead_of_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock, stall: float
@@ -391,20 +413,8 @@ def test_a_refresh_stalled_after_its_check_of_the_claim_gives_up_instead_of_writ
     stale), and a write would overwrite the taker's claim."""
     from sandbox.errors import SandboxError
 
+    keeper, mine, taker, attempt, outcome = stalled_refresh_and_takeover(tmp_path, monkeypatch, clock, "read", stall)
     path = claim_path(tmp_path)
-    mine = Claim.new(600)
-    assert acquire(path, mine).won
-    keeper = ClaimKeeper(path, mine)
-    stalled, resume = stall_the_refresh(monkeypatch, "read")
-    attempts: list[tuple[Claim, Attempt]] = []
-
-    def meanwhile() -> None:
-        clock.ahead = stall * mine.timeout_s
-        taker = Claim.new(600, shard="1/2")
-        attempts.append((taker, acquire(path, taker)))
-
-    outcome = refresh_stalled_while(keeper, stalled, resume, meanwhile)
-    [(taker, attempt)] = attempts
     assert outcome == [False], "a stalled refresh does not write"
     if stall < 1:  # nobody may take the claim yet: it stays as it was, and the holder stops all the same
         assert not attempt.won and attempt.other == mine and read_claim(path) == mine
@@ -427,20 +437,8 @@ def test_a_refresh_stalled_inside_its_write_past_the_timeout_never_undoes_a_take
     and the holder must stop."""
     from sandbox.errors import SandboxError
 
+    keeper, _, taker, attempt, _ = stalled_refresh_and_takeover(tmp_path, monkeypatch, clock, "write", 1.1)
     path = claim_path(tmp_path)
-    mine = Claim.new(600)
-    assert acquire(path, mine).won
-    keeper = ClaimKeeper(path, mine)
-    stalled, resume = stall_the_refresh(monkeypatch, "write")
-    attempts: list[tuple[Claim, Attempt]] = []
-
-    def meanwhile() -> None:
-        clock.ahead = 1.1 * mine.timeout_s
-        taker = Claim.new(600, shard="1/2")
-        attempts.append((taker, acquire(path, taker)))
-
-    refresh_stalled_while(keeper, stalled, resume, meanwhile)
-    [(taker, attempt)] = attempts
     assert attempt.won, "a holder silent for longer than its timeout is taken over"
     assert read_claim(path) == taker, "the late write left the taker's claim"
     with pytest.raises(SandboxError, match="was taken over"):
