@@ -9,12 +9,15 @@ Run on 2 processes sharing one GPU (gloo: NCCL refuses two ranks on one device),
 Each process builds the recipe's network with the same weights and draws its own images; each
 class (the project's ``sandbox``, torch's ``torch`` on CUDA) then runs train-mode steps (forward,
 a loss, backward) of a copy of that network with its BatchNorms synchronised over both processes.
-The main process prints one row per class: the median ms per step, the host-device
-synchronisations of one step (``torch.cuda.set_sync_debug_mode``), and the largest difference of
-its logits and gradients from the ``sandbox`` class's, relative to their norms. The exit status is
-1 when they differ by more than 1e-3 (the classes compute the same statistics). On a CPU (a dry
-run) only the ``sandbox`` class runs and no synchronisation is counted. Timings with gloo between
-two processes on one GPU go through host memory: they compare the classes, not a multi-GPU run.
+The reference is what they stand for: one process's plain BatchNorm network on the concatenated
+batch (computed on each process). The main process prints one row per class: the median ms per
+step, the host-device synchronisations of one step (``torch.cuda.set_sync_debug_mode``, which does
+not see the waits inside torch.distributed, gloo's staging of CUDA tensors through host memory
+included), and the largest difference of its logits and of its gradients (summed over the
+processes, as DDP would) from the reference's, relative to their norms. The exit status is 1 when
+a class differs by more than :data:`TOLERANCE`. On a CPU (a dry run) only the ``sandbox`` class
+runs and no synchronisation is counted. Timings with gloo between two processes on one GPU go
+through host memory: they compare the classes, not a multi-GPU run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from sandbox.train.builder import build_model
 from sandbox.train.sync_batchnorm import synchronise_batchnorm
 
 TOLERANCE = 1e-3
+"""The largest relative difference from the reference a class may show (float32 summation order)."""
 
 
 def arguments() -> argparse.Namespace:
@@ -56,15 +60,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """One train-mode forward and backward; the logits (detached)."""
+def train_step(model: torch.nn.Module, images: torch.Tensor, elements: int) -> torch.Tensor:
+    """One train-mode forward and backward of this process's share of a loss over ``elements`` logits
+    of every process; the logits (detached)."""
     model.zero_grad(set_to_none=True)
     logits = model(images)[0]
-    logits.float().square().mean().backward()
+    (logits.float().square().sum() / elements).backward()
     return logits.detach()
 
 
-def counted_syncs(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> int | None:
+def training_without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in train mode but for its dropout layers (their draws differ between a batch and its halves)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.eval()
+    return model
+
+
+def gradients(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter's gradient, flattened into one vector."""
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def counted_syncs(model: torch.nn.Module, images: torch.Tensor, elements: int, device: torch.device) -> int | None:
     """Host-device synchronisations of one step, by CUDA's detector (None on a CPU)."""
     if device.type != "cuda":
         return None
@@ -73,7 +92,7 @@ def counted_syncs(model: torch.nn.Module, images: torch.Tensor, device: torch.de
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_step(model, images)
+            train_step(model, images, elements)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -96,21 +115,26 @@ def main() -> int:
     base = build_model(recipe, registry, options.num_classes)
     generator = torch.Generator().manual_seed(1 + rank)
     images = torch.randn(options.batch, 3, options.crop, options.crop, generator=generator).to(device)
-    rows, reference = [], None
+    every = [torch.empty_like(images) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, images)
+    reference_model = training_without_dropout(copy.deepcopy(base).to(device))  # plain BatchNorm, the whole batch
+    elements = len(every) * options.batch * options.num_classes * options.crop * options.crop  # logits at input size
+    reference_logits = train_step(reference_model, torch.cat(every), elements).chunk(len(every))[rank]
+    reference_gradients = gradients(reference_model)
+    del reference_model
+    rows = []
     for implementation in ["sandbox", "torch"] if device.type == "cuda" else ["sandbox"]:
-        model = synchronise_batchnorm(copy.deepcopy(base), device, implementation).to(device).train()
-        logits = train_step(model, images)
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        if reference is None:
-            reference, difference = (logits, grads), 0.0
-        else:
-            difference = max(relative_difference(logits, reference[0]), relative_difference(grads, reference[1]))
-        syncs = counted_syncs(model, images, device)
+        model = training_without_dropout(synchronise_batchnorm(copy.deepcopy(base), device, implementation).to(device))
+        logits = train_step(model, images, elements)
+        summed = gradients(model)
+        dist.all_reduce(summed)  # as DDP, up to its division by the number of processes
+        difference = max(relative_difference(logits, reference_logits), relative_difference(summed, reference_gradients))
+        syncs = counted_syncs(model, images, elements, device)
         times = []
         for index in range(options.warmup + options.steps):
             synchronize(device)
             start = time.perf_counter()
-            train_step(model, images)
+            train_step(model, images, elements)
             synchronize(device)
             if index >= options.warmup:
                 times.append((time.perf_counter() - start) * 1000)
@@ -121,10 +145,10 @@ def main() -> int:
         where = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run)"
         print(f"batchnorm classes: 2 processes on one {where}, gloo, {recipe.model.name} on {recipe.backbone.name}, "
               f"crop {options.crop}, {options.batch} images per process, torch {torch.__version__}")
-        print(f"{'sync_bn_impl':<14}{'ms/step':>10}{'syncs/step':>12}{'rel. diff':>12}")
+        print(f"{'sync_bn_impl':<14}{'ms/step':>10}{'syncs/step':>12}{'rel. diff':>12}  (syncs: CUDA's detector)")
         for implementation, milliseconds, syncs, difference in rows:
             print(f"{implementation:<14}{milliseconds:>10.1f}{'-' if syncs is None else syncs:>12}{difference:>12.2e}")
-        print(f"logits and gradients equal within {TOLERANCE:g}: {'yes' if agree else 'NO'}")
+        print(f"logits and gradients equal to one process's on the whole batch within {TOLERANCE:g}: {'yes' if agree else 'NO'}")
     dist.destroy_process_group()
     return 0 if agree else 1
 

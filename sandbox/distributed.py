@@ -8,8 +8,15 @@ process, ``sandbox bench``, a unit test).
 
 from __future__ import annotations
 
+import weakref
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 from sandbox.host_side import host_side
 
@@ -28,21 +35,29 @@ def process_rank() -> int:
     return 0
 
 
-_HOST_GROUPS: dict[int, object] = {}
-"""The gloo group for host tensors, by the id of the default group it accompanies (made once)."""
+_HOST_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The gloo group for host tensors, by the default group it accompanies (made once for each)."""
 
 
-def host_group() -> object | None:
+def host_group() -> ProcessGroup | None:
     """A process group that all-reduces tensors in host memory without touching a device: None (the
     default group) when the default backend handles CPU tensors (gloo, or a backend per device type
-    with gloo for the CPU), else a gloo group over the same processes, made on the first call (every
-    process must make that call, at the same point)."""
+    with gloo for the CPU), else a gloo group over the same processes, made on the first call. Every
+    process must make that first call at the same point: the training loop makes it when it starts
+    (:func:`prepare_host_group`), so a gloo problem (e.g. a node whose network interface gloo cannot
+    find: ``GLOO_SOCKET_IFNAME``) ends the run at its start, not at its first density update."""
     if "gloo" in str(torch.distributed.get_backend()):
         return None
-    key = id(torch.distributed.group.WORLD)
-    if key not in _HOST_GROUPS:
-        _HOST_GROUPS[key] = torch.distributed.new_group(backend="gloo")
-    return _HOST_GROUPS[key]
+    world = torch.distributed.group.WORLD
+    if world not in _HOST_GROUPS:
+        _HOST_GROUPS[world] = torch.distributed.new_group(backend="gloo")
+    return _HOST_GROUPS[world]
+
+
+def prepare_host_group() -> None:
+    """Make :func:`host_group` now, on several processes (call on every process, at the same point)."""
+    if process_count() > 1:
+        host_group()
 
 
 @host_side
@@ -82,8 +97,9 @@ class _SumOverProcesses(torch.autograd.Function):
         return summed
 
     @staticmethod
+    @once_differentiable  # the in-place collective is not differentiable itself
     def backward(ctx: object, gradient: Tensor) -> Tensor:  # noqa: D102 - autograd's protocol
-        summed = gradient.contiguous().clone()
+        summed = gradient.clone(memory_format=torch.contiguous_format)
         torch.distributed.all_reduce(summed)
         return summed
 

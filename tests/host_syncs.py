@@ -53,11 +53,10 @@ SYNCING = {
 """Operators that make the host wait for the device whatever their arguments."""
 
 
-READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
-"""Tensor methods that read the tensor's memory from the host."""
-
-COPIES = {"cpu", "to"}
-"""Tensor methods that copy a tensor to host memory (``to`` when its target is the string ``"cpu"``)."""
+READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__", "__repr__",
+         "__str__", "__format__"}
+"""Tensor methods that read the tensor's memory from the host (the last four print it or hand it to
+numpy: they read through ``tolist``/``numpy`` inside, which this mode does not see while it handles them)."""
 
 
 def _in_code(codes: set | frozenset) -> bool:
@@ -97,11 +96,13 @@ def _tensors(*values: Any) -> list[torch.Tensor]:
 
 
 def _copies_to_host(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether ``func`` copies a tensor to host memory: ``Tensor.cpu``, or ``Tensor.to`` with the
-    device ``"cpu"`` written as a string. (On the CPU a move to the run's device, ``.to(device)``
+    """Whether ``func`` may copy a tensor to host memory: ``Tensor.cpu``, ``Tensor.copy_`` (into a host
+    tensor: decided by the caller), or ``Tensor.to`` with the device ``"cpu"`` written as a string. (On the CPU a move to the run's device, ``.to(device)``
     with a ``torch.device``, cannot be told from a copy to the host: it is not counted.)"""
     name = getattr(func, "__name__", "")
     if name == "cpu":
+        return True
+    if name == "copy_":  # into a host tensor: is the destination (the first argument) not a device tensor?
         return True
     if name != "to":
         return False
@@ -178,7 +179,10 @@ class PythonReads(TorchFunctionMode):
         on_device = any(t in self.syncs.device for t in inputs)
         host_code = _in_host_code()
         name = getattr(func, "__name__", str(func))
-        copy = _copies_to_host(func, args, kwargs) and on_device
+        if getattr(func, "__name__", "") == "copy_":  # a copy into a host tensor from a device tensor
+            copy = len(args) > 1 and args[1] in self.syncs.device and args[0] not in self.syncs.device
+        else:
+            copy = _copies_to_host(func, args, kwargs) and on_device
         read = name in READS and (on_device or not host_code)
         if copy or read:
             self.syncs.record(name)

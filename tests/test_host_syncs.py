@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
+import numpy
 import pytest
 import torch
 
@@ -105,6 +106,25 @@ def count_on_this_process(folder: Path) -> None:
                for method, extra in TWO_PROCESSES.items()}
     rank = int(os.environ["RANK"])
     (folder / f"syncs_rank{rank}.json").write_text(json.dumps(counted))
+    (folder / f"host_group_rank{rank}.json").write_text(json.dumps(exchange_beside_nccl(rank)))
+
+
+def exchange_beside_nccl(rank: int) -> dict:
+    """The host exchange as a run on NCCL makes it (the backend reported as ``nccl``): a gloo group of its
+    own, made once, that sums host numbers; what this process saw."""
+    import torch.distributed as dist
+
+    from sandbox import distributed
+
+    reported = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl"
+    try:
+        first, second = distributed.host_group(), distributed.host_group()
+        values = distributed.host_values_of_every_process(10 + rank)
+        return {"own_group": first is not None, "made_once": first is second,
+                "backend": dist.get_backend_config(first) if first is not None else None, "values": values}
+    finally:
+        dist.get_backend = reported
 
 
 LAUNCH_JOBS = {"host_syncs": Job(count_on_this_process, worlds=(2,))}
@@ -122,6 +142,14 @@ def test_a_training_step_waits_for_the_device_once_on_two_processes(shared_launc
             for step, calls in steps.items():
                 assert len(calls) == 1, f"rank {rank}, {method}, step {step}: {calls}"
                 assert calls[0][0] == "item" and "iteration.py" in calls[0][1], calls
+
+
+def test_on_nccl_the_pixel_counts_go_through_a_gloo_group_made_once(shared_launch: SharedLaunch) -> None:
+    folder = shared_launch.folder("host_syncs", 2)
+    for rank in range(2):
+        seen = json.loads((folder / f"host_group_rank{rank}.json").read_text())
+        assert seen["own_group"] and seen["made_once"] and "gloo" in seen["backend"], seen
+        assert seen["values"] == [10, 11], seen
 
 
 @contextmanager
@@ -155,7 +183,7 @@ def host_work(values: torch.Tensor) -> list:
 def test_the_sync_counter_sees_what_synchronises() -> None:
     """It counts scalar reads, data-dependent shapes, copies to the host and device tensors handed to
     host-side code (it can fail); host tensors in host-side code and moves to the run's device are free."""
-    host = torch.arange(6.0)
+    host, buffer = torch.arange(6.0), torch.empty(6)
     with counting_host_syncs() as syncs:
         values = host * 1  # made while counting, outside host-side code: a device tensor
         values.sum().item()
@@ -166,14 +194,18 @@ def test_the_sync_counter_sees_what_synchronises() -> None:
         bool(values[0]), int(values[1]), float(values[2])
         values.cpu()
         values.to("cpu")
+        str(values), numpy.asarray(values)
+        buffer.copy_(values)  # into host memory
+        values.clone().copy_(host)  # from host memory: no wait
         values.to(values.device)  # a move to the run's device (on a GPU: stays there)
         host.cpu()  # a host tensor stays where it is
         torch.where(values > 2, values, 0.0)  # no sync
         assert host_work(host) == [3, 4, 5]
-        assert not syncs.calls[11:], syncs.summary()
+        assert not syncs.calls[14:], syncs.summary()
         host_work(values)
     assert [name for name, _ in syncs.calls] == [
         "item", "index", "nonzero", "tolist", "numpy", "__bool__", "__int__", "__float__", "cpu", "to",
+        "__repr__", "__array__", "copy_",
         "device tensor in host-side code: gt", "device tensor in host-side code: nonzero",
         "device tensor in host-side code: flatten", "tolist",
     ]

@@ -31,6 +31,11 @@ from sandbox.train.loop import Trainer, start_run
 from sandbox.train.student_pass import network_of
 
 
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') and CPU float16 autocast need torch >= 2.3"
+)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state() -> Iterator[None]:
     """fp16 here, other precisions in other tests of the same worker."""

@@ -20,7 +20,7 @@ from sandbox import __version__
 from sandbox.api import DensityEstimator
 from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import DataError, read_batches
-from sandbox.distributed import mean_over_processes
+from sandbox.distributed import mean_over_processes, prepare_host_group
 from sandbox.data.views import StreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
 from sandbox.recipe import Recipe, flatten_keys
@@ -204,6 +204,7 @@ class Trainer:
             networks = build_networks(model, self.accelerator, settings, self.lr)  # sync_bn and the speed levers
             self.teacher = networks.teacher
         self.model, self.optimizer, self.scheduler = networks.prepare(self.accelerator)
+        prepare_host_group()  # the density estimator's exchange of pixel counts (a gloo group beside NCCL)
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.teacher, self.state)  # the order of CHECKPOINTED_OBJECTS

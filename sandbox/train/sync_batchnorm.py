@@ -3,8 +3,10 @@
 By default (``train.sync_bn_impl = "sandbox"``) each BatchNorm's class is swapped for a subclass
 that computes the statistics of the global batch with one differentiable all-reduce per layer: in
 the forward pass the statistics, in the backward pass the gradient of every process's loss with
-respect to them. It never waits for the device (the counts are the shapes' numbers), runs on CUDA
-(NCCL or gloo) and CPU (gloo) processes alike, and is the class the 1-vs-N parity tests prove.
+respect to them. Its own code never waits for the device (the counts are the shapes' numbers, made
+on the device by a fill); with NCCL the all-reduce does not either, while gloo stages CUDA tensors
+through host memory and waits for them (CPU processes, or CUDA over gloo). It runs on CUDA and CPU
+processes alike and is the class the 1-vs-N parity tests prove.
 Parameters, buffers, state-dict keys and hooks stay those of the original module, so checkpoints
 load with or without ``sync_bn``.
 
