@@ -1,0 +1,222 @@
+"""The project's mutation check: named semantic bugs planted one at a time, each must fail its tests.
+
+Each mutation replaces one snippet of one guarded module (it must occur exactly once) in a copy of
+the working tree, runs the tests that guard it there, and restores the file. A mutation is
+*killed* when its tests fail, *survived* when they pass (the tests would not notice that bug), and
+*broken* when its snippet no longer occurs (the code moved: update the mutation). The exit status
+is 0 when every mutation was killed. Not part of the default test command (about 15 minutes on 2
+CPU cores, mostly the parity launches)::
+
+    python benchmarks/mutation_check.py                 # every mutation, a table at the end
+    python benchmarks/mutation_check.py --only bn-      # the mutations whose name starts with "bn-"
+    python benchmarks/mutation_check.py --list          # names and files, nothing run
+
+The copy imports its own code: ``sandbox`` from its root and the built-in plugins
+(``sandbox_builtins``) through a link on ``PYTHONPATH``, so a mutation never touches this tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARITY = ["tests/test_parity.py", "-k", "train_what_one_process_trains or bf16 or unequal"]
+SYNC_BN = ["tests/test_sync_batchnorm.py"]
+HOST_SYNCS = ["tests/test_host_syncs.py", "-k", "not cuda and not two_processes and not nccl"]
+HOST_SYNCS_TWO = ["tests/test_host_syncs.py", "-k", "two_processes or nccl"]
+DENSITY = ["tests/test_density_estimators.py", "tests/test_density_distributed.py"]
+CLAIMS = ["tests/test_claims.py"]
+PAIRED = ["tests/test_compare_paired.py", "tests/test_compare.py"]
+STEP = ["tests/test_step_semantics.py", "tests/test_unimatch_step.py", "tests/test_log_window.py"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: ``old`` (occurring once in ``path``) becomes ``new``; ``tests`` are pytest arguments."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+
+
+MUTATIONS = [
+    # sandbox/train/step.py
+    Mutation("step-perturbed-loss-by-own-count", "sandbox/train/step.py",
+             "        return loss * share_of_total(valid.sum(), total)\n",
+             "        return loss if role == \"perturbed_loss\" else loss * share_of_total(valid.sum(), total)\n", PARITY),
+    Mutation("step-device-masks-to-host-code", "sandbox/train/step.py",
+             "kept_pixel_index(labeled.host_masks, unlabeled.host_padding,",
+             "kept_pixel_index(labeled.masks, unlabeled.host_padding,", HOST_SYNCS),
+    Mutation("step-logged-loss-copied-to-host", "sandbox/train/step.py",
+             "logs[\"loss_perturbed\"] = loss_perturbed.detach()",
+             "logs[\"loss_perturbed\"] = loss_perturbed.detach().cpu()", HOST_SYNCS),
+    Mutation("step-normalisations-swapped", "sandbox/train/step.py",
+             "return (~padding).sum() if self.settings.unsupervised_normalisation == \"image_pixels\" else valid.sum()",
+             "return valid.sum() if self.settings.unsupervised_normalisation == \"image_pixels\" else (~padding).sum()",
+             STEP),
+    Mutation("step-log-step-off-by-one", "sandbox/train/log_window.py",
+             "    finished = step + 1\n", "    finished = step\n", STEP),
+    # sandbox/train/sync_batchnorm.py
+    Mutation("bn-plain-average-of-means", "sandbox/train/sync_batchnorm.py",
+             "global_mean = (means * counts).sum(0) / total.clamp(min=1.0)", "global_mean = means.mean(0)", SYNC_BN),
+    Mutation("bn-no-between-process-spread", "sandbox/train/sync_batchnorm.py",
+             "global_squares = (squares + counts * (means - global_mean).pow(2)).sum(0)",
+             "global_squares = squares.sum(0)", SYNC_BN),
+    Mutation("bn-biased-running-variance", "sandbox/train/sync_batchnorm.py",
+             "unbiased = variance.detach() * total / (total - 1).clamp(min=1.0)",
+             "unbiased = variance.detach()", SYNC_BN),
+    Mutation("bn-batch-statistics-in-eval-mode", "sandbox/train/sync_batchnorm.py",
+             "if not module.training or process_count() == 1:", "if process_count() == 1:", SYNC_BN),
+    # sandbox/distributed.py
+    Mutation("dist-share-without-process-count", "sandbox/distributed.py",
+             "return count.float() * process_count() / total.float().clamp(min=1.0)",
+             "return count.float() / total.float().clamp(min=1.0)", PARITY),
+    Mutation("dist-backward-without-all-reduce", "sandbox/distributed.py",
+             "        torch.distributed.all_reduce(summed)\n        return summed\n\n\ndef differentiable",
+             "        return summed\n\n\ndef differentiable", SYNC_BN),
+    Mutation("dist-host-values-in-rank-0-slot", "sandbox/distributed.py",
+             "    slots[process_rank()] = value\n", "    slots[0] = value\n", HOST_SYNCS_TWO),
+    Mutation("dist-logged-sum-not-averaged", "sandbox/distributed.py",
+             "(sum_over_processes(stacked) / processes).tolist()", "sum_over_processes(stacked).tolist()", PARITY),
+    # sandbox/density/online.py
+    Mutation("density-pooled-gradient-unweighted", "sandbox/density/online.py",
+             "flat = torch.cat([g.reshape(-1).float() * weight for g in grads]",
+             "flat = torch.cat([g.reshape(-1).float() for g in grads]", DENSITY),
+    Mutation("density-nll-by-own-count", "sandbox/density/online.py",
+             "        nll = nll_sum / total\n", "        nll = nll_sum / max(count, 1)\n", DENSITY),
+    Mutation("density-remainder-to-smallest", "sandbox/density/online.py",
+             "key=lambda index: (-(exact[index] - shares[index]), index)",
+             "key=lambda index: (exact[index] - shares[index], index)", DENSITY),
+    Mutation("density-nonfinite-update-kept", "sandbox/density/online.py",
+             "kept = torch.where(finite, after, before).split(", "kept = after.split(", DENSITY),
+    # sandbox/host_side.py (the host-sync code)
+    Mutation("host-device-copy-is-the-host-tensor", "sandbox/host_side.py",
+             "    return moved.detach() if moved is tensor else moved\n", "    return moved\n", HOST_SYNCS),
+    # sandbox/sweep/claims.py
+    Mutation("claims-takeover-without-reread", "sandbox/sweep/claims.py",
+             "        current = read_claim(path)\n        if current is None or current.token != stale.token or "
+             "not current.is_stale():\n            return False, None\n", "", CLAIMS),
+    Mutation("claims-reread-ignores-staleness", "sandbox/sweep/claims.py",
+             "current.token != stale.token or not current.is_stale():", "current.token != stale.token:", CLAIMS),
+    Mutation("claims-refresh-without-stall-check", "sandbox/sweep/claims.py",
+             "            if time.monotonic() - began > self.mine.timeout_s / 2:  # stalled: a taker may be at work\n"
+             "                return False\n", "", CLAIMS),
+    Mutation("claims-stall-check-at-whole-timeout", "sandbox/sweep/claims.py",
+             "if time.monotonic() - began > self.mine.timeout_s / 2:",
+             "if time.monotonic() - began > self.mine.timeout_s:", CLAIMS),
+    Mutation("claims-release-without-token-check", "sandbox/sweep/claims.py",
+             "        if holds(path, mine):\n            path.unlink(missing_ok=True)\n",
+             "        path.unlink(missing_ok=True)\n", CLAIMS),
+    Mutation("claims-staleness-reversed", "sandbox/sweep/claims.py",
+             "return self.silent_for(now) > self.timeout_s or self.holder_is_gone()",
+             "return self.silent_for(now) < self.timeout_s or self.holder_is_gone()", CLAIMS),
+    # sandbox/analysis/paired.py, student_t.py
+    Mutation("paired-degenerate-interval-unmarked", "sandbox/analysis/paired.py",
+             "        if all_equal(self.deltas):\n            return CI_ZERO_VARIANCE\n", "", PAIRED),
+    Mutation("paired-population-std", "sandbox/analysis/paired.py",
+             "* statistics.stdev(values) / math.sqrt(len(values))",
+             "* statistics.pstdev(values) / math.sqrt(len(values))", PAIRED),
+    Mutation("paired-normal-quantile", "sandbox/analysis/paired.py",
+             "t_quantile((1.0 + level) / 2.0, len(values) - 1)", "1.96", PAIRED),
+    Mutation("paired-unpaired-difference", "sandbox/analysis/paired.py",
+             "(seed, score - baseline[seed])", "(seed, score - statistics.fmean(baseline.values()))", PAIRED),
+    Mutation("paired-exact-equality-only", "sandbox/analysis/paired.py",
+             "return spread <= EQUAL_DIFFERENCES_TOLERANCE * max(1.0, max(abs(value) for value in values))",
+             "return spread == 0.0", PAIRED),
+    Mutation("paired-excludes-zero-above-only", "sandbox/analysis/paired.py",
+             "return interval[0] > 0 or interval[1] < 0", "return interval[0] > 0", PAIRED),
+    Mutation("student-t-lower-tail-lost", "sandbox/analysis/student_t.py",
+             "return 1.0 - tail if t > 0 else tail", "return 1.0 - tail", PAIRED),
+]
+"""The named mutations, by guarded module."""
+
+
+def copy_of_tree(destination: Path) -> Path:
+    """The working tree's files known to git (as they are now, changes included) under ``destination/tree``,
+    and ``destination/path/sandbox_builtins`` linking its plugins; returns the tree."""
+    tree = destination / "tree"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, tree / name)
+    (destination / "path").mkdir()
+    (destination / "path" / "sandbox_builtins").symlink_to(tree / "plugins")
+    return tree
+
+
+def run_mutation(mutation: Mutation, tree: Path, env: dict[str, str]) -> tuple[str, float]:
+    """``(verdict, seconds)`` of ``mutation`` applied in ``tree`` (restored afterwards)."""
+    path = tree / mutation.path
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return f"broken (snippet found {original.count(mutation.old)} times)", 0.0
+    path.write_text(original.replace(mutation.old, mutation.new))
+    start = time.perf_counter()
+    try:
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *mutation.tests]
+        result = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    seconds = time.perf_counter() - start
+    if result.returncode == 1:
+        return "killed", seconds
+    if result.returncode == 0:
+        return "survived", seconds
+    tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["?"]
+    return f"error (pytest exit {result.returncode}: {tail[0][:80]})", seconds
+
+
+def main() -> int:
+    """Run the selected mutations and print the table; 0 when every one was killed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the mutations whose name starts with this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    options = parser.parse_args()
+    selected = [m for m in MUTATIONS if m.name.startswith(options.only)]
+    if options.list:
+        for mutation in selected:
+            print(f"{mutation.name:<40} {mutation.path}")
+        return 0
+    if not selected:
+        print(f"mutation_check: no mutation's name starts with {options.only!r} (see --list)", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as folder:
+        tree = copy_of_tree(Path(folder))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(Path(folder) / "path")])}
+        for mutation in selected:
+            verdict, seconds = run_mutation(mutation, tree, env)
+            print(f"{mutation.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            rows.append((mutation, verdict, seconds))
+    print(f"\n| mutation | file | tests | result | s |\n|---|---|---|---|---|")
+    for mutation, verdict, seconds in rows:
+        tests = " ".join(arg for arg in mutation.tests if arg.startswith("tests/"))
+        print(f"| {mutation.name} | {mutation.path} | {tests} | {verdict} | {seconds:.0f} |")
+    killed = sum(verdict == "killed" for _, verdict, _ in rows)
+    print(f"\n{killed} of {len(rows)} mutations killed (torch {torch_version()}, {sys.platform})")
+    return 0 if killed == len(rows) else 1
+
+
+def torch_version() -> str:
+    """The installed torch's version (without importing it into this process)."""
+    from importlib.metadata import version
+
+    return version("torch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
