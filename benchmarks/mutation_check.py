@@ -202,7 +202,7 @@ def main() -> int:
             verdict, seconds = run_mutation(mutation, tree, env)
             print(f"{mutation.name}: {verdict} ({seconds:.0f} s)", flush=True)
             rows.append((mutation, verdict, seconds))
-    print(f"\n| mutation | file | tests | result | s |\n|---|---|---|---|---|")
+    print("\n| mutation | file | tests | result | s |\n|---|---|---|---|---|")
     for mutation, verdict, seconds in rows:
         tests = " ".join(arg for arg in mutation.tests if arg.startswith("tests/"))
         print(f"| {mutation.name} | {mutation.path} | {tests} | {verdict} | {seconds:.0f} |")
