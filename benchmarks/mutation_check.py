@@ -37,6 +37,7 @@ DENSITY = ["tests/test_density_estimators.py", "tests/test_density_distributed.p
 CLAIMS = ["tests/test_claims.py"]
 PAIRED = ["tests/test_compare_paired.py", "tests/test_compare.py"]
 STEP = ["tests/test_step_semantics.py", "tests/test_unimatch_step.py", "tests/test_log_window.py"]
+SKIPPED = ["tests/test_reliability.py", "-k", "no_trace"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ MUTATIONS = [
              STEP),
     Mutation("step-log-step-off-by-one", "sandbox/train/log_window.py",
              "    finished = step + 1\n", "    finished = step\n", STEP),
+    Mutation("step-skip-keeps-teacher-statistics", "sandbox/train/step_state.py",
+             "        tensors = [*self.student.buffers(), *self.teacher.buffers()]\n",
+             "        tensors = [*self.student.buffers()]\n", SKIPPED),
+    Mutation("step-skip-keeps-estimator-schedule", "sandbox/train/step_state.py",
+             "            scheduler.load_state_dict(self._host[\"scheduler\"])\n", "            pass\n", SKIPPED),
     # sandbox/train/sync_batchnorm.py
     Mutation("bn-plain-average-of-means", "sandbox/train/sync_batchnorm.py",
              "global_mean = (means * counts).sum(0) / total.clamp(min=1.0)", "global_mean = means.mean(0)", SYNC_BN),

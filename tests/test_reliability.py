@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -168,9 +169,16 @@ class NanOnCalls(Perturbation):
         return features * float("nan") if poisoned else features * 1.0
 
 
+class NanOnCallsWithDensity(NanOnCalls):
+    """The same, with a density estimator trained at every step (as DDFP's)."""
+
+    uses_density = True
+
+
 @hookimpl
 def sandbox_register_perturbations(register):
     register("nan_on_calls", NanOnCalls)
+    register("nan_on_calls_density", NanOnCallsWithDensity)
 '''
 
 
@@ -205,6 +213,60 @@ def test_non_finite_losses_skip_the_update_and_are_counted(
         assert all_finite(torch.load(run_dir / name, weights_only=True)["model"]), name
     student = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
     assert all_finite(student), "the skipped steps' BatchNorm statistics must be forgotten"
+
+
+def everything_a_step_may_change(trainer: Any) -> dict[str, torch.Tensor]:
+    """Copies of every tensor of the student (parameters, buffers, optimizer state), the teacher and the
+    density estimator (parameters, buffers, Adam's state), and the estimator's schedule, by name."""
+    from sandbox.train.student_pass import network_of
+
+    student = network_of(trainer.accelerator.unwrap_model(trainer.model))
+    state = {f"student {k}": v for k, v in student.state_dict().items()}
+    state |= {f"teacher {k}": v for k, v in trainer.teacher.state_dict().items()}
+    for index, moments in trainer.optimizer.state_dict()["state"].items():
+        state |= {f"optimizer {index} {k}": v for k, v in moments.items() if isinstance(v, torch.Tensor)}
+    density = trainer.method.density
+    state |= {f"density {k}": v for k, v in density.state_dict().items()}
+    for index, moments in density.optimizer.state_dict()["state"].items():
+        state |= {f"density Adam {index} {k}": v for k, v in moments.items() if isinstance(v, torch.Tensor)}
+    state["density lr"] = torch.tensor(density.optimizer.param_groups[0]["lr"])
+    state["density schedule"] = torch.tensor(float(density.scheduler.last_epoch))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("calls", [[0], [2]], ids=["first-density-update", "later"])
+def test_a_skipped_step_leaves_no_trace(tiny_recipe: Path, nan_plugin: Path, calls: list[int]) -> None:
+    """A NaN perturbed view makes the loss non-finite after the step's forward pass updated BatchNorm
+    statistics and the density estimator: every tensor of the student, its optimizer, the teacher and
+    the estimator (and its schedule) is as before the step. ``calls`` [0]: the first semi-supervised
+    step, whose estimator update is its first (Adam's state appears) and whose teacher starts then
+    (as the student: that start stays, or the teacher would never start)."""
+    from sandbox.recipe import load_resolved_recipe
+    from sandbox.train.loop import start_run
+
+    settings = ["perturbation.name=nan_on_calls_density", f"perturbation.calls={calls}", "train.teacher_mode=train",
+                "train.teacher_statistics=own"]
+    recipe, registry = load_resolved_recipe(tiny_recipe, settings, [str(nan_plugin)])
+    trainer = start_run(recipe, registry, resume=False, overwrite=True)
+    iteration, skipped = trainer.iteration, []
+
+    def compared(step: int, *batches: Any) -> Any:
+        before = everything_a_step_may_change(trainer)
+        if step == recipe.train.warmup_iters:  # the teacher starts as the student at this step, skipped or not
+            before |= {f"teacher {name}": before[f"student {name}"] for name, _ in trainer.teacher.named_parameters()}
+        result = iteration(step, *batches)
+        if not result.finite:
+            after = everything_a_step_may_change(trainer)
+            assert set(after) == set(before), f"step {step}: {set(after) ^ set(before)}"
+            changed = [k for k, v in before.items() if not torch.equal(after[k].nan_to_num(), v.nan_to_num())]
+            assert not changed, f"step {step} was skipped but changed {changed}"
+            skipped.append(step)
+        return result
+
+    compared.agree_on_teacher = iteration.agree_on_teacher
+    trainer.iteration = compared
+    trainer.train()
+    assert len(skipped) == 1, skipped
 
 
 def test_consecutive_non_finite_losses_stop_the_run_with_a_usable_checkpoint(

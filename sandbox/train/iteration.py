@@ -26,6 +26,7 @@ from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.optimizer import build_optimizer  # noqa: F401 - re-exported
 from sandbox.train.sync_batchnorm import is_synchronised
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
+from sandbox.train.step_state import StepState
 
 
 @dataclass
@@ -72,8 +73,8 @@ class TrainingIteration:
         self.teacher_buffers_differ = False
         """The processes' teacher buffers may differ (changed since :meth:`agree_on_teacher`)."""
         student = accelerator.unwrap_model(model)
-        self._saved_buffers = [buffer.detach().clone() for buffer in student.buffers()]
-        """The student's buffers before the current step (restored after a non-finite loss)."""
+        self.state = StepState(student, teacher, step_fn.method.density)
+        """What the step changes before its non-finite check, as it was before (restored after a non-finite loss)."""
 
     def __call__(
         self, step: int, labeled: LabeledBatch, unlabeled: UnlabeledBatch | None, partners: UnlabeledBatch | None = None
@@ -81,15 +82,13 @@ class TrainingIteration:
         """Iteration ``step``; ``unlabeled`` is None during the supervised warm-up; ``partners`` are the
         CutMix partner images with ``train.cutmix_partners = "stream"``."""
         settings, student = self.settings, self.accelerator.unwrap_model(self.model)
-        buffers = list(student.buffers())
-        if buffers:
-            torch._foreach_copy_(self._saved_buffers, buffers)
+        if unlabeled is not None and step == settings.warmup_iters and self.teacher_read:  # the teacher starts as the student
+            update_teacher(self.teacher, student, 0.0, self.copy_buffers)
+        self.state.remember()
         with self.accelerator.autocast():
             if unlabeled is None:
                 loss, logs = self.step_fn.supervised(self.model, self.teacher, labeled)
             else:
-                if step == settings.warmup_iters and self.teacher_read:  # the teacher starts as the student
-                    update_teacher(self.teacher, student, 0.0, self.copy_buffers)
                 loss, logs = self.step_fn.semi_supervised(step, self.model, self.teacher, labeled, unlabeled, partners)
         self.optimizer.zero_grad(set_to_none=True)
         finite = self.all_finite(loss)
@@ -97,9 +96,8 @@ class TrainingIteration:
             self.accelerator.backward(loss)
             self.optimizer.step()
             stepped = not self.accelerator.optimizer_step_was_skipped  # an fp16 overflow skips it
-        else:  # no update; forget the BatchNorm statistics the bad forward pass collected
-            if buffers:
-                torch._foreach_copy_(buffers, self._saved_buffers)
+        else:  # no update, and no trace: BatchNorm statistics, the estimator's update of this step
+            self.state.restore()
             stepped = False
         if stepped:
             self.scheduler.step()
