@@ -72,7 +72,7 @@ MUTATIONS = [
              "        tensors = [*self.student.buffers(), *self.teacher.buffers()]\n",
              "        tensors = [*self.student.buffers()]\n", SKIPPED),
     Mutation("step-skip-keeps-estimator-schedule", "sandbox/train/step_state.py",
-             "            scheduler.load_state_dict(self._host[\"scheduler\"])\n", "            pass\n", SKIPPED),
+             "            self.scheduler.load_state_dict(self._host[\"scheduler\"])\n", "            pass\n", SKIPPED),
     # sandbox/train/sync_batchnorm.py
     Mutation("bn-plain-average-of-means", "sandbox/train/sync_batchnorm.py",
              "global_mean = (means * counts).sum(0) / total.clamp(min=1.0)", "global_mean = means.mean(0)", SYNC_BN),

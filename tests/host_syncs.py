@@ -96,13 +96,12 @@ def _tensors(*values: Any) -> list[torch.Tensor]:
 
 
 def _copies_to_host(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether ``func`` may copy a tensor to host memory: ``Tensor.cpu``, ``Tensor.copy_`` (into a host
-    tensor: decided by the caller), or ``Tensor.to`` with the device ``"cpu"`` written as a string. (On the CPU a move to the run's device, ``.to(device)``
-    with a ``torch.device``, cannot be told from a copy to the host: it is not counted.)"""
+    """Whether ``func`` copies a tensor to host memory: ``Tensor.cpu``, or ``Tensor.to`` with the device
+    ``"cpu"`` written as a string. (On the CPU a move to the run's device, ``.to(device)`` with a
+    ``torch.device``, cannot be told from a copy to the host: it is not counted. ``Tensor.copy_`` is
+    decided by :class:`PythonReads`, which knows which of its tensors are device tensors.)"""
     name = getattr(func, "__name__", "")
     if name == "cpu":
-        return True
-    if name == "copy_":  # into a host tensor: is the destination (the first argument) not a device tensor?
         return True
     if name != "to":
         return False

@@ -138,17 +138,19 @@ def warm_start(recipe_path: Path) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in network.state_dict().items()}
 
 
-def starting_from(build: Callable[..., Any], state: dict[str, torch.Tensor]) -> Callable[..., Any]:
-    """``build_model`` whose network starts from ``state`` (:func:`warm_start`, made with Mix BN: a network
+def warm_value(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The value of ``key`` in the warm start ``state`` (:func:`warm_start`, made with Mix BN: a network
     without it takes the main statistics, ``classifier.1.main.weight`` as ``classifier.1.weight``)."""
+    module, _, name = key.rpartition(".")
+    return state[key] if key in state else state[f"{module}.main.{name}"]
 
-    def main_of(key: str) -> str:
-        module, _, name = key.rpartition(".")
-        return key if key in state else f"{module}.main.{name}"
+
+def starting_from(build: Callable[..., Any], state: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    """``build_model`` whose network starts from ``state`` (:func:`warm_value` of each of its keys)."""
 
     def build_warm(*args: Any, **kwargs: Any) -> Any:
         network = build(*args, **kwargs)
-        network.load_state_dict({key: state[main_of(key)] for key in network.state_dict()})
+        network.load_state_dict({key: warm_value(state, key) for key in network.state_dict()})
         return network
 
     return build_warm
@@ -313,8 +315,7 @@ def total_change_difference(single: dict, other: dict, start: dict[str, torch.Te
     for part in ("student", "teacher"):
         for key, value in single[part].items():
             if value.is_floating_point():
-                module, _, name = key.rpartition(".")
-                begin = start.get(key, start.get(f"{module}.main.{name}")).double()
+                begin = warm_value(start, key).double()
                 difference += float((other[part][key].double() - value.double()).pow(2).sum())
                 change += float((value.double() - begin).pow(2).sum())
     return (difference / change) ** 0.5
@@ -328,8 +329,7 @@ def assert_states_close(single: dict, other: dict, part: str, start: dict[str, t
         if start is None:
             assert_tensor_close(other[part][key], value, f"{part} {key}")
         else:
-            module, _, name = key.rpartition(".")
-            assert_change_close(other[part][key], value, start.get(key, start.get(f"{module}.main.{name}")), f"{part} {key}")
+            assert_change_close(other[part][key], value, warm_value(start, key), f"{part} {key}")
 
 
 @pytest.mark.parametrize("name", [name for name in CONFIGS if not name.startswith("control") and name not in MIXED_PRECISION])

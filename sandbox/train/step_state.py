@@ -17,81 +17,65 @@ import torch
 from torch import Tensor, nn
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
-    """Every tensor of ``optimizer``'s per-parameter state (moments, step counters), in a fixed order."""
-    if optimizer is None:
-        return []
-    return [value for group in optimizer.param_groups for p in group["params"]
-            for value in optimizer.state.get(p, {}).values() if isinstance(value, Tensor)]
-
-
 class StepState:
     """The tensors a step may change before its non-finite check, and their copies from before the step.
 
-    ``modules``: the student, the teacher and the density estimator (None when the method has none).
-    Of the student and the teacher, their buffers (parameters change only after the check); of the
-    estimator everything: parameters, buffers, the state of its ``optimizer`` and the host numbers of
-    its ``scheduler`` where it has them (:class:`~sandbox.density.online.OnlineMixtureDensity` does).
+    Of the ``student`` and the ``teacher``, their buffers (parameters change only after the check); of
+    the ``density`` estimator (None when the method has none) everything: parameters, buffers, the
+    state of its ``optimizer`` and the host numbers of its ``scheduler`` where it has them
+    (:class:`~sandbox.density.online.OnlineMixtureDensity` does).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, density: nn.Module | None) -> None:
         self.student, self.teacher, self.density = student, teacher, density
+        self.optimizer: torch.optim.Optimizer | None = getattr(density, "optimizer", None)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = getattr(density, "scheduler", None)
         self._saved: list[Tensor] = []
-        self._optimizer_keys: list[int] = []
+        self._with_state: list[int] = []
         self._host: dict[str, Any] = {}
+
+    def _optimized(self) -> list[nn.Parameter]:
+        """The parameters of the estimator's optimizer, in order."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]] if self.optimizer else []
+
+    def _state_indices(self) -> list[int]:
+        """Which of :meth:`_optimized` have optimizer state (it appears at the estimator's first update)."""
+        return [index for index, parameter in enumerate(self._optimized()) if self.optimizer.state.get(parameter)]
 
     def _tensors(self) -> list[Tensor]:
         """The live tensors, in a fixed order."""
         tensors = [*self.student.buffers(), *self.teacher.buffers()]
         if self.density is not None:
             tensors += [p.detach() for p in self.density.parameters()] + list(self.density.buffers())
-            tensors += _optimizer_tensors(getattr(self.density, "optimizer", None))
+        for parameter in self._optimized():  # moments and step counters
+            tensors += [value for value in self.optimizer.state.get(parameter, {}).values() if isinstance(value, Tensor)]
         return tensors
 
-    def _state_keys(self) -> list[int]:
-        """Which parameters (by index) of the estimator's optimizer have state (it appears at the first update)."""
-        optimizer = getattr(self.density, "optimizer", None) if self.density is not None else None
-        if optimizer is None:
-            return []
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        return [index for index, parameter in enumerate(parameters) if optimizer.state.get(parameter)]
-
     def remember(self) -> None:
-        """Copy the tensors (and the estimator's schedule) as they are before the step."""
+        """Copy the tensors (and the estimator's learning rates and schedule) as they are before the step."""
         tensors = self._tensors()
-        keys = self._state_keys()
-        if keys != self._optimizer_keys or len(self._saved) != len(tensors):  # the estimator's first update
+        indices = self._state_indices()
+        if indices != self._with_state or len(self._saved) != len(tensors):  # the estimator's first update
             self._saved = [tensor.detach().clone() for tensor in tensors]
-            self._optimizer_keys = keys
+            self._with_state = indices
         elif tensors:
             torch._foreach_copy_(self._saved, [tensor.detach() for tensor in tensors])
-        self._host = self._host_numbers()
-
-    def _host_numbers(self) -> dict[str, Any]:
-        """The estimator's learning rates and its schedule's state (host numbers)."""
-        if self.density is None:
-            return {}
-        optimizer, scheduler = getattr(self.density, "optimizer", None), getattr(self.density, "scheduler", None)
-        return {
-            "lr": [group["lr"] for group in optimizer.param_groups] if optimizer is not None else None,
-            "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+        self._host = {
+            "lr": [group["lr"] for group in self.optimizer.param_groups] if self.optimizer else None,
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None,
         }
 
     def restore(self) -> None:
         """Put back what :meth:`remember` copied (after a non-finite loss: the step leaves no trace)."""
-        optimizer = getattr(self.density, "optimizer", None) if self.density is not None else None
-        if optimizer is not None and self._state_keys() != self._optimizer_keys:  # state the step created
-            remembered = set(self._optimizer_keys)
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
-            for index, parameter in enumerate(parameters):
-                if index not in remembered:
-                    optimizer.state.pop(parameter, None)
+        if self.optimizer is not None and self._state_indices() != self._with_state:  # state the step created
+            for index, parameter in enumerate(self._optimized()):
+                if index not in self._with_state:
+                    self.optimizer.state.pop(parameter, None)
         tensors = self._tensors()
         if tensors:
             torch._foreach_copy_(tensors, self._saved)
-        if optimizer is not None and self._host.get("lr") is not None:
-            for group, lr in zip(optimizer.param_groups, self._host["lr"]):
+        if self._host.get("lr") is not None:
+            for group, lr in zip(self.optimizer.param_groups, self._host["lr"]):
                 group["lr"] = lr
-        scheduler = getattr(self.density, "scheduler", None) if self.density is not None else None
-        if scheduler is not None and self._host.get("scheduler") is not None:
-            scheduler.load_state_dict(self._host["scheduler"])
+        if self._host.get("scheduler") is not None:
+            self.scheduler.load_state_dict(self._host["scheduler"])
