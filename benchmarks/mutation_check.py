@@ -35,9 +35,15 @@ HOST_SYNCS = ["tests/test_host_syncs.py", "-k", "not cuda and not two_processes 
 HOST_SYNCS_TWO = ["tests/test_host_syncs.py", "-k", "two_processes or nccl"]
 DENSITY = ["tests/test_density_estimators.py", "tests/test_density_distributed.py"]
 CLAIMS = ["tests/test_claims.py"]
+RUN_FENCE = ["tests/test_run_claims.py", "-k", "fence"]
+PAUSED = ["tests/test_run_claims.py", "-k", "paused"]
 PAIRED = ["tests/test_compare_paired.py", "tests/test_compare.py"]
 STEP = ["tests/test_step_semantics.py", "tests/test_unimatch_step.py", "tests/test_log_window.py"]
 SKIPPED = ["tests/test_reliability.py", "-k", "no_trace"]
+LOG_RESUME_TWO = ["tests/test_distributed.py", "-k", "gmm"]
+LOG_RESUME_ONE = ["tests/test_resume_distributed.py", "-k", "middle_of_a_log_window"]
+LOG_WINDOW = ["tests/test_log_window.py"]
+PAPER_RECIPES = ["tests/test_recipe.py", "-k", "paper_recipes"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,8 @@ class Mutation:
 MUTATIONS = [
     # sandbox/train/step.py
     Mutation("step-perturbed-loss-by-own-count", "sandbox/train/step.py",
-             "        return loss * share_of_total(valid.sum(), total)\n",
-             "        return loss if role == \"perturbed_loss\" else loss * share_of_total(valid.sum(), total)\n", PARITY),
+             "        return loss * self.loss_share(valid.sum(), total)\n",
+             "        return loss if role == \"perturbed_loss\" else loss * self.loss_share(valid.sum(), total)\n", PARITY),
     Mutation("step-device-masks-to-host-code", "sandbox/train/step.py",
              "kept_pixel_index(labeled.host_masks, unlabeled.host_padding,",
              "kept_pixel_index(labeled.masks, unlabeled.host_padding,", HOST_SYNCS),
@@ -109,6 +115,42 @@ MUTATIONS = [
     # sandbox/host_side.py (the host-sync code)
     Mutation("host-device-copy-is-the-host-tensor", "sandbox/host_side.py",
              "    return moved.detach() if moved is tensor else moved\n", "    return moved\n", HOST_SYNCS),
+    Mutation("step-per-process-by-global-count", "sandbox/train/step.py",
+             "        divide = counts if self.per_process else totals\n", "        divide = totals\n", STEP),
+    Mutation("step-per-process-warm-up-by-global-count", "sandbox/train/step.py",
+             "return counts if self.per_process else sum_over_processes(counts)", "return sum_over_processes(counts)", STEP),
+    Mutation("step-per-process-without-ddp-average", "sandbox/train/step.py",
+             "            return count.float() / total.float().clamp(min=1.0)\n",
+             "            return share_of_total(count, total)\n", STEP),
+    Mutation("step-global-by-own-count", "sandbox/train/step.py",
+             "        divide = counts if self.per_process else totals\n", "        divide = counts\n", STEP),
+    Mutation("step-trusted-ratio-by-own-count", "sandbox/train/step.py",
+             "weak_pixels=totals[2]", "weak_pixels=divide[2]", STEP),
+    Mutation("recipe-unimatch-global-normalisation", "recipes/unimatch_pascal.toml",
+             'loss_pixel_count = "per_process"', 'loss_pixel_count = "global"', PAPER_RECIPES),
+    Mutation("recipe-ddfp-global-normalisation", "recipes/ddfp_pascal.toml",
+             'loss_pixel_count = "per_process"', 'loss_pixel_count = "global"', PAPER_RECIPES),
+    Mutation("recipe-default-per-process", "sandbox/recipe.py",
+             'loss_pixel_count: Literal["global", "per_process"] = Field(\n        "global",',
+             'loss_pixel_count: Literal["global", "per_process"] = Field(\n        "per_process",',
+             PAPER_RECIPES + ["tests/test_step_semantics.py"]),
+    Mutation("resume-added-setting-ignored-at-any-value", "sandbox/train/rundir.py",
+             "significant = [k for k in keys if k in old or not is_default_setting(k, new[k])]",
+             "significant = [k for k in keys if k in old]", ["tests/test_training.py", "-k", "tables_a_saved"]),
+    # sandbox/train/loop.py, sandbox/train/log_window.py: the log window across a resume
+    Mutation("log-window-saved-from-main-only", "sandbox/train/loop.py",
+             "        if process_count() > 1:\n            windows = [None] * process_count()\n",
+             "        if False:\n            windows = [None] * process_count()\n", LOG_RESUME_TWO),
+    Mutation("log-window-rank0-on-every-rank", "sandbox/train/loop.py",
+             "own = saved[process_rank()] if", "own = saved[0] if", LOG_WINDOW + ["-k", "own_window"]),
+    Mutation("log-window-not-restored", "sandbox/train/loop.py",
+             "self.log_sums, self.log_counts, self.log_steps = dict(own[0]), dict(own[1]), own[2]",
+             "self.log_sums, self.log_counts, self.log_steps = {}, {}, 0", LOG_RESUME_ONE),
+    Mutation("log-window-other-world-sums-not-averaged", "sandbox/train/log_window.py",
+             "float32(counts[key] * math.fsum(means) / len(means))", "float32(counts[key] * math.fsum(means))", LOG_WINDOW),
+    Mutation("log-window-old-checkpoint-window-dropped", "sandbox/train/loop.py",
+             '{"sums": state.get("log_sums", {}), "counts": state.get("log_counts", {}), "steps": state.get("log_steps", 0)}',
+             '{"sums": {}, "counts": {}, "steps": 0}', LOG_WINDOW),
     # sandbox/sweep/claims.py
     Mutation("claims-takeover-without-reread", "sandbox/sweep/claims.py",
              "        current = read_claim(path)\n        if current is None or current.token != stale.token or "
@@ -116,8 +158,8 @@ MUTATIONS = [
     Mutation("claims-reread-ignores-staleness", "sandbox/sweep/claims.py",
              "current.token != stale.token or not current.is_stale():", "current.token != stale.token:", CLAIMS),
     Mutation("claims-refresh-without-stall-check", "sandbox/sweep/claims.py",
-             "            if time.monotonic() - began > self.mine.timeout_s / 2:  # stalled: a taker may be at work\n"
-             "                return False\n", "", CLAIMS),
+             "        if time.monotonic() - began > self.mine.timeout_s / 2:  # stalled: a taker may be at work\n"
+             "            return False\n", "", CLAIMS),
     Mutation("claims-stall-check-at-whole-timeout", "sandbox/sweep/claims.py",
              "if time.monotonic() - began > self.mine.timeout_s / 2:",
              "if time.monotonic() - began > self.mine.timeout_s:", CLAIMS),
@@ -127,6 +169,29 @@ MUTATIONS = [
     Mutation("claims-staleness-reversed", "sandbox/sweep/claims.py",
              "return self.silent_for(now) > self.timeout_s or self.holder_is_gone()",
              "return self.silent_for(now) < self.timeout_s or self.holder_is_gone()", CLAIMS),
+    Mutation("claims-refresh-rewrites-claim", "sandbox/sweep/claims.py",
+             "            beat(self.path, self.mine)\n", "            replace_file(self.path, self.mine.encode())\n", CLAIMS),
+    Mutation("claims-staleness-on-holders-clock", "sandbox/sweep/claims.py",
+             "    return replace(claim, refreshed_at=refreshed_at, where=path.parent)\n",
+             "    return claim\n", CLAIMS),
+    Mutation("claims-server-now-is-local-clock", "sandbox/sweep/claims.py",
+             "        return os.fstat(descriptor).st_mtime\n    finally:\n        os.close(descriptor)\n        probe",
+             "        return time.time()\n    finally:\n        os.close(descriptor)\n        probe", CLAIMS),
+    Mutation("claims-takeover-keeps-old-heartbeat", "sandbox/sweep/claims.py",
+             "        heartbeat_path(path, stale.token).unlink(missing_ok=True)\n", "", CLAIMS),
+    # sandbox/train/rundir.py, loop.py (the fenced writes)
+    Mutation("fence-file-published-unchecked", "sandbox/train/rundir.py",
+             "        write_atomically(path, data, before_publish=self.check_writable)\n",
+             "        write_atomically(path, data)\n", RUN_FENCE),
+    Mutation("fence-metrics-line-unchecked", "sandbox/train/rundir.py",
+             "            self.check_writable()\n            os.write(descriptor, line)\n",
+             "            os.write(descriptor, line)\n", RUN_FENCE),
+    Mutation("fence-checkpoint-published-unchecked", "sandbox/train/rundir.py",
+             "        write_atomically(staged / COMPLETE_MARKER, str(step).encode())\n        self.check_writable()\n",
+             "        write_atomically(staged / COMPLETE_MARKER, str(step).encode())\n", RUN_FENCE),
+    Mutation("fence-lost-checkpoint-left-staged", "sandbox/train/loop.py",
+             "                shutil.rmtree(staged, ignore_errors=True)\n                raise\n",
+             "                raise\n", PAUSED),
     # sandbox/analysis/paired.py, student_t.py
     Mutation("paired-degenerate-interval-unmarked", "sandbox/analysis/paired.py",
              "        if all_equal(self.deltas):\n            return CI_ZERO_VARIANCE\n", "", PAIRED),

@@ -55,13 +55,21 @@ def fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
-def write_atomically(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+def write_atomically(
+    path: Path, data: bytes | Callable[[BinaryIO], None], before_publish: Callable[[], None] | None = None
+) -> None:
     """Replace (or create) ``path`` with ``data``: a flushed temporary file renamed over it, then the
-    folder flushed. Readers see the old file or the new one, never a part; an error leaves no temporary."""
+    folder flushed. Readers see the old file or the new one, never a part; an error leaves no temporary.
+
+    ``before_publish`` is called between the temporary file's last byte and the rename (a claim
+    holder's fence: it raises to keep the file from being published, and the temporary is removed).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_beside(path)
     try:
         write_new_file(temporary, data)
+        if before_publish is not None:
+            before_publish()
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """What the code of every process needs to compute what one process computes (public).
 
 A run on N processes means one process on the concatenated batch (README, "What N processes
-compute"). The step, the density estimators and plugins reach the other processes only through
+compute"; ``train.loss_pixel_count = "per_process"`` trades that for the references' per-GPU
+normalisation of the losses). The step, the density estimators and plugins reach the other processes only through
 these helpers, which are plain no-ops without an initialised ``torch.distributed`` group (one
 process, ``sandbox bench``, a unit test).
 """
@@ -125,7 +126,9 @@ def share_of_total(count: Tensor, total: Tensor) -> Tensor:
 
 def mean_over_processes(values: dict[str, Tensor]) -> dict[str, float]:
     """Each scalar of ``values`` averaged over every process (logged values: the step logs each
-    process's share of a global mean, whose average over processes is the global mean).
+    process's share of a global mean, whose average over processes is the global mean; with
+    ``train.loss_pixel_count = "per_process"`` each process's own mean, whose average is the loss
+    DDP's averaged gradients descend: in both modes the logged loss is the one trained).
 
     Keys only some processes have keep this process's own value. One object gather and one
     all-reduce; call on every process at the same point (a logging interval).

@@ -143,6 +143,16 @@ class TrainSection(Section):
             "'trusted' and 'valid' still work"
         ),
     )
+    loss_pixel_count: Literal["global", "per_process"] = Field(
+        "global",
+        description=(
+            "on N processes, the pixel count each loss term is divided by: 'global', every process's count "
+            "summed (N processes train what one process trains on the concatenated batch) or 'per_process', "
+            "each process's own count, the processes' losses then averaged as DDP averages their gradients "
+            "(what DDFP's and UniMatch's code do on their GPUs: not one process's loss on the concatenated "
+            "batch, README \"What N processes compute\"); the same on one process"
+        ),
+    )
     threshold_inclusive: bool = Field(
         False, description="a confidence equal to threshold is trusted (UniMatch's >=) or not (DDFP's >)"
     )

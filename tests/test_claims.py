@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import pytest
 
@@ -21,23 +21,37 @@ from sandbox.sweep.claims import (
     ClaimKeeper,
     acquire,
     claim_path,
+    heartbeat_path,
     read_claim,
     replace_file,
 )
 
 
+def backdate(path: Path, seconds: float) -> None:
+    """Set ``path``'s modification time ``seconds`` before now (the file server's clock, here this machine's)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
 def stale_claim(path: Path, silent_s: float = 100.0, timeout_s: float = 10.0) -> Claim:
-    """Write a claim of a dead process (last refreshed ``silent_s`` ago) into ``path``; return it."""
-    now = round(time.time(), 3)
-    claim = replace(Claim.new(timeout_s), host="deadhost", pid=1, claimed_at=now - 2 * silent_s, refreshed_at=now - silent_s)
+    """Write a claim of another machine's process into ``path`` whose heartbeat (and the claim itself) was last
+    touched ``silent_s`` ago; return it as read back."""
+    claim = replace(Claim.new(timeout_s), host="deadhost", pid=1, claimed_at=round(time.time(), 3) - 2 * silent_s)
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path, claim.encode())
-    return claim
+    beat = heartbeat_path(path, claim.token)
+    beat.write_bytes(b"")
+    backdate(path, 2 * silent_s)
+    backdate(beat, silent_s)
+    return read_claim(path)
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Claim files other than ``CLAIM`` itself (temporary and takeover files)."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("CLAIM."))
+    """Claim files other than ``CLAIM`` itself and its holder's heartbeat (temporary, takeover, clock
+    files, another holder's heartbeat)."""
+    current = read_claim(claim_path(folder))
+    kept = set() if current is None else {heartbeat_path(claim_path(folder), current.token).name}
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("CLAIM.") and p.name not in kept)
 
 
 def test_a_claim_is_created_once_and_released(tmp_path: Path) -> None:
@@ -48,9 +62,10 @@ def test_a_claim_is_created_once_and_released(tmp_path: Path) -> None:
     attempt = acquire(path, second)
     assert not attempt.won and attempt.other == first
     assert "refreshed 0 s ago" in attempt.other.describe()
+    assert heartbeat_path(path, first.token).is_file() and not heartbeat_path(path, second.token).exists()
     keeper = ClaimKeeper(path, first)
     keeper.release()
-    assert not path.exists() and leftovers(path.parent) == []
+    assert not path.exists() and leftovers(path.parent) == [] and not list(path.parent.glob("CLAIM*"))
     assert acquire(path, second).won and read_claim(path).shard == "1/2"
 
 
@@ -60,7 +75,7 @@ def test_the_claim_file_names_its_holder(tmp_path: Path, monkeypatch: pytest.Mon
     path = claim_path(tmp_path)
     assert acquire(path, claim).won
     text = path.read_text()
-    for field in ('"host"', f'"pid": {os.getpid()}', '"job": "81234"', '"shard": "3/8"', '"claimed_at"', '"refreshed_at"',
+    for field in ('"host"', f'"pid": {os.getpid()}', '"job": "81234"', '"shard": "3/8"', '"claimed_at"',
                   '"timeout_s": 600.0'):
         assert field in text, field
     assert claim.holder().endswith(f":{os.getpid()} (job 81234, shard 3/8)")
@@ -109,7 +124,7 @@ def test_a_taker_killed_mid_takeover_blocks_only_until_its_own_timeout(tmp_path:
     lock = path.with_name(f"CLAIM.takeover.{stale.token}.0")
     replace_file(lock, Claim.new(600).encode())  # a taker that is still taking over
     assert not acquire(path, Claim.new(600)).won
-    stale_claim(lock)  # that taker died long ago
+    backdate(lock, 601)  # that taker died long ago
     mine = Claim.new(600)
     assert acquire(path, mine).won and read_claim(path) == mine
     assert leftovers(path.parent) == []
@@ -129,13 +144,15 @@ def test_the_keeper_refreshes_the_claim_and_releases_it_on_an_exception(tmp_path
     path = claim_path(tmp_path)
     mine = Claim.new(0.5)  # refreshed every 0.05 s
     assert acquire(path, mine).won
+    content = path.read_bytes()
+    first = read_claim(path).refreshed_at
     with pytest.raises(RuntimeError), ClaimKeeper(path, mine):
         deadline = time.monotonic() + 10
-        while read_claim(path).refreshed_at == mine.refreshed_at and time.monotonic() < deadline:
+        while read_claim(path).refreshed_at == first and time.monotonic() < deadline:
             time.sleep(0.02)
         refreshed = read_claim(path)
-        assert refreshed.token == mine.token and refreshed.refreshed_at > mine.refreshed_at
-        assert refreshed.claimed_at == mine.claimed_at
+        assert refreshed.token == mine.token and refreshed.refreshed_at > first
+        assert path.read_bytes() == content, "a refresh touches the heartbeat, never CLAIM"
         raise RuntimeError("the run failed")
     assert not path.exists() and leftovers(tmp_path) == []
 
@@ -197,7 +214,7 @@ def test_overwriting_a_run_directory_keeps_its_claim(tmp_path: Path, tiny_recipe
     (run_dir.checkpoints / "step_00000002").mkdir(parents=True)
     (run_dir.path / "junk.txt").write_text("x")
     run_dir.prepare(recipe, resume=False, overwrite=True)
-    assert sorted(p.name for p in run_dir.path.iterdir()) == ["CLAIM", "recipe.toml"]
+    assert sorted(p.name for p in run_dir.path.iterdir()) == ["CLAIM", f"CLAIM.alive.{mine.token}", "recipe.toml"]
     assert read_claim(claim_path(run_dir.path)) == mine
 
 
@@ -212,8 +229,8 @@ def slowed_refresh(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> threading
     seen = threading.Event()
     real = claims.read_claim
 
-    def read(path: Path) -> Claim | None:
-        claim = real(path)
+    def read(path: Path, heartbeat: bool = True) -> Claim | None:
+        claim = real(path, heartbeat)
         if threading.current_thread().name == "refresher" and path.name == "CLAIM":
             seen.set()
             time.sleep(delay_s)
@@ -275,8 +292,8 @@ def after_the_first_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[], o
     """Run ``action`` once, right after the next read of a ``CLAIM`` file and before the reader goes on."""
     real, pending = claims.read_claim, [action]
 
-    def read(path: Path) -> Claim | None:
-        claim = real(path)
+    def read(path: Path, heartbeat: bool = True) -> Claim | None:
+        claim = real(path, heartbeat)
         if path.name == "CLAIM" and pending:
             pending.pop()()
         return claim
@@ -326,9 +343,9 @@ def test_a_release_that_finds_its_claim_taken_over_under_its_takeover_file_leave
 
 def stall_the_refresh(monkeypatch: pytest.MonkeyPatch, where: str) -> tuple[threading.Event, threading.Event]:
     """Make the refresh of the thread named ``refresher`` stall until the second event is set; the first is
-    set when it stalls. ``where``: ``"read"``, right after it has read its token in ``CLAIM`` under its
-    takeover file (before its stall check); ``"write"``, inside its write of ``CLAIM``, after its stall
-    check (the new content in the temporary file, before the ``fsync`` and the ``rename``)."""
+    set when it stalls. ``where``: ``"read"``, right after it has read its token in ``CLAIM`` (before its
+    stall check); ``"write"``, inside its write (before the write reaches the file server: today the
+    heartbeat's ``utime``; before issue 35, the rewrite of ``CLAIM``, which the old hook below stalled)."""
     stalled, resume = threading.Event(), threading.Event()
 
     def stall() -> None:
@@ -339,25 +356,21 @@ def stall_the_refresh(monkeypatch: pytest.MonkeyPatch, where: str) -> tuple[thre
     if where == "read":
         real_read = claims.read_claim
 
-        def read(path: Path) -> Claim | None:
-            claim = real_read(path)
+        def read(path: Path, heartbeat: bool = True) -> Claim | None:
+            claim = real_read(path, heartbeat)
             if path.name == "CLAIM":
                 stall()
             return claim
 
         monkeypatch.setattr(claims, "read_claim", read)
     else:
-        real_write = claims.write_atomically
+        real_beat = claims.beat
 
-        def write(path: Path, data: bytes) -> None:
-            def content(handle: BinaryIO) -> None:
-                handle.write(data)
-                if path.name == "CLAIM":
-                    stall()
+        def beat(path: Path, mine: Claim) -> None:
+            stall()
+            real_beat(path, mine)
 
-            real_write(path, content)
-
-        monkeypatch.setattr(claims, "write_atomically", write)
+        monkeypatch.setattr(claims, "beat", beat)
     return stalled, resume
 
 
@@ -394,7 +407,8 @@ def stalled_refresh_and_takeover(
     attempts: list[tuple[Claim, Attempt]] = []
 
     def meanwhile() -> None:
-        clock.ahead = stall * mine.timeout_s
+        clock.ahead = stall * mine.timeout_s  # the holder's clocks
+        backdate(heartbeat_path(path, mine.token), stall * mine.timeout_s)  # the file server's
         taker = Claim.new(600, shard="1/2")
         attempts.append((taker, acquire(path, taker)))
 
@@ -427,22 +441,58 @@ def test_a_refresh_stalled_after_its_check_of_the_claim_gives_up_instead_of_writ
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 35: a refresh stalled inside its write overwrites a completed takeover")
 def test_a_refresh_stalled_inside_its_write_past_the_timeout_never_undoes_a_takeover(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
 ) -> None:
-    """The refresh passed all its checks and is writing ``CLAIM`` (temporary file, ``fsync``, ``rename``)
-    when it stalls for longer than the timeout; a taker takes the claim over meanwhile, as it may: the
-    holder was silent for longer than its timeout. The late write must not bring the old claim back,
-    and the holder must stop."""
+    """The refresh is writing when it stalls for longer than the timeout; a taker takes the claim over
+    meanwhile, as it may: the holder was silent for longer than its timeout. The late write must not
+    bring the old claim back, and the holder must stop. Before issue 35 every refresh rewrote ``CLAIM``
+    (temporary file, ``fsync``, ``rename``): stalled inside that write, it put the old claim back over
+    the taker's (this test failed: ``CLAIM`` held the holder's token). Now it touches its heartbeat only."""
     from sandbox.errors import SandboxError
 
     keeper, _, taker, attempt, _ = stalled_refresh_and_takeover(tmp_path, monkeypatch, clock, "write", 1.1)
     path = claim_path(tmp_path)
     assert attempt.won, "a holder silent for longer than its timeout is taken over"
     assert read_claim(path) == taker, "the late write left the taker's claim"
+    assert not heartbeat_path(path, keeper.mine.token).exists(), "the late touch did not bring the heartbeat back"
     with pytest.raises(SandboxError, match="was taken over"):
         keeper.check()
+    keeper.release()
+    assert read_claim(path) == taker and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("skew", [-1.5, 1.5], ids=["holder-behind", "holder-ahead"])
+def test_skewed_clocks_neither_take_over_a_live_claim_nor_keep_a_dead_one(
+    tmp_path: Path, clock: Clock, skew: float
+) -> None:
+    """Hosts whose wall clocks disagree by ``skew`` timeouts (simulated): one clock, the file server's,
+    decides. A live holder is not taken over, and once it dies it is taken over after its timeout,
+    whichever host's clock is off. Before issue 35 the holder wrote its own clock into ``CLAIM`` and the
+    taker compared it with its own: a holder behind was taken over alive, one ahead kept its claim after
+    death until the taker's clock caught up (this test failed in both)."""
+    from sandbox.errors import SandboxError
+
+    path = claim_path(tmp_path)
+    timeout_s = 60.0
+    clock.ahead = skew * timeout_s  # on the holder's host
+    mine = Claim.new(timeout_s)
+    assert acquire(path, mine).won
+    keeper = ClaimKeeper(path, mine)
+    assert keeper.refresh()
+    clock.ahead = 0.0  # on the taker's host
+    taker = Claim.new(timeout_s, shard="1/2")
+    attempt = acquire(path, taker)
+    assert not attempt.won and attempt.other == mine, "a live holder keeps its claim"
+    assert attempt.other.describe().endswith("refreshed 0 s ago")
+    clock.ahead = skew * timeout_s  # the holder goes on
+    keeper.check()
+    backdate(heartbeat_path(path, mine.token), timeout_s + 1)  # the holder died a timeout ago
+    clock.ahead = -skew * timeout_s  # and the next taker's clock is off the other way
+    assert acquire(path, taker).won
+    with pytest.raises(SandboxError, match=r"was taken over \(now held by .* \(shard 1/2\)\)"):
+        keeper.check()
+    assert leftovers(tmp_path) == []
 
 
 def test_a_refresh_after_a_takeover_finds_it_and_the_guard_stops_the_holder(
@@ -487,17 +537,17 @@ def test_refresh_errors_are_reported_once_and_stop_the_holder_after_half_the_tim
     mine = Claim.new(0.6)  # refreshed every 0.06 s; the guard stops after 0.3 s without one
     assert acquire(path, mine).won
 
-    def broken(target: Path, data: bytes) -> None:
-        raise OSError(5, "Input/output error", str(target))
+    def broken(target: Path, claim: Claim) -> None:
+        raise OSError(5, "Input/output error", str(heartbeat_path(target, claim.token)))
 
-    monkeypatch.setattr(claims, "replace_file", broken)
+    monkeypatch.setattr(claims, "beat", broken)
     with ClaimKeeper(path, mine) as keeper:
         keeper.check()
         began = time.monotonic()
         while keeper.problem is None and time.monotonic() < began + 30:  # a refresh has failed
             time.sleep(0.01)
         time.sleep(max(0.0, began + 0.45 - time.monotonic()))
-        with pytest.raises(SandboxError, match=r"could not be refreshed for \d+ s \(Input/output error \(.*CLAIM\)\), half its 0.6 s"):
+        with pytest.raises(SandboxError, match=r"could not be refreshed for \d+ s \(Input/output error \(.*CLAIM\.alive\.\w+\)\), half its 0.6 s"):
             keeper.check()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"warning: the claim {path} could not be refreshed: Input/output error")

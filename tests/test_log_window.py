@@ -11,7 +11,7 @@ from torch import Tensor
 
 from host_syncs import counting_host_syncs
 from sandbox.recipe import TrainSection
-from sandbox.train.log_window import LogWindow, is_log_step
+from sandbox.train.log_window import LogWindow, averaged_window, is_log_step
 
 
 class ReferenceWindow:
@@ -126,3 +126,67 @@ def test_adding_steps_with_changing_keys_never_reads_the_device() -> None:
 def test_the_log_step_is_the_loops() -> None:
     settings = TrainSection(iters=25, warmup_iters=0, log_every=10)
     assert [step for step in range(25) if is_log_step(step, settings)] == [9, 19, 24]
+
+
+def test_a_checkpoint_gives_each_process_its_own_window_and_another_world_size_their_average(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each rank of as many processes loads its own window; one process (or three) loads the windows'
+    average; a checkpoint without ``log_windows`` (before they were saved) loads its one window."""
+    from sandbox.train import loop
+
+    windows = [{"sums": {"loss": 6.0, "nll": 1.0}, "counts": {"loss": 2, "nll": 1}, "steps": 3},
+               {"sums": {"loss": 2.0, "accuracy": 0.5}, "counts": {"loss": 2, "accuracy": 1}, "steps": 3}]
+    saved = {**loop.TrainingState(step=3).state_dict(), "log_windows": windows}
+
+    def loaded(state: dict, rank: int, processes: int) -> loop.TrainingState:
+        monkeypatch.setattr(loop, "process_rank", lambda: rank)
+        monkeypatch.setattr(loop, "process_count", lambda: processes)
+        training = loop.TrainingState()
+        training.load_state_dict(state)
+        assert training.step == 3 and not hasattr(training, "log_windows")
+        return training
+
+    for rank in (0, 1):
+        state = loaded(saved, rank, 2)
+        assert (state.log_sums, state.log_counts, state.log_steps) == tuple(windows[rank].values())
+    average = ({"loss": 4.0, "nll": 1.0, "accuracy": 0.5}, {"loss": 2, "nll": 1, "accuracy": 1}, 3)
+    for rank, processes in ((0, 1), (2, 3)):
+        state = loaded(saved, rank, processes)
+        assert (state.log_sums, state.log_counts, state.log_steps) == average
+    old = {key: value for key, value in saved.items() if key != "log_windows"}
+    old.update(log_sums={"loss": 1.5}, log_counts={"loss": 1}, log_steps=1)
+    for rank, processes in ((0, 1), (1, 2)):
+        state = loaded(old, rank, processes)
+        assert (state.log_sums, state.log_counts, state.log_steps) == ({"loss": 1.5}, {"loss": 1}, 1)
+
+
+def test_a_window_of_two_processes_resumed_on_one_logs_the_mean_of_each_steps_process_average() -> None:
+    """Two processes log a window's first steps, one process its last: the resumed line is the mean over
+    the window's steps of each step's value (the processes' average), as a run on one number of
+    processes would log it; so is a window of one process resumed on two."""
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(2, 5, generator=generator) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1e3])  # process x step
+    step_values = values.mean(0)  # what one process would log for each step
+    before = []
+    for process in range(2):
+        window = LogWindow()
+        for step in range(3):
+            window.add({"loss": values[process, step]})
+        before.append(window.saved())
+    resumed = LogWindow(*averaged_window(before))
+    for step in (3, 4):
+        resumed.add({"loss": step_values[step]})
+    assert float(resumed.means()["loss"]) == pytest.approx(float(step_values.mean()), rel=1e-6)
+    assert averaged_window(before[:1]) is before[0], "one window is taken as it is"
+
+    one = LogWindow()
+    for step in range(3):
+        one.add({"loss": step_values[step]})
+    means = []
+    for process in range(2):  # each process of the resumed run, then the line's average over them
+        window = LogWindow(*averaged_window([one.saved()]))
+        for step in (3, 4):
+            window.add({"loss": values[process, step]})
+        means.append(float(window.means()["loss"]))
+    assert sum(means) / 2 == pytest.approx(float(step_values.mean()), rel=1e-6)

@@ -27,6 +27,23 @@ def test_every_shipped_recipe_resolves(path: Path) -> None:
     assert recipe.name
 
 
+PER_PROCESS_NORMALISATION = {
+    "ddfp_pascal", "ddfp_cityscapes", "ddfp_dropout_pascal", "supervised_pascal", "ddfp_dinov2_pascal",
+    "unimatch_pascal", "unimatch_ddfp_pascal",
+}
+"""The recipes that follow a paper's code (DDFP's train_ddfp_*.py, UniMatch's unimatch.py, UniMatch V2's
+unimatch_v2.py), or derive from one: each loss divided by its GPU's own pixel count, as on their GPUs."""
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_paper_recipes_normalise_each_process_by_its_own_pixel_count(path: Path) -> None:
+    """``train.loss_pixel_count``: ``per_process`` in the paper recipes, ``global`` (N processes = one) in
+    the generated-data ones."""
+    expected = "per_process" if path.stem in PER_PROCESS_NORMALISATION else "global"
+    assert load_recipe(path).train.loss_pixel_count == expected
+    assert PER_PROCESS_NORMALISATION <= {recipe.stem for recipe in RECIPES}
+
+
 def test_resolved_recipe_fills_plugin_defaults_and_round_trips(tmp_path: Path) -> None:
     path = write(tmp_path, '[dataset]\nname = "shapes"\n')
     resolved = resolve_components(load_recipe(path), REGISTRY)

@@ -99,12 +99,15 @@ def test_a_checkpoint_without_its_marker_is_ignored_and_removed(
     stray = checkpoints / "step_00000005"
     stray.mkdir()
     (stray / "optimizer.bin").write_bytes(b"half")
+    staged = checkpoints / ".staging.0123456789abcdef" / "step_00000007"  # a holder killed while staging
+    staged.mkdir(parents=True)
+    (staged / "optimizer.bin").write_bytes(b"half")
     forget_the_end(run_dir)
     capsys.readouterr()
 
     cli("run", str(tiny_recipe), "--resume")
     assert "warning" not in capsys.readouterr().err  # not a damaged checkpoint: never counted
-    assert not stray.exists()
+    assert not stray.exists() and not staged.parent.exists()
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003", "step_00000006"]
     assert_same_run(reference, run_dir)
 

@@ -1,14 +1,25 @@
-"""``--resume`` on several processes: a one-process run resumed on two processes, which agree on the
-checkpoint that loads before any is renamed."""
+"""``--resume``: a one-process run resumed on two processes, which agree on the checkpoint that loads
+before any is renamed; a one-process run resumed in the middle of a log window logs what it would have
+logged uninterrupted (on two processes: ``test_distributed``'s killed ``gmm`` run)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from launching import accelerate_command, finish, free_port, launch_env, start
+from run_records import records
+from sandbox.cli import main
+from sandbox.recipe import load_recipe
+from test_distributed import assert_identical_records, resumed_step
+
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+"""Torch's threads when this module is collected: those of the session's ``trained_tiny_run`` (a session
+fixture, set up before the autouse one-thread fixture), which its resume must use too to compute alike."""
 
 REPETITIONS = [0] + [pytest.param(index, marks=pytest.mark.slow) for index in range(1, 5)]
 
@@ -40,3 +51,24 @@ def test_two_processes_resume_a_one_process_run_from_the_checkpoint_before_a_dam
     assert summary["iters"] == 6 and summary["processes"] == 2
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(6) == 2, "records after step 3 are written once, by rank 0"
+
+
+def test_a_one_process_run_resumed_in_the_middle_of_a_log_window_logs_every_value_it_logged_uninterrupted(
+    tiny_recipe: Path, trained_tiny_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The session's run of the tiny recipe (log lines at steps 2, 4 and 6), interrupted after its step-3
+    checkpoint (what came later dropped) and resumed: the step-4 line's window began before the
+    checkpoint, and every value of every record equals the uninterrupted run's."""
+    run_dir = trained_tiny_run
+    reference = records(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    (run_dir / "summary.json").unlink()
+    (run_dir / "last.pt").unlink()
+    capsys.readouterr()
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)  # the autouse fixture restores one thread's setting after the test
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_recipe), "--resume"])
+    assert exit_info.value.code == 0
+    step = resumed_step(capsys.readouterr().err)
+    assert step == 3 and step % load_recipe(tiny_recipe).train.log_every != 0, "resumed in the middle of a window"
+    assert_identical_records(reference, records(run_dir))

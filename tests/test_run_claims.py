@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -22,8 +23,9 @@ import pytest
 from run_records import records
 from sandbox.cli import main
 from sandbox.errors import SandboxError
-from sandbox.sweep.claims import Claim, claim_path, read_claim, replace_file
-from sandbox.train.rundir import RunDirectory, guarded_writes
+from sandbox.sweep.claims import TIMEOUT_ENV, Claim, claim_path, read_claim, replace_file
+from sandbox.atomic_files import TEMPORARY_MARK
+from sandbox.train.rundir import STAGING_PREFIX, RunDirectory, guarded_writes
 from launching import LAUNCH_TIMEOUT_S, launch_env, start, wait_bounded
 
 LONG = ["--set", "train.iters=16", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=8",
@@ -51,11 +53,11 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
 
 
-def assert_trained_once(run: Path) -> None:
+def assert_trained_once(run: Path, iters: int = 16) -> None:
     """Finished, every step logged once, in order, no claim left."""
     steps = [r["step"] for r in records(run) if "loss" in r]
-    assert steps == list(range(2, 17, 2)), steps
-    assert json.loads((run / "summary.json").read_text())["iters"] == 16
+    assert steps == list(range(2, iters + 1, 2)), steps
+    assert json.loads((run / "summary.json").read_text())["iters"] == iters
     assert not claim_path(run).exists() and not list(run.glob("CLAIM*"))
 
 
@@ -187,26 +189,142 @@ def test_a_killed_runs_claim_is_taken_over_at_once_by_its_rerun(
     assert not claim_path(run).exists()
 
 
-def test_the_run_directory_calls_its_guard_before_each_write(tmp_path: Path) -> None:
-    run_dir = RunDirectory(tmp_path / "run")
-    run_dir.path.mkdir()
-    calls: list[str] = []
+HOLDER_PAUSED_IN_ITS_SAVE = """
+import os, signal, sys
+from accelerate import Accelerator
+from sandbox.cli import main
 
-    def guard() -> None:
-        calls.append("checked")
-        if len(calls) > 1:
+real, calls = Accelerator.save_state, []
+
+def save_state(self, output_dir=None, **kwargs):
+    calls.append(output_dir)
+    if len(calls) == 1:  # its first checkpoint: past the claim's check, before any of its files
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real(self, output_dir, **kwargs)
+
+Accelerator.save_state = save_state
+main(sys.argv[1:])
+"""
+"""``sandbox run`` whose process stops itself (SIGSTOP, as swap or a debugger would) inside its first checkpoint."""
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``T``: stopped), from ``/proc``."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rfind(")") + 2]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file below ``folder``: its inode, modification time and size (a rewrite changes them)."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process states come from /proc")
+def test_a_holder_paused_past_its_timeout_loses_its_own_write_never_a_takers_file(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    """A holder stops (SIGSTOP) right after its claim's check, at the start of a checkpoint, for longer
+    than its timeout (3 s); a taker resumes the run and trains; the holder is continued while the
+    taker is in the middle of its training (stopped there, so that the run directory holds still).
+    The holder must change no file of the taker's, leave nothing behind, and stop with the claim's
+    line; the taker then finishes as if alone. Before issue 35 the holder's late ``save_state`` wrote
+    straight into ``checkpoints/step_00000002``, over the taker's complete checkpoint of that step
+    (this test failed: its files were rewritten)."""
+    run = run_path(tmp_path)
+    logs = tmp_path / "holder.log", tmp_path / "taker.log"
+    short = [*LONG, "--set", "train.iters=8"]
+    holder = start([sys.executable, "-c", HOLDER_PAUSED_IN_ITS_SAVE, "run", str(tiny_recipe), *short],
+                   {**launch_env(tmp_path), TIMEOUT_ENV: "3"}, logs[0])
+    taker = None
+    try:
+        wait_for(lambda: process_state(holder.pid) == "T", holder, logs[0])
+        wait_for(lambda: read_claim(claim_path(run)).is_stale(), holder, logs[0])  # silent 3 s, the server's clock
+        taker = start(command(tiny_recipe, "--set", "train.iters=8", "--resume"), launch_env(tmp_path), logs[1])
+        wait_for(lambda: (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file(), taker, logs[1])
+        os.killpg(taker.pid, signal.SIGSTOP)  # somewhere in its training after step 2
+        wait_for(lambda: process_state(taker.pid) == "T", taker, logs[1])
+        before = snapshot(run)
+        os.killpg(holder.pid, signal.SIGCONT)
+        holder.wait(timeout=LAUNCH_TIMEOUT_S)
+        after = snapshot(run)
+        os.killpg(taker.pid, signal.SIGCONT)
+    finally:
+        wait_bounded([process for process in (holder, taker) if process is not None])
+    text = logs[0].read_text()
+    assert holder.returncode == 2, text[-3000:]
+    assert error_lines(text) == [text.strip().splitlines()[-1]], text[-3000:]
+    assert f"the claim {claim_path(run)} was taken over (now held by " in text and f":{taker.pid}): this process stops" in text
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert changed == [], "the paused holder rewrote or left these files"
+    assert taker.returncode == 0, logs[1].read_text()[-3000:]
+    assert_trained_once(run, iters=8)
+
+
+class Fence:
+    """A claim's fence for :func:`guarded_writes` that raises from its ``fails_from``-th check on."""
+
+    token = "f" * 32
+
+    def __init__(self, fails_from: int) -> None:
+        self.calls, self.fails_from = 0, fails_from
+
+    def check(self) -> None:
+        self.calls += 1
+        if self.calls >= self.fails_from:
             raise SandboxError("the claim was taken over")
 
-    with guarded_writes(run_dir.path, guard):
-        other = RunDirectory(tmp_path / "run")  # e.g. the one start_run makes
-        other.append_metrics({"step": 1})
-        with pytest.raises(SandboxError, match="taken over"):
-            other.append_metrics({"step": 2})
-        with pytest.raises(SandboxError, match="taken over"):
-            other.write_summary({"iters": 2})
-    assert (run_dir.metrics_file.read_text(), run_dir.summary_file.exists()) == ('{"step": 1}\n', False)
-    RunDirectory(tmp_path / "run").append_metrics({"step": 3})  # the guard ended with the block
-    assert len(calls) == 3
+
+def staged_checkpoint(run_dir: RunDirectory) -> None:
+    """Stage a checkpoint of step 2 as the trainer does (its files in the writer's staging folder), then publish it."""
+    staged = run_dir.staging_folder() / "step_00000002"
+    run_dir.begin_checkpoint(staged)
+    staged.mkdir(parents=True)
+    (staged / "model.safetensors").write_bytes(b"weights")
+    run_dir.publish_checkpoint(staged, 2)
+
+
+WRITES = {
+    "metrics-first-line": lambda run_dir: run_dir.append_metrics({"step": 1}),
+    "metrics-next-line": lambda run_dir: run_dir.append_metrics({"step": 2}),
+    "summary": lambda run_dir: run_dir.write_summary({"iters": 2}),
+    "weights": lambda run_dir: run_dir.save_torch({"step": 2}, run_dir.last_weights),
+    "checkpoint": staged_checkpoint,
+}
+
+
+def published(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` but the writer's staging folders, with its content."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and STAGING_PREFIX not in str(p)}
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_the_run_directory_checks_its_fence_before_each_write_and_again_before_publishing_it(
+    tmp_path: Path, write: str
+) -> None:
+    """Each write checks the claim's fence before it begins and right before its content is published
+    (the ``rename`` of a file or a staged checkpoint, the ``write`` of a metrics line): a fence that
+    fails at either leaves the run directory as it was (nothing published, no temporary file left;
+    a checkpoint's staged files are the writer's own, in its staging folder)."""
+    path = tmp_path / "run"
+    path.mkdir()
+    run_dir = RunDirectory(path)
+    if write == "metrics-next-line":
+        run_dir.append_metrics({"step": 1})
+    before = published(path)
+    for fails_from in (1, 2):
+        fence = Fence(fails_from)
+        with guarded_writes(path, fence), pytest.raises(SandboxError, match="taken over"):
+            WRITES[write](run_dir)
+        assert fence.calls == fails_from
+        assert published(path) == before, f"published despite a fence failing at check {fails_from}"
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    fence = Fence(fails_from=3)
+    with guarded_writes(path, fence):
+        WRITES[write](run_dir)
+    assert fence.calls == 2 and published(path) != before, "a fence that holds lets the write through"
+    assert not list(path.rglob(f"*{TEMPORARY_MARK}*")) and not list(path.rglob(f"{STAGING_PREFIX}*"))
+    RunDirectory(path).check_writable()  # the fence (whose next check fails) ended with the block
 
 
 @pytest.mark.slow  # the claim's release on SIGTERM is ablate's (tests/test_claims.py); this is the CLI's wiring

@@ -43,12 +43,14 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
 
 
 def fake_claim(run_path: Path, silent_s: float, timeout_s: float = 600.0) -> Claim:
-    """A claim by another machine's process, last refreshed ``silent_s`` ago."""
+    """A claim by another machine's process, last refreshed ``silent_s`` ago (without a heartbeat file, the
+    claim file's modification time counts)."""
     now = round(time.time(), 3)
-    claim = replace(Claim.new(timeout_s, "0/1"), host="elsewhere", pid=77, claimed_at=now - silent_s, refreshed_at=now - silent_s)
+    claim = replace(Claim.new(timeout_s, "0/1"), host="elsewhere", pid=77, claimed_at=now - silent_s)
     run_path.mkdir(parents=True, exist_ok=True)
     replace_file(claim_path(run_path), claim.encode())
-    return claim
+    os.utime(claim_path(run_path), (now - silent_s, now - silent_s))
+    return read_claim(claim_path(run_path))
 
 
 def claim_files(folder: Path) -> list[Path]:
@@ -284,7 +286,7 @@ def test_a_killed_shard_leaves_a_stale_claim_that_a_rerun_takes_over(
     assert f"{left.holder()} silent for " in out and ", its process is gone: the next job takes it over" in out
     code, _, err = run_cli([*args, "--output", str(sweep)], capsys)
     assert code == 0, err
-    assert f"perturbation.name=ddfp seed3: resuming from step_" in err
+    assert "perturbation.name=ddfp seed3: resuming from step_" in err
     assert f"(took over the stale claim of {left.holder()}, silent for" in err
     assert_same_run(reference / "tiny" / "perturbation.name=ddfp" / "seed3", run_dir)
     assert claim_files(sweep) == []

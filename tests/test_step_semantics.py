@@ -4,17 +4,22 @@ The step runs with stub models whose logits are their input images (3 classes = 
 a test controls the teacher's confidence and can trace every pixel back to its source image.
 At the end, a small real network runs DDFP's step against a transcription of it. Wherever a
 loss is compared with one written out here, so are its gradients w.r.t. every parameter.
+Several processes are simulated by threads (:func:`simulated_processes`): no process is launched.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+from typing import Callable, TypeVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import sandbox.distributed as distributed
+import sandbox.train.step as step_module
 from sandbox.api import ClassifierOutput, ConsistencyLoss, Perturbation, PerturbationContext
 from sandbox.api import SegmentationNetwork, SegmentationOutput, classifier_layers
 from sandbox.recipe import TrainSection
@@ -24,7 +29,9 @@ from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox_builtins.consistency_losses import PseudoLabelCrossEntropy
 from sandbox.train.student_pass import StudentPass, classify
-from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
+from gradient_checks import ATOL, RTOL, assert_same_gradients, parameter_gradients, reached
+
+T = TypeVar("T")
 
 # -- CutMix -------------------------------------------------------------------------------------
 
@@ -354,9 +361,9 @@ class SmallNetwork(SegmentationNetwork):
         return F.relu(self.norm(self.conv(images)))
 
 
-def ddfp_batches() -> tuple[LabeledBatch, UnlabeledBatch]:
+def ddfp_batches(seed: int = 1) -> tuple[LabeledBatch, UnlabeledBatch]:
     """Two labeled images (some pixels ignored) and three unlabeled ones, two padded on the right."""
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     images = lambda count: torch.randn(count, 3, DDFP_SIZE, DDFP_SIZE, generator=generator)  # noqa: E731
     masks = torch.randint(0, CLASSES, (2, DDFP_SIZE, DDFP_SIZE), generator=generator)
     masks[:, :2] = 255
@@ -417,3 +424,180 @@ def test_the_step_computes_ddfps_loss_and_its_gradients() -> None:
     for ours, theirs in ((student, student_copy), (teacher, teacher_copy)):
         for name, buffer in ours.named_buffers():
             torch.testing.assert_close(buffer, dict(theirs.named_buffers())[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+# -- the loss normalisation on several processes (train.loss_pixel_count) ------------------------
+
+
+def simulated_processes(runs: list[Callable[[], T]]) -> list[T]:
+    """``runs[rank]()`` of each of ``len(runs)`` simulated processes, run at once in threads, as under
+    DDP: the step's all-reduce (``sum_over_processes``) sums what every thread passes at the same
+    call and ``process_count()`` is their number (DDP's average of the gradients is the test's to
+    take). The patches hold during this call only."""
+    count = len(runs)
+    barrier = threading.Barrier(count, timeout=60)
+    slots: list[Tensor] = [torch.zeros(())] * count
+    local = threading.local()
+    results: list[T | None] = [None] * count
+    errors: list[BaseException] = []
+
+    def all_reduce(values: Tensor) -> Tensor:
+        slots[local.rank] = values.clone()
+        barrier.wait()
+        summed = torch.stack(slots).sum(dim=0)
+        barrier.wait()  # every thread has read the slots before any writes them again
+        return summed
+
+    def process(rank: int) -> None:
+        local.rank = rank
+        try:
+            results[rank] = runs[rank]()
+        except BaseException as error:  # re-raised in the test's thread
+            errors.append(error)
+            barrier.abort()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step_module, "sum_over_processes", all_reduce)
+        patch.setattr(distributed, "process_count", lambda: count)
+        threads = [threading.Thread(target=process, args=(rank,)) for rank in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
+
+
+def mean_gradients(losses: list[Tensor], models: list[nn.Module]) -> dict[str, Tensor]:
+    """DDP's gradient: ``d losses[rank] / d models[rank]``'s parameters, averaged over the ranks by name."""
+    gradients = [parameter_gradients(loss, dict(model.named_parameters())) for loss, model in zip(losses, models)]
+    return {name: torch.stack([gradient[name] for gradient in gradients]).mean(dim=0) for name in gradients[0]}
+
+
+class ChannelStubModel(StubModel):
+    """:class:`StubModel` with one scale per class channel: its gradient tells the classes apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([1.0, 0.5, 1.5]).view(1, CLASSES, 1, 1))
+
+
+Shares = list[tuple[LabeledBatch, UnlabeledBatch]]
+
+
+def uneven_batches() -> tuple[tuple[LabeledBatch, UnlabeledBatch], Shares]:
+    """:func:`batches`, and its two processes' shares of one image each, whose pixel counts differ:
+    process 0's labeled image has 3 of its 8 rows ignored, process 1's unlabeled image is 75% padding."""
+    labeled, unlabeled = batches()
+    labeled.masks[0, :3] = 255
+    unlabeled.padding[1, :, :6] = True
+    shares = [
+        (LabeledBatch(labeled.images[i : i + 1], labeled.masks[i : i + 1]),
+         UnlabeledBatch(unlabeled.weak[i : i + 1], unlabeled.strong[i : i + 1], unlabeled.padding[i : i + 1]))
+        for i in range(2)
+    ]
+    return (labeled, unlabeled), shares
+
+
+StepResults = tuple[ChannelStubModel, list[tuple[Tensor, dict[str, Tensor]]]]
+
+
+def stub_process(labeled: LabeledBatch, unlabeled: UnlabeledBatch, **settings: object) -> Callable[[], StepResults]:
+    """One process's run: a warm-up step and a semi-supervised step (teacher pseudo-labels, the strong
+    view perturbed, cross-entropy on trusted pixels, no CutMix) on its batch; its student and each
+    step's ``(loss, logs)``."""
+
+    def run() -> StepResults:
+        loss_fn = PseudoLabelCrossEntropy()
+        values = {"threshold": 0.9, "cutmix_p": 0.0, "perturbation_start_iters": 0, **settings}
+        step = SemiSupervisedStep(TrainSection(**values), MethodComponents(ShiftPerturbation(), None, loss_fn, loss_fn), 255, 0)
+        student = ChannelStubModel()
+        warm_up = step.supervised(student, ChannelStubModel(), labeled)
+        return student, [warm_up, step.semi_supervised(5, student, ChannelStubModel(), labeled, unlabeled)]
+
+    return run
+
+
+def as_trained(processes: list[StepResults]) -> list[dict[str, Tensor]]:
+    """What N processes train with and log, for each step of their runs: the gradient w.r.t. the scales
+    averaged over the processes (DDP's) and every logged value averaged over them (the training loop's
+    :func:`~sandbox.distributed.mean_over_processes`); ``loss`` is logged."""
+    steps = []
+    for index in range(len(processes[0][1])):
+        losses = [runs[index][0] for _, runs in processes]
+        values = {"gradient": mean_gradients(losses, [student for student, _ in processes])["scale"]}
+        keys = processes[0][1][index][1].keys()
+        assert all(runs[index][1].keys() == keys for _, runs in processes)
+        values.update({key: torch.stack([runs[index][1][key].float() for _, runs in processes]).mean() for key in keys})
+        steps.append(values)
+    return steps
+
+
+def assert_same_steps(actual: list[dict[str, Tensor]], expected: list[dict[str, Tensor]], skip: tuple[str, ...] = ()) -> None:
+    """Every value of every step of :func:`as_trained` equal, within RTOL/ATOL (but those in ``skip``)."""
+    assert len(actual) == len(expected) == 2
+    for index, (ours, theirs) in enumerate(zip(actual, expected)):
+        assert ours.keys() == theirs.keys() and "loss_perturbed" in expected[-1]
+        for key in ours.keys() - set(skip):
+            torch.testing.assert_close(ours[key], theirs[key], rtol=RTOL, atol=ATOL, msg=f"step {index}: {key}")
+
+
+def test_global_normalisation_on_two_processes_is_one_process_on_the_whole_batch() -> None:
+    """``loss_pixel_count = "global"``: the processes' averaged gradient and logged values (every loss
+    term, ``trusted_ratio``) are one process's on the concatenated batch, warm-up and semi-supervised."""
+    whole, shares = uneven_batches()
+    two = as_trained(simulated_processes([stub_process(*share) for share in shares]))
+    assert_same_steps(two, as_trained([stub_process(*whole)()]))
+
+
+def test_per_process_normalisation_is_the_mean_of_each_processs_own_loss() -> None:
+    """``loss_pixel_count = "per_process"`` on 2 processes: each process's loss is the one it computes
+    alone on its batch (each term divided by its own pixel counts), so the averaged gradient and logged
+    values are the mean of the processes' own (``trusted_ratio`` stays every process's trusted over
+    every process's non-padding pixels). Not one process on the whole batch, whose counts differ."""
+    whole, shares = uneven_batches()
+    processes = simulated_processes([stub_process(*share, loss_pixel_count="per_process") for share in shares])
+    alone = [stub_process(*share)() for share in shares]
+    for (_, runs), (_, own_runs) in zip(processes, alone):
+        for (loss, _), (own, _) in zip(runs, own_runs):
+            torch.testing.assert_close(loss, own, rtol=RTOL, atol=ATOL)
+    two, one, own = as_trained(processes), as_trained([stub_process(*whole)()]), as_trained(alone)
+    assert_same_steps(two, own, skip=("trusted_ratio",))
+    torch.testing.assert_close(two[-1]["trusted_ratio"], one[-1]["trusted_ratio"], rtol=RTOL, atol=ATOL)
+    for index, key in ((0, "loss_sup"), (0, "gradient"), (1, "loss_unsup"), (1, "loss_perturbed"), (1, "gradient")):
+        difference = float((two[index][key] - one[index][key]).norm() / one[index][key].norm())
+        assert difference > 0.01, f"step {index}: {key} is the whole batch's (measured: 1.8% to 19% apart)"
+    alone_per_process = [stub_process(*share, loss_pixel_count="per_process")() for share in shares]
+    assert_same_steps(as_trained(alone_per_process), own)  # one process: the same in both modes
+
+
+def test_per_process_normalisation_is_ddfps_code_on_each_gpu() -> None:
+    """train_ddfp_pascal.py's loss on each GPU is :func:`ddfp_loss` of that GPU's batch (each term a mean
+    over its own pixels), DDP averaging the gradients: ``loss_pixel_count = "per_process"`` on 2
+    processes gives each process that loss and the same averaged gradient of every parameter."""
+    shares = [ddfp_batches(), ddfp_batches(seed=2)]
+    shares[1][0].masks[:, :8] = 255  # process 1: half its labeled pixels ignored,
+    shares[1][1].padding[0, :, 4:] = True  # one of its unlabeled images 75% padding
+    assert (shares[0][0].masks != 255).sum() != (shares[1][0].masks != 255).sum()
+    torch.manual_seed(0)
+    student = SmallNetwork().train()
+    torch.manual_seed(1)
+    teacher = SmallNetwork().train()
+    models = [(copy.deepcopy(student), copy.deepcopy(teacher)) for _ in range(4)]  # the step's two, the transcription's two
+    loss_fn = PseudoLabelCrossEntropy()
+    settings = TrainSection(**DDFP_SETTINGS, loss_pixel_count="per_process")
+
+    def process(rank: int) -> Callable[[], Tensor]:
+        step = SemiSupervisedStep(settings, MethodComponents(ShiftPerturbation(), None, loss_fn, loss_fn), 255, seed=DDFP_SEED)
+        return lambda: step.semi_supervised(DDFP_STEP, StudentPass(models[rank][0]), models[rank][1], *shares[rank])[0]
+
+    losses = simulated_processes([process(0), process(1)])
+    expected = [ddfp_loss(*models[2 + rank], *shares[rank]) for rank in range(2)]
+    for loss, reference in zip(losses, expected):
+        torch.testing.assert_close(loss, reference, rtol=RTOL, atol=ATOL)
+    ours = mean_gradients(losses, [models[rank][0] for rank in range(2)])
+    theirs = mean_gradients(expected, [models[2 + rank][0] for rank in range(2)])
+    for name, gradient in theirs.items():
+        torch.testing.assert_close(ours[name], gradient, rtol=RTOL, atol=ATOL, msg=name)
+    assert reached(ours) == set(ours), "every parameter's gradient is compared, none trivially zero"

@@ -16,7 +16,7 @@ from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.builder import build_method, build_model, unused_tables
 from sandbox.train.loop import Trainer
-from sandbox.train.rundir import RunDirectory, differing_keys
+from sandbox.train.rundir import RunDirectory, differing_keys, recipe_difference
 from sandbox.train.student_pass import network_of
 
 
@@ -103,6 +103,10 @@ def test_tables_a_saved_recipe_leaves_out_never_make_a_recipe_differ_from_it(tin
     assert differing_keys(saved, load_recipe(tiny_recipe, ["perturbation.name=none", "train.iters=7"])) == "train.iters"
     full = none.to_toml()
     assert "perturbation.name" in differing_keys(full, load_recipe(tiny_recipe)), "a saved table still counts"
+    older = "\n".join(line for line in full.splitlines() if not line.startswith(("loss_pixel_count", "sync_bn_impl")))
+    assert recipe_difference(older, none) == "", "settings added since a run was saved, at their defaults, do not count"
+    assert recipe_difference(older, load_recipe(tiny_recipe, ["perturbation.name=none", "train.loss_pixel_count=per_process"])) \
+        == "train.loss_pixel_count", "a setting added since counts when it is not at its default"
     assert "density.name" in differing_keys(full, other_density)
 
 

@@ -8,12 +8,14 @@ strong views by two boxes, the feature perturbation of the encoder maps of label
 decoded in one pass with the clean maps, each unlabeled term summed over confident pixels and
 divided by the non-padding ones, (x + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2) and compares the loss,
 its gradient w.r.t. every parameter (a detached branch leaves the value alone) and the BatchNorm
-statistics.
+statistics. With ``loss_pixel_count = "per_process"`` on 2 simulated processes, each process's loss
+is that transcription on its own batch, as unimatch.py on each GPU.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox_builtins.consistency_losses import PseudoLabelCrossEntropy
 from sandbox.train.student_pass import StudentPass
 from gradient_checks import ATOL, RTOL, assert_same_gradients, reached
+from test_step_semantics import mean_gradients, simulated_processes
 
 CLASSES, SIZE, SEED, STEP = 3, 16, 5, 7
 UNIMATCH = {
@@ -69,8 +72,8 @@ class Halve(Perturbation):
         return features * 0.5
 
 
-def batches() -> tuple[LabeledBatch, UnlabeledBatch, UnlabeledBatch]:
-    generator = torch.Generator().manual_seed(0)
+def batches(seed: int = 0) -> tuple[LabeledBatch, UnlabeledBatch, UnlabeledBatch]:
+    generator = torch.Generator().manual_seed(seed)
 
     def images(count: int = 2) -> Tensor:
         return torch.randn(count, 3, SIZE, SIZE, generator=generator)
@@ -126,7 +129,7 @@ def unimatch_loss(model: nn.Module, labeled: LabeledBatch, unlabeled: UnlabeledB
         loss_u = F.cross_entropy(pred, mask_cut, reduction="none")
         loss_u = loss_u * ((conf_cut >= threshold) & (ignore_cut != 255))
         terms.append(loss_u.sum() / (ignore_cut != 255).sum().item())
-    loss_x = F.cross_entropy(pred_x, mask_x)
+    loss_x = F.cross_entropy(pred_x, mask_x, ignore_index=255)  # configs/pascal.yaml: CELoss, ignore_index 255
     loss_u_w_fp = F.cross_entropy(pred_u_w_fp, mask_u_w, reduction="none")
     loss_u_w_fp = loss_u_w_fp * ((conf_u_w >= threshold) & (ignore_mask != 255))
     loss_u_w_fp = loss_u_w_fp.sum() / (ignore_mask != 255).sum().item()
@@ -219,3 +222,33 @@ def test_the_partners_are_labelled_in_eval_mode_before_any_train_mode_pass() -> 
     assert [training for training, _ in passes] == [False, True, True]
     assert torch.equal(passes[0][1], initial), "no train-mode pass ran before the partners were labelled"
     assert network.training, "the student is back in train mode"
+
+
+def test_per_process_normalisation_is_unimatchs_code_on_each_gpu() -> None:
+    """unimatch.py on each GPU divides each term by that GPU's own pixels (its supervised mean, its
+    non-padding pixels) and DDP averages the gradients: ``loss_pixel_count = "per_process"`` on 2
+    simulated processes gives each process :func:`unimatch_loss` of its own batches, and the same
+    averaged gradient of every parameter; their BatchNorms each normalise their own batch."""
+    shares = [batches(), batches(seed=1)]
+    shares[1][0].masks[:, :6] = 255  # process 1: some labeled pixels ignored,
+    shares[1][1].padding[0, :, 4:] = True  # one of its unlabeled images 75% padding
+    assert (shares[0][1].padding.sum(), (shares[0][0].masks != 255).sum()) != (
+        shares[1][1].padding.sum(), (shares[1][0].masks != 255).sum())
+    torch.manual_seed(0)
+    network = TwoMapNetwork().train()
+    networks = [copy.deepcopy(network) for _ in range(4)]  # the step's two, the transcription's two
+    loss_fn = PseudoLabelCrossEntropy()
+    settings = TrainSection(**UNIMATCH, loss_pixel_count="per_process")
+
+    def process(rank: int) -> Callable[[], Tensor]:
+        step = SemiSupervisedStep(settings, MethodComponents(Halve(), None, loss_fn, loss_fn), 255, SEED)
+        return lambda: step.semi_supervised(STEP, StudentPass(networks[rank]), None, *shares[rank])[0]
+
+    losses = simulated_processes([process(0), process(1)])
+    expected = [unimatch_loss(networks[2 + rank], *shares[rank]) for rank in range(2)]
+    for loss, reference in zip(losses, expected):
+        torch.testing.assert_close(loss, reference, rtol=RTOL, atol=ATOL)
+    ours, theirs = mean_gradients(losses, networks[:2]), mean_gradients(expected, networks[2:])
+    for name, gradient in theirs.items():
+        torch.testing.assert_close(ours[name], gradient, rtol=RTOL, atol=ATOL, msg=name)
+    assert reached(ours) == set(ours), "every parameter's gradient is compared, none trivially zero"

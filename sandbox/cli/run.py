@@ -60,7 +60,7 @@ def run(
         try:
             if decision.action in ("held", "error"):
                 raise shared_error(decision.note)  # the main process's decision, told to every process
-            with guarded_writes(run_path, keeper.check if keeper is not None else None):
+            with guarded_writes(run_path, keeper):
                 train_claimed(resolved, registry, resume, overwrite, decision.note, keeper)
         finally:
             if keeper is not None:

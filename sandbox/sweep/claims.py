@@ -2,34 +2,46 @@
 
 ``sandbox ablate`` jobs (shards of a SLURM job array, or an accidental duplicate job) share one
 ablation folder, usually on a network filesystem. Before training a run, the job's main process
-claims it: the file ``CLAIM`` in the run directory, JSON naming the holder (host, pid, SLURM job
-id, shard), a random token, when it was claimed and last refreshed, and the holder's timeout::
+claims it. Two kinds of files in the run directory do it, and nothing else coordinates:
 
-    {"host": "node12", "pid": 4242, "job": "81234", "shard": "3/8", "token": "9f...",
-     "claimed_at": "2025-05-01T10:00:00.000+00:00", "refreshed_at": "2025-05-01T10:41:00.000+00:00",
-     "timeout_s": 600.0}
+- ``CLAIM``: JSON naming the holder (host, pid, SLURM job id, shard), a random token, when it was
+  claimed (the holder's clock, for people to read) and the holder's timeout::
 
-- Creating it is atomic: the content goes to a temporary file first, which is then hard-linked as
-  ``CLAIM`` (``link`` fails when the name exists: the classic lock of NFS, where ``O_EXCL`` was not
-  always atomic; a lost reply is recognised by the temporary file's link count). A reader never
-  sees half a claim. On a filesystem without hard links, ``O_CREAT | O_EXCL`` is used instead.
-- While the run trains, a background thread rewrites the claim (temporary file, then ``rename``)
-  every ``timeout_s / REFRESHES_PER_TIMEOUT`` seconds with a new ``refreshed_at``.
-- A claim not refreshed for its holder's ``timeout_s`` (default :data:`CLAIM_TIMEOUT_S`, 10 minutes:
-  ten refreshes missed) is *stale*: its holder died (kill -9, a node lost). Times are the holders'
-  wall clocks, so the machines' clocks must agree to well within the timeout (NTP does).
+      {"host": "node12", "pid": 4242, "job": "81234", "shard": "3/8", "token": "9f...",
+       "claimed_at": "2025-05-01T10:00:00.000+00:00", "timeout_s": 600.0}
+
+  It is written once per holder: created when the run is claimed, replaced when a stale claim is
+  taken over, removed when the holder releases it. Nothing rewrites it in between.
+- ``CLAIM.alive.<token>``: the holder's heartbeat, created just before ``CLAIM``. A background
+  thread sets its modification time every ``timeout_s / REFRESHES_PER_TIMEOUT`` seconds
+  (``utime``; it never creates the file again). A refresh touches only this file: however late
+  it lands, it cannot bring an old claim back.
+
+Staleness is judged on one clock, the file server's: a claim is *stale* when its heartbeat's
+modification time is older than the holder's ``timeout_s`` (default :data:`CLAIM_TIMEOUT_S`, 10
+minutes: ten refreshes missed) at the server's "now", which the observer reads as the modification
+time of a file it creates for the purpose (``CLAIM.clock.<random>``, removed at once). The
+holders' and observers' wall clocks are never compared: skewed clocks do not matter. A ``CLAIM``
+without a heartbeat (written by an older version, or a holder killed while releasing it) counts
+as refreshed when ``CLAIM`` itself was last modified.
+
+- Creating ``CLAIM`` is atomic: the content goes to a temporary file first, which is then
+  hard-linked as ``CLAIM`` (``link`` fails when the name exists: the classic lock of NFS, where
+  ``O_EXCL`` was not always atomic; a lost reply is recognised by the temporary file's link count).
+  A reader never sees half a claim. On a filesystem without hard links, ``O_CREAT | O_EXCL`` is used.
 - Taking over a stale claim: the taker first creates ``CLAIM.takeover.<stale token>.<n>``
-  exclusively (the same atomic create; only one taker gets it), checks that ``CLAIM`` still holds
-  that stale token, replaces ``CLAIM`` with its own (a ``rename``: there is never a moment without
-  a claim that a third process could fill) and removes the takeover files. Two takers never both
-  win: the second cannot create the takeover file, or finds another token in ``CLAIM`` once it has.
-  A takeover file left by a taker killed in those few milliseconds is itself stale after its
-  timeout, and the next taker uses the next ``<n>``.
-- The claim is released (removed, if it still holds this token) when the run ends: finished,
-  failed, on a Python exception, Ctrl-C, or SIGTERM (``scancel``, a job's time limit: see
-  :func:`released_on_sigterm`). Only a kill -9 or a lost machine leaves a claim behind, stale once
-  its timeout has passed; the run then resumes from its last checkpoint in the next job.
-
+  exclusively (the same atomic create; only one taker gets it), checks again that ``CLAIM`` holds
+  that token and that it is stale, replaces ``CLAIM`` with its own (a ``rename``: there is never a
+  moment without a claim that a third process could fill), and removes the old heartbeat and the
+  takeover files. Two takers never both win: the second cannot create the takeover file, or finds
+  another token in ``CLAIM`` once it has. A takeover file left by a taker killed in those few
+  milliseconds is itself stale once it is older than its writer's timeout (its modification time,
+  the server's clock), and the next taker uses the next ``<n>``.
+- The claim is released when the run ends: finished, failed, on a Python exception, Ctrl-C, or
+  SIGTERM (``scancel``, a job's time limit: see :func:`released_on_sigterm`): the heartbeat is
+  removed, then ``CLAIM`` if it still holds this token (under the same takeover file a taker would
+  need). Only a kill -9 or a lost machine leaves a claim behind, stale once its timeout has passed;
+  the run then resumes from its last checkpoint in the next job.
 - A claim whose holder runs on this machine (same host name, boot and pid namespace) and whose
   process is gone (``os.kill(pid, 0)`` fails with ``ProcessLookupError``, or the pid now belongs to a
   process started at another time: pid reuse) is stale at once: a SIGKILLed job's rerun on the same
@@ -39,14 +51,20 @@ id, shard), a random token, when it was claimed and last refreshed, and the hold
 
 Fencing: a holder that cannot refresh for the whole timeout (suspended, its filesystem unreachable)
 is deemed dead and may be taken over. So that it never writes into a run someone else now trains,
-the run directory calls :meth:`ClaimKeeper.check` before each write: it raises a one-line
+the run directory calls :meth:`ClaimKeeper.check` before each write and again right before it
+publishes one (:mod:`sandbox.train.rundir`: content goes to the holder's own temporary files and a
+staging folder named by its token, then a checked ``rename``): it raises a one-line
 :class:`SandboxError` when ``CLAIM`` holds another token (taken over, or deleted by hand) or when no
-refresh succeeded for half the timeout (the taker waits for the whole of it). A refresh never undoes
-a takeover: it takes the same exclusive ``CLAIM.takeover.<its own token>.<n>`` file a taker of its
-claim would take, checks under it that ``CLAIM`` still holds its token, and only then replaces it;
-a holder stalled for half its timeout while holding that file gives up instead of writing (a
-taker can only take the file once the refresher's copy in it is stale). Refresh errors print one
-warning line (once until a refresh succeeds again).
+refresh succeeded for half the timeout (measured on the holder's monotonic clock; the taker waits for
+the whole of it on the server's). A holder paused for longer than its timeout (SIGSTOP, swap, a slow
+save) therefore loses at most its own write. Refresh errors print one warning line (once until a
+refresh succeeds again).
+
+What the shared filesystem must provide (local filesystems and NFSv3/v4 with default mount options
+do): atomic ``rename`` within a folder; atomic exclusive creation (``link`` or ``O_EXCL``);
+modification times set by the server's clock, from ``utime`` with no explicit time as from writes;
+and close-to-open consistency (a file opened after another client closed it shows its content and
+attributes: the claim and the heartbeats are read by opening them, never from cached attributes).
 """
 
 from __future__ import annotations
@@ -61,7 +79,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,6 +97,8 @@ TIMEOUT_ENV = "SANDBOX_CLAIM_TIMEOUT"
 _HELD: set[ClaimKeeper] = set()
 """The claims this process holds (the SIGTERM handler of :func:`released_on_sigterm` releases them)."""
 _TAKEOVER = ".takeover."
+_ALIVE = ".alive."
+_CLOCK = ".clock."
 _MAX_TAKEOVER_FILES = 100
 
 
@@ -128,7 +148,13 @@ def job_id() -> str | None:
 
 @dataclass(frozen=True)
 class Claim:
-    """The content of a ``CLAIM`` file (times in seconds since the epoch)."""
+    """The content of a ``CLAIM`` file, and, once read from one, when its holder last showed it was alive.
+
+    ``claimed_at`` is the holder's wall clock (for people to read); ``refreshed_at`` is the file
+    server's clock (the heartbeat's modification time) and ``where`` the run directory, whose file
+    server :meth:`silent_for` asks for "now". A claim made here (:meth:`new`) has ``where`` None and
+    counts as refreshed when it was made. Neither takes part in comparisons: a claim is its content.
+    """
 
     host: str
     pid: int
@@ -136,37 +162,49 @@ class Claim:
     shard: str | None
     token: str
     claimed_at: float
-    refreshed_at: float
     timeout_s: float
     process: str | None = None
     """``<boot id>/<pid namespace>/<start ticks>`` of the holder (see :meth:`holder_is_gone`), if known."""
+    refreshed_at: float = field(default=0.0, compare=False)
+    """When the holder last refreshed its heartbeat, in seconds since the epoch on the clock of ``where``."""
+    where: Path | None = field(default=None, compare=False)
+    """The folder of the file the claim was read from (None: made by this process)."""
 
     @classmethod
     def new(cls, timeout_s: float, shard: str | None = None) -> Claim:
         """A claim by this process, made now."""
         now = _now()
-        return cls(socket.gethostname(), os.getpid(), job_id(), shard, uuid.uuid4().hex, now, now, float(timeout_s),
-                   _process_identity(os.getpid()))
+        return cls(socket.gethostname(), os.getpid(), job_id(), shard, uuid.uuid4().hex, now, float(timeout_s),
+                   _process_identity(os.getpid()), refreshed_at=now)
 
     def encode(self) -> bytes:
         """The file's content."""
         data: dict[str, Any] = asdict(self)
-        data["claimed_at"], data["refreshed_at"] = _iso(self.claimed_at), _iso(self.refreshed_at)
+        del data["refreshed_at"], data["where"]
+        data["claimed_at"] = _iso(self.claimed_at)
         return (json.dumps(data, indent=1) + "\n").encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Claim:
-        """Parse a file's content; raises ``ValueError`` (or ``KeyError``, ``TypeError``) when it is not one."""
+        """Parse a file's content; raises ``ValueError`` (or ``KeyError``, ``TypeError``) when it is not one.
+
+        ``refreshed_at`` is the holder's ``claimed_at`` until the caller knows better (:func:`read_claim`).
+        """
         fields = json.loads(data)
+        claimed_at = _seconds(fields["claimed_at"])
         return cls(
             str(fields["host"]), int(fields["pid"]), fields.get("job"), fields.get("shard"), str(fields["token"]),
-            _seconds(fields["claimed_at"]), _seconds(fields["refreshed_at"]), float(fields["timeout_s"]),
-            fields.get("process"),
+            claimed_at, float(fields["timeout_s"]), fields.get("process"), refreshed_at=claimed_at,
         )
 
+    def now(self) -> float:
+        """Now, on the clock :attr:`refreshed_at` is on: the file server's of :attr:`where` (this machine's
+        for a claim made here)."""
+        return time.time() if self.where is None else server_now(self.where)
+
     def silent_for(self, now: float | None = None) -> float:
-        """Seconds since the last refresh."""
-        return (time.time() if now is None else now) - self.refreshed_at
+        """Seconds since the last refresh; ``now`` on the clock of :attr:`refreshed_at` (:meth:`now` when None)."""
+        return (self.now() if now is None else now) - self.refreshed_at
 
     def is_stale(self, now: float | None = None) -> bool:
         """Whether the holder has not refreshed for longer than its timeout, or its process is gone (it died)."""
@@ -232,23 +270,67 @@ def claim_path(run_path: Path) -> Path:
     return run_path / CLAIM_FILE
 
 
-def read_claim(path: Path) -> Claim | None:
-    """The claim in ``path``; None when there is none.
+def heartbeat_path(path: Path, token: str) -> Path:
+    """The heartbeat file of the holder of ``token`` beside the claim file ``path``."""
+    return path.with_name(f"{path.name}{_ALIVE}{token}")
+
+
+def modified_at(path: Path) -> float:
+    """``path``'s modification time (the file server's clock), read through an open file: on NFS an
+    ``open`` revalidates cached attributes (close-to-open consistency), a bare ``stat`` may not."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        return os.fstat(descriptor).st_mtime
+    finally:
+        os.close(descriptor)
+
+
+def server_now(folder: Path) -> float:
+    """Now on the clock of ``folder``'s file server: the modification time of a file created there for
+    the purpose (and removed). Where nothing can be created (a read-only copy), this machine's clock."""
+    probe = folder / f"{CLAIM_FILE}{_CLOCK}{uuid.uuid4().hex}"
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(descriptor).st_mtime
+    finally:
+        os.close(descriptor)
+        probe.unlink(missing_ok=True)
+
+
+def read_claim(path: Path, heartbeat: bool = True) -> Claim | None:
+    """The claim in ``path``; None when there is none. Its :attr:`~Claim.refreshed_at` is its
+    heartbeat's modification time, or, without a heartbeat (or with ``heartbeat`` False: a takeover
+    file), the file's own.
 
     A file that cannot be parsed (damaged by hand, or being written where hard links are not
     available) counts as a claim by an unknown holder, refreshed at the file's modification time,
     with the default timeout: it goes stale, and is then taken over, like any other.
     """
     try:
-        data = path.read_bytes()
-        stat = path.stat()
+        descriptor = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        return Claim.decode(data)
+        with os.fdopen(descriptor, "rb") as handle:
+            data = handle.read()
+            stat = os.fstat(handle.fileno())
+    except FileNotFoundError:
+        return None
+    try:
+        claim = Claim.decode(data)
     except (ValueError, KeyError, TypeError):
         token = f"unreadable-{stat.st_mtime_ns}-{stat.st_size}"
-        return Claim("unknown", 0, None, None, token, stat.st_mtime, stat.st_mtime, CLAIM_TIMEOUT_S)
+        claim = Claim("unknown", 0, None, None, token, stat.st_mtime, CLAIM_TIMEOUT_S)
+    refreshed_at = stat.st_mtime
+    if heartbeat:
+        try:
+            refreshed_at = modified_at(heartbeat_path(path, claim.token))
+        except FileNotFoundError:
+            pass
+    return replace(claim, refreshed_at=refreshed_at, where=path.parent)
 
 
 def _temporary(path: Path, data: bytes) -> Path:
@@ -283,6 +365,12 @@ def replace_file(path: Path, data: bytes) -> None:
     write_atomically(path, data)
 
 
+def beat(path: Path, mine: Claim) -> None:
+    """Show that the holder of ``mine`` is alive: set its heartbeat's modification time to the file
+    server's now. Never creates the file (``FileNotFoundError`` when it is gone: taken over, removed)."""
+    os.utime(heartbeat_path(path, mine.token))
+
+
 @dataclass(frozen=True)
 class Attempt:
     """The outcome of :func:`acquire`."""
@@ -294,8 +382,23 @@ class Attempt:
 
 
 def acquire(path: Path, mine: Claim, attempts: int = 3) -> Attempt:
-    """Claim ``path`` for ``mine``: create it, or take over a stale claim; else report the holder."""
+    """Claim ``path`` for ``mine``: create it, or take over a stale claim; else report the holder.
+
+    The heartbeat of ``mine`` is created first (a claim is never without one) and removed when the
+    claim was not won.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_new_file(heartbeat_path(path, mine.token), b"")
+    attempt = Attempt(False, None)
+    try:
+        attempt = _acquire(path, mine, attempts)
+    finally:
+        if not attempt.won:
+            heartbeat_path(path, mine.token).unlink(missing_ok=True)
+    return attempt
+
+
+def _acquire(path: Path, mine: Claim, attempts: int) -> Attempt:
     for _ in range(attempts):
         if create_exclusive(path, mine.encode()):
             return Attempt(holds(path, mine), None)
@@ -316,7 +419,7 @@ def acquire(path: Path, mine: Claim, attempts: int = 3) -> Attempt:
 
 
 def take_over(path: Path, stale: Claim, mine: Claim) -> tuple[bool, Claim | None]:
-    """Replace the stale claim ``stale`` in ``path`` by ``mine``.
+    """Replace the stale claim ``stale`` in ``path`` by ``mine`` (whose heartbeat exists).
 
     Returns whether this process won and, when it lost to a process taking over at this moment,
     that process's claim.
@@ -329,6 +432,7 @@ def take_over(path: Path, stale: Claim, mine: Claim) -> tuple[bool, Claim | None
         if current is None or current.token != stale.token or not current.is_stale():
             return False, None
         replace_file(path, mine.encode())
+        heartbeat_path(path, stale.token).unlink(missing_ok=True)
         for attempt in range(_MAX_TAKEOVER_FILES):  # nobody can win with the stale token any more
             _lock_name(path, stale.token, attempt).unlink(missing_ok=True)
         return True, None
@@ -342,16 +446,16 @@ def _lock_name(path: Path, token: str, attempt: int) -> Path:
 
 def _lock(path: Path, token: str, content: bytes) -> tuple[Path | None, Claim | None]:
     """Create the exclusive file that lets one process change the claim holding ``token`` (a taker
-    of it, or its holder refreshing or releasing it); ``content`` is that process's own claim.
+    of it, or its holder releasing it); ``content`` is that process's own claim.
 
     Returns the file, or None and the claim of the process holding it now (None when it just finished).
-    A file whose content is stale (its writer died) is passed over for the next ``<n>``.
+    A file older than its writer's timeout (its writer died; the server's clock) is passed over for the next ``<n>``.
     """
     for attempt in range(_MAX_TAKEOVER_FILES):
         candidate = _lock_name(path, token, attempt)
         if create_exclusive(candidate, content):
             return candidate, None
-        rival = read_claim(candidate)
+        rival = read_claim(candidate, heartbeat=False)
         if rival is None:  # that process has finished: the claim may have changed
             return None, None
         if not rival.is_stale():  # another process is changing the claim right now
@@ -361,15 +465,17 @@ def _lock(path: Path, token: str, content: bytes) -> tuple[Path | None, Claim | 
 
 def holds(path: Path, mine: Claim) -> bool:
     """Whether ``path`` holds ``mine`` (its token)."""
-    current = read_claim(path)
+    current = read_claim(path, heartbeat=False)
     return current is not None and current.token == mine.token
 
 
 def release(path: Path, mine: Claim) -> None:
-    """Remove the claim if it is still ``mine`` (under its lock: never a taker's claim)."""
+    """Remove the heartbeat of ``mine``, then the claim if it is still ``mine`` (under its takeover file:
+    never a taker's claim)."""
+    heartbeat_path(path, mine.token).unlink(missing_ok=True)
     if not holds(path, mine):
         return
-    lock, _ = _lock(path, mine.token, replace(mine, refreshed_at=_now()).encode())
+    lock, _ = _lock(path, mine.token, mine.encode())
     if lock is None:  # a taker is at work: the claim is no longer ours to remove
         return
     try:
@@ -380,8 +486,8 @@ def release(path: Path, mine: Claim) -> None:
 
 
 class ClaimKeeper:
-    """Holds an acquired claim: refreshes it from a background thread, releases it at the end, and
-    fences the holder's writes (:meth:`check`).
+    """Holds an acquired claim: refreshes its heartbeat from a background thread, releases it at the
+    end, and fences the holder's writes (:meth:`check`).
 
     Use as a context manager (or :meth:`start` and :meth:`release`); releasing twice is harmless.
     """
@@ -396,9 +502,14 @@ class ClaimKeeper:
         self.problem: str | None = None
         """The error of the last refresh, while refreshing fails."""
         self._refreshed = time.monotonic()
-        """When (``time.monotonic``) the last successful refresh (or the claim) was made."""
+        """When (``time.monotonic``) the last successful refresh (or the claim) was begun."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh_loop, name="sandbox-claim-refresh", daemon=True)
+
+    @property
+    def token(self) -> str:
+        """The token of the claim held: it names the holder's staging folders (:mod:`sandbox.train.rundir`)."""
+        return self.mine.token
 
     @property
     def interval_s(self) -> float:
@@ -420,34 +531,35 @@ class ClaimKeeper:
         print(f"warning: the claim {self.path} was taken over ({taker}): this process was silent "
               f"for longer than its {self.mine.timeout_s:g} s timeout", file=sys.stderr, flush=True)
 
-    def refresh(self) -> bool:
-        """Write a new ``refreshed_at`` now, if ``CLAIM`` still holds this token; False (and a warning,
-        once) when the claim is no longer ours, or when another process is changing it right now.
+    def _still_mine(self) -> bool:
+        """Whether ``CLAIM`` still holds this token (else the claim is recorded as lost)."""
+        current = read_claim(self.path, heartbeat=False)
+        if current is None or current.token != self.mine.token:
+            self._lose(current)
+            return False
+        return True
 
-        Under the claim's exclusive takeover file (see the module's docstring): a takeover and a
-        refresh never interleave, so a late refresh cannot restore a claim taken over meanwhile.
+    def refresh(self) -> bool:
+        """Touch the heartbeat; True when it was touched and ``CLAIM`` still holds this token. False (and
+        a warning, once) when the claim is no longer ours, or when the touch took longer than half the
+        timeout (it does not count: a taker may be at work).
+
+        Only the heartbeat is written, never ``CLAIM``: a refresh that lands late, after a takeover,
+        touches a file nobody reads any more (or finds it gone).
         """
         began = time.monotonic()
-        fresh = replace(self.mine, refreshed_at=_now())
-        lock, _ = _lock(self.path, self.mine.token, fresh.encode())
-        if lock is None:  # a taker holds it: it finds this claim fresh, or takes it (seen next time)
-            current = read_claim(self.path)
-            if current is None or current.token != self.mine.token:
-                self._lose(current)
-            return False
         try:
-            current = read_claim(self.path)
-            if current is None or current.token != self.mine.token:
-                self._lose(current)
+            beat(self.path, self.mine)
+        except FileNotFoundError:  # removed by a taker (or by hand): whose is the claim now?
+            if not self._still_mine():
                 return False
-            if time.monotonic() - began > self.mine.timeout_s / 2:  # stalled: a taker may be at work
-                return False
-            replace_file(self.path, fresh.encode())
-            self.mine = fresh
-            self._refreshed = began
-            return True
-        finally:
-            lock.unlink(missing_ok=True)
+            raise
+        if not self._still_mine():
+            return False
+        if time.monotonic() - began > self.mine.timeout_s / 2:  # stalled: a taker may be at work
+            return False
+        self._refreshed = began
+        return True
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -468,15 +580,13 @@ class ClaimKeeper:
     def check(self) -> None:
         """Raise a one-line :class:`SandboxError` unless this process may still write into the run: the
         claim holds this token, and a refresh succeeded within half the timeout (a taker waits for all
-        of it). The run directory calls this before each write (``RunDirectory.guard``)."""
+        of it). The run directory calls this before each write and right before publishing one
+        (``RunDirectory.check_writable``)."""
         if not self.lost:
             try:
-                current = read_claim(self.path)
+                self._still_mine()
             except OSError:  # unreadable now: the refresh age below decides
                 pass
-            else:
-                if current is None or current.token != self.mine.token:
-                    self._lose(current)
         if self.lost:
             holder = f"now held by {self.taker.holder()}" if self.taker else "removed"
             raise SandboxError(f"the claim {self.path} was taken over ({holder}): this process stops before "
@@ -490,12 +600,14 @@ class ClaimKeeper:
             )
 
     def release(self) -> None:
-        """Stop refreshing and remove the claim (if still ours)."""
+        """Stop refreshing and remove the heartbeat and the claim (if still ours)."""
         _HELD.discard(self)
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        if not self.lost:
+        if self.lost:
+            heartbeat_path(self.path, self.mine.token).unlink(missing_ok=True)
+        else:
             release(self.path, self.mine)
 
     def __enter__(self) -> ClaimKeeper:

@@ -101,7 +101,7 @@ def run_sweep(
                 console.print(f"{prefix}: {doing}{decision.note}")
                 if main:
                     clear_failure(run_dir.path)
-                with guarded_writes(run_dir.path, keeper.check if keeper is not None else None):  # the claim's fence
+                with guarded_writes(run_dir.path, keeper):  # the claim's fence
                     summary = train_one(resolved, run_registry, resume=resume, release=keeper.release if keeper else None)
             except Exception as error:  # recorded; the sweep goes on (KeyboardInterrupt stops it)
                 if debug:

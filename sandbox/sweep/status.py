@@ -8,7 +8,6 @@ checkpoint, or starts afresh without one), ``to do``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -59,13 +58,14 @@ def progress(path: Path) -> str:
 
 
 def run_state(path: Path, now: float | None = None) -> tuple[RunState, str]:
-    """The state of the run directory ``path`` and a detail line."""
-    now = time.time() if now is None else now
+    """The state of the run directory ``path`` and a detail line (``now``: on the clock of the claim's file server)."""
     record = read_run(path)
     if record.summary is not None:
         best = record.summary.get("best_miou")
         return "done", f"best mIoU {100 * best:.2f}" if isinstance(best, (int, float)) else ""
     claim = read_claim(claim_path(path))
+    if claim is not None and now is None:
+        now = claim.now()  # the file server's clock, as the claim's heartbeat
     if claim is not None and not claim.is_stale(now):
         return "running", f"{claim.describe(now)}; {progress(path)}"
     if claim is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy
 import torch
@@ -154,3 +154,32 @@ class LogWindow:
     def saved(self) -> tuple[dict[str, float], dict[str, int], int]:
         """``(sums, counts, steps)`` as host numbers, for a checkpoint (see the constructor)."""
         return {key: float(value) for key, value in self._read(self.sums).items()}, self.host_counts(), self.steps
+
+
+SavedWindow = tuple[dict[str, float], dict[str, int], int]
+"""A window as :meth:`LogWindow.saved` gives it and the constructor takes it: ``(sums, counts, steps)``."""
+
+
+def averaged_window(windows: Sequence[SavedWindow]) -> SavedWindow:
+    """The window that each process of a resumed run starts from when the checkpoint holds the windows
+    of another number of processes (``windows``, one per saved process; one window is returned as is).
+
+    A log line averages each process's window mean over the processes
+    (:func:`~sandbox.distributed.mean_over_processes`), and each process logs its share of a step's
+    value (their average is the step's value). Per key, every process therefore starts from the saved
+    processes' average mean, as a sum over the largest saved count: where the saved processes counted
+    a key equally often (every updated step), the line then logs the mean over the window's steps of
+    each step's value, the steps before the resume on the saved processes and those after it on the
+    new ones alike, whatever the two numbers of processes. Sums in float32, ``steps`` the largest.
+    """
+    if len(windows) == 1:
+        return windows[0]
+    keys = dict.fromkeys(key for sums, counts, _ in windows for key in [*sums, *counts])
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for key in keys:
+        means = [window_sums.get(key, 0.0) / window_counts[key]
+                 for window_sums, window_counts, _ in windows if window_counts.get(key, 0) > 0]
+        counts[key] = max(window_counts.get(key, 0) for _, window_counts, _ in windows)
+        sums[key] = float32(counts[key] * math.fsum(means) / len(means)) if means else 0.0
+    return sums, counts, max(steps for _, _, steps in windows)

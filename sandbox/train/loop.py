@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from sandbox import __version__
 from sandbox.api import DensityEstimator
 from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import DataError, read_batches
-from sandbox.distributed import mean_over_processes, prepare_host_group
+from sandbox.distributed import host_group, mean_over_processes, prepare_host_group, process_count, process_rank
 from sandbox.data.views import StreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
 from sandbox.recipe import Recipe, flatten_keys
@@ -48,14 +48,11 @@ from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import beat, collective_free, shared_failures
 from sandbox.train.iteration import TrainingIteration, reads_teacher
 from sandbox.train.levers import build_networks
-from sandbox.train.log_window import LogWindow, is_log_step
+from sandbox.train.log_window import LogWindow, averaged_window, is_log_step
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
-    COMPLETE_MARKER,
     CorruptCheckpointError,
     RunDirectory,
-    atomic_torch_save,
-    atomic_write_bytes,
     verify_checkpoint,
 )
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
@@ -77,7 +74,8 @@ class TrainingState:
     wall_time: float = 0.0
     best_per_class: dict[str, float | None] = field(default_factory=dict)
     log_sums: dict[str, float] = field(default_factory=dict)
-    """Sums of the logged values since the last metrics record (a resume continues the window)."""
+    """This process's sums of the logged values since the last metrics record (a resume continues the
+    window on every process: :meth:`state_dict`)."""
     log_steps: int = 0
     log_counts: dict[str, int] = field(default_factory=dict)
     """For each logged value, the applied steps of the current window that produced it (its divisor).
@@ -91,13 +89,32 @@ class TrainingState:
     consecutive_nonfinite: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """For ``Accelerator.register_for_checkpointing``."""
-        return asdict(self)
+        """For ``Accelerator.register_for_checkpointing``, which calls it on every process and writes
+        the main process's: the fields, and in ``log_windows`` every process's open log window
+        (``{"sums", "counts", "steps"}``, in rank order; one gather, called by every process at once as
+        ``save_state`` is). ``log_sums``, ``log_counts`` and ``log_steps`` are the main process's, all
+        that checkpoints held before ``log_windows``."""
+        window = {"sums": self.log_sums, "counts": self.log_counts, "steps": self.log_steps}
+        windows: list[Any] = [window]
+        if process_count() > 1:
+            windows = [None] * process_count()
+            torch.distributed.all_gather_object(windows, window, group=host_group())
+        return {**asdict(self), "log_windows": windows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`: each process its own rank's log window. A checkpoint of another
+        number of processes, or an older one holding one window, gives every process their
+        :func:`~sandbox.train.log_window.averaged_window` (one window: that one), so the resumed
+        window's log line stays the mean of each step's value."""
+        state = dict(state)
+        windows = state.pop("log_windows", None) or [
+            {"sums": state.get("log_sums", {}), "counts": state.get("log_counts", {}), "steps": state.get("log_steps", 0)}
+        ]
         for key, value in state.items():
             setattr(self, key, value)
+        saved = [(window["sums"], window["counts"], window["steps"]) for window in windows]
+        own = saved[process_rank()] if len(saved) == process_count() else averaged_window(saved)
+        self.log_sums, self.log_counts, self.log_steps = dict(own[0]), dict(own[1]), own[2]
 
 
 @dataclass
@@ -277,25 +294,43 @@ class Trainer:
             broadcast_buffers(student, self.accelerator)
         self.iteration.agree_on_teacher()
 
+    def _staging_folder(self) -> Path:
+        """Where every process writes this step's checkpoint before the main process publishes it: in
+        the staging folder named by the main process's claim (its name sent to the others)."""
+        name = [self.run_dir.staging_folder().name if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            name = broadcast_object_list(name)
+        return self.run_dir.checkpoints / name[0] / f"step_{self.state.step:08d}"
+
     def _save_checkpoint(self) -> None:
-        """Write ``checkpoints/step_N``; it counts once its ``COMPLETE`` marker exists (written last, atomically)."""
+        """Write ``checkpoints/step_N``: every process's files into the claim holder's staging folder,
+        flushed, then published by the main process (:meth:`RunDirectory.publish_checkpoint`: its
+        ``COMPLETE`` marker, then a ``rename`` checked right before). A holder that lost its claim
+        meanwhile stops with the claim's error, its staging folder unpublished."""
         self._agree_on_models()
-        folder = self.run_dir.checkpoints / f"step_{self.state.step:08d}"
+        staged = self._staging_folder()
         if self.accelerator.is_main_process:
-            self.run_dir.check_writable()  # the claim's fence: a holder that lost it stops here
-        if self.accelerator.is_main_process and folder.exists():
-            shutil.rmtree(folder)  # a leftover of an earlier attempt at this step: never mix two states
+            self.run_dir.begin_checkpoint(staged)  # the claim's fence: a holder that lost it stops here
         self.accelerator.wait_for_everyone()
         beat()  # writing, not waiting: a peer's failure leaves this process time to fail by itself
-        self.accelerator.save_state(str(folder))
+        try:
+            self.accelerator.save_state(str(staged))
+        except OSError:
+            if self.accelerator.is_main_process:
+                self.run_dir.check_writable()  # a taker removed the staging folder: say so, not the OSError
+            raise
         beat()
         self.accelerator.wait_for_everyone()  # every process's files are written before the marker
         if self.accelerator.is_main_process:
-            fsync_tree(folder)  # on disk before the marker that makes the checkpoint count
+            fsync_tree(staged)  # on disk before the marker that makes the checkpoint count
             beat()
-            self.run_dir.check_writable()
-            atomic_write_bytes(folder / COMPLETE_MARKER, str(self.state.step).encode())
+            try:
+                self.run_dir.publish_checkpoint(staged, self.state.step)
+            except SandboxError:  # the claim was lost meanwhile: what was staged is nobody's
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
             for old in self.run_dir.complete_checkpoints()[:-CHECKPOINTS_KEPT]:
+                self.run_dir.check_writable()
                 shutil.rmtree(old)
             self.run_dir.remove_incomplete_checkpoints()
         self.accelerator.wait_for_everyone()
@@ -314,7 +349,11 @@ class Trainer:
             self.run_dir.remove_incomplete_checkpoints()  # a kill during save_state left them
         self.accelerator.wait_for_everyone()
         candidates = self.run_dir.complete_checkpoints()[::-1]
-        if not candidates:
+        if not candidates:  # stopped before its first checkpoint: it starts again, its records too
+            if self.accelerator.is_main_process:
+                print(f"--resume: {self.run_dir.checkpoints} holds no complete checkpoint; training from step 0",
+                      file=sys.stderr)
+                self.run_dir.truncate_metrics(0)
             return
         damaged: list[tuple[Path, str]] = []
         chosen = None
@@ -435,8 +474,7 @@ class Trainer:
 
     def _save_weights(self, model: torch.nn.Module, path: Any, miou: float) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        self.run_dir.check_writable()  # the claim's fence (best.pt, last.pt)
-        atomic_torch_save({"model": state, "step": self.state.step, "miou": miou, "recipe": self.recipe.to_toml(omit=self.unused_tables)}, path)
+        self.run_dir.save_torch({"model": state, "step": self.state.step, "miou": miou, "recipe": self.recipe.to_toml(omit=self.unused_tables)}, path)
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -1,5 +1,13 @@
 """The run directory: resolved recipe, metrics.jsonl, summary.json, weights and checkpoints.
 
+One writer: the process holding the run's claim (:mod:`sandbox.sweep.claims`). Its fence
+(:func:`guarded_writes`) is called before each write and again right before the write is published:
+a file's content goes to the writer's own temporary file (a checkpoint's to a staging folder named
+by the claim's token, ``checkpoints/.staging.<token>/step_N``), and only a ``rename`` checked just
+before puts it in place; a line of ``metrics.jsonl`` is appended by one ``write`` checked just before.
+A holder paused for longer than its claim's timeout (and taken over meanwhile) loses its own write,
+never overwrites one of the taker's.
+
 Importing this module imports no torch (``sandbox ablate --list`` reads run directories): the
 functions that need it (:func:`atomic_torch_save`, checkpoint verification) import it when called.
 """
@@ -10,11 +18,12 @@ import json
 import os
 import shutil
 import tomllib
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterator, Protocol
 
-from sandbox.atomic_files import remove_temporaries, write_atomically
+from sandbox.atomic_files import fsync_directory, remove_temporaries, write_atomically
 from sandbox.errors import SandboxError
 from sandbox.renamed_values import with_current_names
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, is_claim_file
@@ -105,24 +114,39 @@ def verify_checkpoint(folder: Path) -> None:
             raise
 
 
-_GUARDS: dict[str, Callable[[], None]] = {}
-"""The write guards of run directories (by absolute path) that this process holds a claim on."""
+class WriteFence(Protocol):
+    """What a run's one writer is fenced by: its claim (:class:`sandbox.sweep.claims.ClaimKeeper`)."""
+
+    token: str
+    """Names the writer's staging folders."""
+
+    def check(self) -> None:
+        """Raise (a ``SandboxError``) when the writer may no longer write into the run."""
+
+
+_FENCES: dict[str, WriteFence] = {}
+"""The fences of the run directories (by absolute path) that this process holds a claim on."""
+_UNCLAIMED_TOKEN = uuid.uuid4().hex
+"""Names this process's staging folders in a run directory it holds no claim on."""
+STAGING_PREFIX = ".staging."
+"""``checkpoints/.staging.<token>``: where the writer holding ``<token>`` writes a checkpoint before publishing it."""
 
 
 @contextmanager
-def guarded_writes(path: Path, guard: Callable[[], None] | None) -> Iterator[None]:
-    """While active, every :class:`RunDirectory` of ``path`` in this process calls ``guard`` before each
-    write (the claim holder's fence, :meth:`sandbox.sweep.claims.ClaimKeeper.check`); None: no guard."""
-    if guard is None:
+def guarded_writes(path: Path, fence: WriteFence | None) -> Iterator[None]:
+    """While active, every :class:`RunDirectory` of ``path`` in this process calls ``fence.check`` before
+    each write and before publishing it (the claim holder's fence, :meth:`sandbox.sweep.claims.ClaimKeeper.check`),
+    and names its staging folders by ``fence.token``; None: no fence."""
+    if fence is None:
         yield
         return
     key = os.path.abspath(path)
-    _GUARDS[key] = guard
+    _FENCES[key] = fence
     try:
         yield
     finally:
-        if _GUARDS.get(key) is guard:
-            del _GUARDS[key]
+        if _FENCES.get(key) is fence:
+            del _FENCES[key]
 
 
 class RunDirectory:
@@ -130,15 +154,30 @@ class RunDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.guard: Callable[[], None] | None = None
-        """Called before each write into the run (raises ``SandboxError`` to stop it); when None, the
-        guard :func:`guarded_writes` set for this path, if any."""
 
     def check_writable(self) -> None:
-        """Call the guard (see :attr:`guard`): the claim holder's fence before a write."""
-        guard = self.guard if self.guard is not None else _GUARDS.get(os.path.abspath(self.path))
-        if guard is not None:
-            guard()
+        """Call the fence :func:`guarded_writes` set for this path, if any: the claim holder's check before
+        a write and before publishing it."""
+        fence = _FENCES.get(os.path.abspath(self.path))
+        if fence is not None:
+            fence.check()
+
+    def writer_token(self) -> str:
+        """The token of this process's claim on the run (a random one of this process's when it holds none)."""
+        fence = _FENCES.get(os.path.abspath(self.path))
+        return fence.token if fence is not None else _UNCLAIMED_TOKEN
+
+    def write_file(self, path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+        """Write ``path`` in the run directory whole (:func:`~sandbox.atomic_files.write_atomically`),
+        fenced: checked before the content is written and again right before the rename publishes it."""
+        self.check_writable()
+        write_atomically(path, data, before_publish=self.check_writable)
+
+    def save_torch(self, obj: Any, path: Path) -> None:
+        """``torch.save`` of ``obj`` to ``path`` in the run directory, as :meth:`write_file` writes."""
+        import torch
+
+        self.write_file(path, lambda handle: torch.save(obj, handle))
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> RunDirectory:
@@ -174,18 +213,27 @@ class RunDirectory:
                 )
             self.check_writable()
             remove_all(content)
-        self.check_writable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.recipe_file, recipe.to_toml(omit=unused).encode())
+            self.write_file(self.recipe_file, recipe.to_toml(omit=unused).encode())
         except OSError as error:  # a read-only place, an output_dir that is a file, a full disk
             raise unwritable(self.path, error) from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON object to ``metrics.jsonl``."""
+        """Append one JSON object to ``metrics.jsonl``: one ``write`` of the whole line, checked right before
+        (the file's first line is written as :meth:`write_file` writes)."""
+        line = (json.dumps(record) + "\n").encode()
         self.check_writable()
-        with self.metrics_file.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            descriptor = os.open(self.metrics_file, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            write_atomically(self.metrics_file, line, before_publish=self.check_writable)
+            return
+        try:
+            self.check_writable()
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric records past ``after_step`` (written after the checkpoint a resume starts from)."""
@@ -199,26 +247,57 @@ class RunDirectory:
                 continue
             if isinstance(record, dict) and record.get("step", 0) <= after_step:
                 kept.append(line)
-        self.check_writable()
-        atomic_write_bytes(self.metrics_file, "".join(line + "\n" for line in kept).encode())
+        self.write_file(self.metrics_file, "".join(line + "\n" for line in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json``."""
-        self.check_writable()
-        atomic_write_bytes(self.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+        self.write_file(self.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoint folders whose writing finished (they hold ``COMPLETE``), oldest first."""
         return sorted(p for p in self.checkpoints.glob("step_*") if (p / COMPLETE_MARKER).is_file())
 
     def remove_incomplete_checkpoints(self) -> None:
-        """Delete checkpoint folders without ``COMPLETE`` (a kill during saving) and the temporary files
-        of interrupted writes (run directory and checkpoint folders)."""
+        """Delete checkpoint folders without ``COMPLETE`` (a kill during saving, before staging existed),
+        every other writer's staging folder (a holder that died, or was taken over, while saving) and the
+        temporary files of interrupted writes (run directory and checkpoint folders)."""
         self.check_writable()
         for folder in self.checkpoints.glob("step_*"):
             if folder.is_dir() and not (folder / COMPLETE_MARKER).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
+        mine = self.staging_folder()
+        for folder in self.checkpoints.glob(f"{STAGING_PREFIX}*"):
+            if folder != mine:
+                shutil.rmtree(folder, ignore_errors=True)
         self.remove_temporaries()
+
+    def staging_folder(self, token: str | None = None) -> Path:
+        """``checkpoints/.staging.<token>``: the folder only the writer holding ``token`` (this process's
+        :meth:`writer_token` when None) writes checkpoints into before publishing them."""
+        return self.checkpoints / f"{STAGING_PREFIX}{token or self.writer_token()}"
+
+    def begin_checkpoint(self, staged: Path) -> None:
+        """Before every process writes a checkpoint into ``staged`` (in :meth:`staging_folder`): the fence,
+        and a leftover of an earlier attempt there removed (never two states mixed)."""
+        self.check_writable()
+        if staged.exists():
+            shutil.rmtree(staged)
+
+    def publish_checkpoint(self, staged: Path, step: int) -> Path:
+        """Make the checkpoint written (and flushed) in ``staged`` count: its ``COMPLETE`` marker, then,
+        checked right before, a ``rename`` to ``checkpoints/step_N`` (an earlier folder of that name, a
+        leftover of an attempt at this step, is removed first). Returns the published folder."""
+        folder = self.checkpoints / f"step_{step:08d}"
+        write_atomically(staged / COMPLETE_MARKER, str(step).encode())
+        self.check_writable()
+        if folder.exists():
+            shutil.rmtree(folder)
+            self.check_writable()
+        os.rename(staged, folder)
+        fsync_directory(self.checkpoints)
+        if staged.parent != self.checkpoints and not any(staged.parent.iterdir()):
+            staged.parent.rmdir()
+        return folder
 
     def remove_temporaries(self) -> None:
         """Delete the temporary files interrupted writes left (``.<name>.tmp.*``); the main process only."""
@@ -254,14 +333,36 @@ def remove_all(content: list[Path]) -> None:
 
 def recipe_difference(saved_toml: str, recipe: Recipe) -> str:
     """``""`` when ``recipe`` is a run's saved recipe ``saved_toml`` (old option values renamed, the
-    tables the run left out ignored), else the keys that differ (:func:`differing_keys`)."""
+    tables the run left out ignored, settings added since the run was saved at their defaults), else
+    the keys that differ (:func:`differing_keys`)."""
     saved = with_current_names(saved_toml)
     return "" if saved == recipe.as_saved_in(saved) else differing_keys(saved, recipe)
 
 
 def differing_keys(saved_toml: str, recipe: Recipe) -> str:
     """Comma-separated dotted keys whose values differ between a saved recipe (its option values in
-    their current names: see :func:`recipe_difference`) and ``recipe``."""
+    their current names: see :func:`recipe_difference`) and ``recipe``; ``"formatting"`` when no value
+    differs, ``""`` when only settings the saved recipe lacks (added since) do, each at its default in
+    ``recipe`` (what the run used before the setting existed)."""
     old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.as_saved_in(saved_toml)))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return ", ".join(keys) or "formatting"
+    significant = [k for k in keys if k in old or not is_default_setting(k, new[k])]
+    return ", ".join(significant) or ("" if keys else "formatting")
+
+
+def is_default_setting(key: str, value: Any) -> bool:
+    """Whether the dotted recipe ``key`` is a setting of the recipe's own sections (not a component's
+    option) and ``value`` is its default."""
+    from pydantic import BaseModel
+
+    from sandbox.recipe import Recipe
+
+    model: Any = Recipe
+    *tables, name = key.split(".")
+    for table in tables:
+        field = model.model_fields.get(table)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+    field = model.model_fields.get(name)
+    return field is not None and not field.is_required() and field.get_default(call_default_factory=True) == value

@@ -157,12 +157,13 @@ class PerturbedTarget:
 
 @dataclass
 class PixelTotals:
-    """Every process's pixel counts the losses divide by (:meth:`SemiSupervisedStep.pixel_totals`)."""
+    """The pixel counts the losses divide by (:meth:`SemiSupervisedStep.pixel_totals`): every
+    process's summed, or this process's own with ``loss_pixel_count = "per_process"``."""
 
     labeled: Tensor
     """Labeled pixels (not ``ignore_index``)."""
     weak_pixels: Tensor
-    """Non-padding pixels of the weak view."""
+    """Non-padding pixels of the weak view, every process's summed in either mode (``trusted_ratio``)."""
     views: list[Tensor]
     """Each strong view's :meth:`~SemiSupervisedStep.loss_denominator`."""
     perturbed: Tensor
@@ -211,17 +212,41 @@ class SemiSupervisedStep:
             with torch.no_grad():
                 teacher(labeled.images)
         logits = student(labeled.images).logits
-        loss = self.supervised_loss(logits, labeled.masks, sum_over_processes(self.labeled_pixels(labeled)))
+        loss = self.supervised_loss(logits, labeled.masks, self.loss_counts(self.labeled_pixels(labeled)))
         return loss, {"loss": loss.detach(), "loss_sup": loss.detach()}
+
+    @property
+    def per_process(self) -> bool:
+        """Whether each loss term is divided by this process's own pixel count (``loss_pixel_count``)."""
+        return self.settings.loss_pixel_count == "per_process"
+
+    def loss_counts(self, counts: Tensor) -> Tensor:
+        """What the losses divide by, from this process's ``counts``: every process's summed (one
+        all-reduce), or ``counts`` themselves with ``loss_pixel_count = "per_process"``."""
+        return counts if self.per_process else sum_over_processes(counts)
+
+    def loss_share(self, count: Tensor, total: Tensor) -> Tensor:
+        """The factor that turns a mean over this process's ``count`` items into its part of a loss
+        term divided by ``total`` (:meth:`loss_counts`).
+
+        ``global``: :func:`~sandbox.distributed.share_of_total`, this process's share of the mean over
+        every process's items, times N to undo DDP's average of the processes' gradients: their
+        average is one process's gradient on the concatenated batch. ``per_process``: ``count /
+        total``, ``total`` this process's own (0 without items): this process's own mean, and DDP's
+        average makes the effective loss the mean over processes of each process's mean."""
+        if self.per_process:
+            return count.float() / total.float().clamp(min=1.0)
+        return share_of_total(count, total)
 
     def labeled_pixels(self, labeled: LabeledBatch) -> Tensor:
         """The number of labeled pixels (not ``ignore_index``) of this process's labeled batch."""
         return (labeled.masks != self.ignore_index).sum()
 
     def supervised_loss(self, logits: Tensor, masks: Tensor, total_pixels: Tensor) -> Tensor:
-        """This process's share of the cross-entropy averaged over every process's ``total_pixels`` labeled pixels."""
+        """This process's part of the cross-entropy averaged over ``total_pixels`` labeled pixels
+        (every process's, or its own: :meth:`loss_counts`, :meth:`loss_share`)."""
         summed = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index, reduction="sum")
-        return summed * share_of_total(torch.ones((), device=summed.device), total_pixels)
+        return summed * self.loss_share(torch.ones((), device=summed.device), total_pixels)
 
     def semi_supervised(
         self,
@@ -238,7 +263,7 @@ class SemiSupervisedStep:
         What differs between frameworks is chosen by recipe settings: ``pseudo_labels`` (EMA teacher
         or the student itself), ``strong_views`` (1 or 2), ``cutmix_partners`` (the batch, or the
         ``partners`` stream), ``perturbed_view`` (strong or weak), ``perturb_at`` (classifier input
-        or encoder maps), the loss weights and ``unsupervised_normalisation``.
+        or encoder maps), the loss weights, ``unsupervised_normalisation`` and ``loss_pixel_count``.
         """
         logs: dict[str, Tensor] = {}
         self.log_step = is_log_step(step, self.settings)
@@ -308,15 +333,18 @@ class SemiSupervisedStep:
         views: list[StrongView],
         target: PerturbedTarget,
     ) -> PixelTotals:
-        """Every process's pixel counts that the losses divide by, summed in one all-reduce."""
-        totals = sum_over_processes(torch.stack([
+        """The pixel counts that the losses divide by, every process's summed in one all-reduce (this
+        process's own with ``loss_pixel_count = "per_process"``; the weak view's pixels summed in either)."""
+        counts = torch.stack([
             self.labeled_pixels(labeled),
             labels.trusted.sum(),
             (~unlabeled.padding).sum(),
             *[self.loss_denominator(view.trusted, view.padding) for view in views],
             self.loss_denominator(target.trusted, target.padding),
-        ]))
-        return PixelTotals(labeled=totals[0], weak_pixels=totals[2], views=list(totals[3:-1]), perturbed=totals[-1])
+        ])
+        totals = sum_over_processes(counts)
+        divide = counts if self.per_process else totals
+        return PixelTotals(labeled=divide[0], weak_pixels=totals[2], views=list(divide[3:-1]), perturbed=divide[-1])
 
     def student_pass(
         self,
@@ -476,13 +504,14 @@ class SemiSupervisedStep:
         return (~padding).sum() if self.settings.unsupervised_normalisation == "image_pixels" else valid.sum()
 
     def unlabeled_loss(self, role: str, logits: Tensor, target_probs: Tensor, valid: Tensor, total: Tensor) -> Tensor:
-        """This process's share of the consistency loss in ``role``: summed over every process's trusted
-        pixels and divided by ``total``, every process's :meth:`loss_denominator` summed.
+        """This process's part of the consistency loss in ``role``: summed over the trusted pixels and
+        divided by ``total``, every process's :meth:`loss_denominator` summed (or this process's own:
+        :meth:`loss_counts`, :meth:`loss_share`).
 
         The plugin returns the mean over this process's trusted pixels; times their count it is their sum.
         """
         loss = self.consistency(role, logits, target_probs, valid)
-        return loss * share_of_total(valid.sum(), total)
+        return loss * self.loss_share(valid.sum(), total)
 
     def nonfinite_sources(self, logs: dict[str, Tensor]) -> str:
         """Which of this process's losses in ``logs`` are not finite, and the plugins behind them."""
