@@ -84,8 +84,13 @@ def _trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sandbox.cli import main
 
     root = tmp_path_factory.mktemp("trained_tiny")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", str(write_tiny_recipe(root))])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every test runs (:func:`_single_thread`): a resume in a test computes alike
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", str(write_tiny_recipe(root))])
+    finally:
+        torch.set_num_threads(threads)
     assert exit_info.value.code == 0
     return root
 

@@ -9,17 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from launching import accelerate_command, finish, free_port, launch_env, start
 from run_records import records
 from sandbox.cli import main
 from sandbox.recipe import load_recipe
 from test_distributed import assert_identical_records, resumed_step
-
-TORCH_DEFAULT_THREADS = torch.get_num_threads()
-"""Torch's threads when this module is collected: those of the session's ``trained_tiny_run`` (a session
-fixture, set up before the autouse one-thread fixture), which its resume must use too to compute alike."""
 
 REPETITIONS = [0] + [pytest.param(index, marks=pytest.mark.slow) for index in range(1, 5)]
 
@@ -65,7 +60,6 @@ def test_a_one_process_run_resumed_in_the_middle_of_a_log_window_logs_every_valu
     (run_dir / "summary.json").unlink()
     (run_dir / "last.pt").unlink()
     capsys.readouterr()
-    torch.set_num_threads(TORCH_DEFAULT_THREADS)  # the autouse fixture restores one thread's setting after the test
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(tiny_recipe), "--resume"])
     assert exit_info.value.code == 0
