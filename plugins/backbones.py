@@ -11,6 +11,10 @@ from sandbox.api import Backbone, Register, hookimpl
 from sandbox.weights_files import load_encoder_weights
 
 
+OUTPUT_STRIDES = (8, 16, 32)
+"""The strides of the deepest features a timm encoder can be asked for (dilating its last stages)."""
+
+
 class TimmBackbone(Backbone):
     """A timm encoder returning stride-4 and deepest features (``tu-`` encoders in smp terms)."""
 
@@ -26,9 +30,15 @@ class TimmBackbone(Backbone):
             weights = None  # lets `--set backbone.weights=none` switch a recipe's weights off
         if model not in timm.list_models():
             raise ValueError(f"timm has no model {model!r}")
-        self.encoder = timm.create_model(
-            model, features_only=True, output_stride=output_stride, pretrained=pretrained and weights is None
-        )
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride = {output_stride!r}: expected one of {', '.join(map(str, OUTPUT_STRIDES))}")
+        try:
+            self.encoder = timm.create_model(
+                model, features_only=True, output_stride=output_stride, pretrained=pretrained and weights is None
+            )
+        except AssertionError as error:  # timm's own check of the strides a model can dilate to
+            reason = f" ({error})" if str(error) else ""
+            raise ValueError(f"output_stride = {output_stride}: timm model {model!r} does not support it{reason}") from None
         reductions = self.encoder.feature_info.reduction()
         if 4 not in reductions:
             raise ValueError(f"timm model {model!r} has no stride-4 features (strides {reductions})")

@@ -9,8 +9,9 @@ Layout under ``root``::
 
 Masks hold class ids (palette or grayscale PNGs; a value equal to ``ignore_index`` means "no
 label" and becomes 255 in the returned masks), or, when a mask is an RGB image, colours matched
-exactly against ``palette`` (colour ``i`` = class ``i``; without one, the source's palette for
-display is the VOC colour map).
+exactly against ``palette`` (colour ``i`` = class ``i``). Predictions and figures are drawn in
+``palette``; without one, in the palette of the masks when they are paletted PNGs (that of the
+first labeled mask), else in the VOC colour map.
 
 Splits, each part independently:
 
@@ -22,7 +23,9 @@ Splits, each part independently:
 - unlabeled: ``splits/unlabeled.txt`` (stems in ``images/`` or ``unlabeled/``), else the
   remaining masked images plus every image of ``unlabeled/``.
 
-Every image in ``images/`` needs a mask unless ``splits/unlabeled.txt`` names it.
+Every image in ``images/`` needs a mask unless ``splits/unlabeled.txt`` names it. When every
+file is decoded up front (``check_files``, at most 2000 files), labeled or val masks without a
+single labeled pixel (all ``ignore_index``) are an error naming the folder.
 See :mod:`sandbox.data.segmentation_files` for the errors and when files are decoded.
 """
 
@@ -41,6 +44,7 @@ from sandbox.data.segmentation_files import (
     draw_labeled,
     labeled_count,
     list_by_stem,
+    mask_palette,
     read_split_file,
     require_dir,
     verify_all,
@@ -167,10 +171,19 @@ def make_folder_dataset(
         unlabeled=ImageFiles(unlabeled),
         val=LabeledFiles([(masked[stem], masks[stem]) for stem in val], decoder),
         ignore_index=IGNORE_INDEX,
-        palette=[tuple(colour) for colour in palette] if palette is not None else color_map(len(class_names)),
+        palette=display_palette(palette, [masks[stem] for stem in [*labeled_stems, *val]], len(class_names)),
     )
-    verify_all(source, check_files)
+    verify_all(source, check_files, where=f"dataset folder {base}")
     return source
+
+
+def display_palette(palette: list[list[int]] | None, masks: list[Path], count: int) -> list[tuple[int, int, int]]:
+    """The colours predictions and figures are drawn in: ``palette`` when given, else the palette of the
+    first of ``masks`` when it is a paletted PNG (the dataset's own colours), else the VOC colour map."""
+    if palette is not None:
+        return [(colour[0], colour[1], colour[2]) for colour in palette]
+    own = mask_palette(masks[0], count) if masks else None
+    return own if own is not None else color_map(count)
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """Recipes: TOML files describing a run, validated into typed settings.
 
-A recipe may name a ``base`` recipe (a path relative to itself) whose tables it extends.
+A recipe may name a ``base`` recipe (a path relative to itself) whose tables it extends; a relative
+``[dataset] root`` is relative to the recipe too (:func:`dataset_root_beside`).
 ``--set a.b=value`` overrides any key (``value`` is parsed as TOML, else taken as a string).
 Component tables (``[dataset]``, ``[backbone]``, ``[density]``, ``[perturbation]``,
 ``[consistency.strong]``, ``[consistency.perturbed]``) hold ``name`` plus that plugin's options,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -201,6 +203,21 @@ class TrainSection(Section):
     log_every: PositiveInt = 10
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 500
+    checkpoints_kept: PositiveInt = Field(
+        2,
+        description=(
+            "complete checkpoints (checkpoints/step_*) kept while training, the newest ones: a resume falls back "
+            "to an older one only when the newer one is damaged"
+        ),
+    )
+    keep_checkpoints_when_done: bool = Field(
+        True,
+        description=(
+            "a finished run keeps its checkpoints (for --resume, and for sandbox probe, which reads the final "
+            "student, teacher and density estimator from the newest one); false deletes checkpoints/ once "
+            "summary.json is written, keeping best.pt and last.pt (eval, predict, plot, compare read those)"
+        ),
+    )
     max_consecutive_nonfinite: PositiveInt = 10
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = []
     reference_total_batch: PositiveInt | None = Field(
@@ -320,7 +337,21 @@ class Recipe(Section):
         parts = value.replace("\\", "/").split("/")
         if not value.strip() or value.startswith(("/", "\\")) or ".." in parts:
             raise ValueError("expected a run name inside output_dir (not empty, not absolute, no '..')")
+        if "\0" in value:
+            raise ValueError("expected a run name without NUL characters (no file system takes them)")
         return value
+
+    @model_validator(mode="after")
+    def _name_fits_the_file_system(self) -> "Recipe":
+        limit = name_max(Path(self.output_dir))
+        longest = max(self.name.replace("\\", "/").split("/"), key=lambda part: len(part.encode()))
+        if len(longest.encode()) > limit:
+            folder = "" if longest == self.name else f"its folder {shortened(longest)!r} is "
+            raise ValueError(
+                f"name = {shortened(self.name)!r}: {folder}{len(longest.encode())} bytes, more than the {limit} a "
+                f"folder name may have on the file system of output_dir ({self.output_dir}); expected a shorter run name"
+            )
+        return self
 
     @model_validator(mode="after")
     def _windows_overlap(self) -> "Recipe":
@@ -360,6 +391,29 @@ class Recipe(Section):
         return self.to_toml(omit=[table for table in OPTIONAL_TABLES if table not in saved])
 
 
+NAME_MAX_BYTES = 255
+"""The longest file or folder name, in bytes, of the common file systems (ext4, XFS, Btrfs, APFS, NTFS):
+the limit assumed where the output folder's own file system cannot be asked."""
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of ``folder`` (or of its nearest existing
+    parent) takes."""
+    for existing in [folder, *folder.parents]:
+        if existing.is_dir():
+            try:
+                limit = os.pathconf(existing, "PC_NAME_MAX")
+            except (AttributeError, OSError, ValueError):  # Windows has no pathconf; an unreadable folder
+                break
+            return limit if limit > 0 else NAME_MAX_BYTES
+    return NAME_MAX_BYTES
+
+
+def shortened(text: str, length: int = 40) -> str:
+    """``text``, cut to its first ``length`` characters and ``...`` when longer."""
+    return text if len(text) <= length else f"{text[:length]}..."
+
+
 OPTIONAL_TABLES = ("backbone", "density")
 """Component tables a run may leave unused (a network that builds no backbone, a perturbation without
 a density estimator); a run's saved recipe holds only the tables it used."""
@@ -389,6 +443,7 @@ def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise SandboxError(f"{path}: invalid TOML: {error}") from None
     if isinstance(data.get("plugins"), list):
         data["plugins"] = [plugin_beside(path, entry) for entry in data["plugins"]]
+    dataset_root_beside(path, data)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -403,6 +458,29 @@ def plugin_beside(recipe_path: Path, entry: Any) -> Any:
     if isinstance(entry, str) and entry.endswith(".py"):
         return str((recipe_path.parent / entry).resolve())
     return entry
+
+
+def dataset_root_beside(recipe_path: Path, data: dict[str, Any]) -> None:
+    """Make a relative ``[dataset] root`` of recipe file ``recipe_path`` (raw ``data``) relative to the
+    recipe's folder, as ``base`` and ``plugins`` are: the absolute path of that folder, so the run's saved
+    recipe finds it from anywhere. ``--set dataset.root=...`` stays relative to the working directory.
+
+    Compatibility (roots were read relative to the working directory before): a root written relative
+    that exists from the working directory but not beside the recipe (``root = "data/VOCdevkit/VOC2012"``
+    in ``recipes/``, run from the repository; a run's saved recipe of such a root) is kept as written,
+    as is one beside a recipe in the working directory (both readings agree, and runs saved before
+    resume as they are). Where both exist and differ, the recipe's folder wins, with a note naming both.
+    """
+    table = data.get("dataset")
+    root = table.get("root") if isinstance(table, dict) else None
+    if not isinstance(root, str) or not root.strip() or Path(root).is_absolute():
+        return
+    beside, here = (recipe_path.parent / root).resolve(), Path(root).resolve()
+    if beside == here or (here.exists() and not beside.exists()):
+        return
+    if here.exists():
+        note_once(f"{recipe_path}: [dataset] root = {root!r} is {beside} (relative to the recipe's folder), not {here}")
+    table["root"] = str(beside)
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -434,7 +512,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to raw recipe data (validation happens afterwards)."""
+    """Apply ``--set`` overrides to raw recipe data (validation happens afterwards).
+
+    An inline table merges into the table it names, as a recipe's tables merge into its ``base``'s
+    (``--set 'train={iters=5}'`` is ``--set train.iters=5``; the other ``[train]`` keys stay).
+    """
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
@@ -446,7 +528,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             table = child
         if len(path) > 1 and path[-1] == "name" and table.get("name") not in (None, value):
             table.clear()  # a different plugin: the old plugin's options do not apply
-        table[path[-1]] = value
+        table.update(merge(table, {path[-1]: value}))
     return data
 
 

@@ -57,15 +57,57 @@ def first_doc_line(obj: object) -> str:
     return next((line.strip() for line in doc.splitlines() if line.strip()), "")
 
 
+BUILT_IN, ENTRY_POINT, PLUGIN = "built-in", "entry point", "plugin"
+"""Where a component comes from: the sandbox's own distribution, another distribution's entry point in
+the ``sandbox`` group, or a ``--plugin`` (or recipe ``plugins``) module or ``.py`` file."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a component came from, as a run records it (``provenance.json``): ``source`` is one of
+    :data:`BUILT_IN`, :data:`ENTRY_POINT` (both with the distribution's ``package``, ``version`` and
+    ``entry_point`` name) or :data:`PLUGIN` (the module name or absolute ``.py`` path in ``plugin``)."""
+
+    source: str
+    package: str = ""
+    version: str = ""
+    entry_point: str = ""
+    plugin: str = ""
+
+    def describe(self) -> str:
+        """``package shake-plugin 1.2.3 (entry point shake)``, ``sandbox-ssl 0.1.0 (built-in)`` or
+        ``--plugin /abs/shake.py``."""
+        if self.source == PLUGIN:
+            return f"--plugin {self.plugin}"
+        if self.source == BUILT_IN:
+            return f"{self.package} {self.version} (built-in)"
+        return f"package {self.package} {self.version} (entry point {self.entry_point})"
+
+    def to_json(self) -> dict[str, str]:
+        """The fields that apply to this source, for ``provenance.json``."""
+        keys = ("plugin",) if self.source == PLUGIN else ("package", "version", "entry_point")
+        return {"source": self.source, **{key: getattr(self, key) for key in keys}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Origin | None:
+        """The origin :meth:`to_json` wrote, or None for anything else (a damaged or foreign record)."""
+        if not isinstance(data, dict) or data.get("source") not in (BUILT_IN, ENTRY_POINT, PLUGIN):
+            return None
+        fields = ("source", "package", "version", "entry_point", "plugin")
+        return cls(**{key: str(data[key]) for key in fields if key in data})
+
+
 @dataclass(frozen=True)
 class Component:
-    """A registered component: its kind, name, factory, description and provider."""
+    """A registered component: its kind, name, factory, description, provider and where it came from."""
 
     kind: ComponentKind
     name: str
     factory: Callable[..., Any]
     description: str
     provider: str
+    origin: Origin | None = None
+    """Where the component came from (None: registered without a plugin host, e.g. in a test)."""
 
     @cached_property
     def _options_model(self) -> type[pydantic.BaseModel]:
@@ -147,8 +189,12 @@ class Registry:
         self.broken = dict(broken or {})
         """Installed plugins that failed to import or have hooks never called (named in unknown-name errors)."""
 
-    def add(self, kind: str, name: str, factory: Callable[..., Any], description: str | None, provider: str) -> None:
-        """Record a component; a name taken in the same kind is an error naming both providers."""
+    def add(
+        self, kind: str, name: str, factory: Callable[..., Any], description: str | None, provider: str,
+        origin: Origin | None = None,
+    ) -> None:
+        """Record a component (``origin``: where it came from); a name taken in the same kind is an error
+        naming both providers."""
         if not isinstance(name, str) or not name:
             raise SandboxError(f"plugin {provider}: {kind} names must be non-empty strings, got {name!r}")
         if not callable(factory):
@@ -159,7 +205,7 @@ class Registry:
                 f"{kind} name {name!r} is registered twice: by {existing.provider} and by {provider}"
             )
         self._components[kind][name] = Component(
-            KINDS[kind], name, factory, description or first_doc_line(factory), provider
+            KINDS[kind], name, factory, description or first_doc_line(factory), provider, origin
         )
 
     def get(self, kind: str, name: str) -> Component:

@@ -9,6 +9,9 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 """Written when the run finishes."""
 
+PROVENANCE_FILE = "provenance.json"
+"""Where each component of the run came from (built-in, entry point or ``--plugin``), written when it starts."""
+
 FAILED_MARKER = "FAILED"
 """Written by ``sandbox ablate`` when the run raised; holds the error line."""
 

@@ -118,6 +118,28 @@ def test_list_imports_no_torch_accelerate_or_matplotlib(tiny_recipe: Path) -> No
     assert "2 combinations x 1 seeds = 2 runs" in result.stderr
 
 
+def test_list_says_how_much_each_run_and_the_sweep_folder_hold_on_disk(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "sweep" / "tiny"
+    done, partial, other = (folder / f"perturbation.name={name}" / "seed0" for name in ("none", "dropout", "vat"))
+    files = {done / "summary.json": 1_000, done / "best.pt": 2_000_000,
+             partial / "checkpoints" / "step_00000002" / "model.safetensors": 1_000_000,
+             other / "last.pt": 500_000}  # a run of another grid in the same folder
+    for path, size in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"{}".ljust(size))
+    code, out, _ = run_cli(["ablate", str(tiny_recipe), "--grid", "perturbation.name=none,dropout", "--seeds", "0",
+                            "--output", str(tmp_path / "sweep"), "--list"], capsys)
+    assert code == 0
+    rows = {line.split("│")[2].strip(): line for line in out.splitlines() if "perturbation.name=" in line}
+    assert "2.0 MB" in rows["perturbation.name=none"] and "1.0 MB" in rows["perturbation.name=dropout"]
+    assert out.splitlines()[-1] == (
+        f"3.5 MB on disk in {folder}: 3.0 MB in these 2 runs, 1.0 MB of it resumable checkpoints (checkpoints/; "
+        "train.keep_checkpoints_when_done = false deletes a run's once it finishes)"
+    )
+
+
 def test_sweep_trains_skips_resumes_and_restarts(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["ablate", str(tiny_recipe), "--grid", "perturbation.name=none,dropout", "--seeds", "0", *SHORT]
     code, out, err = run_cli(args, capsys)

@@ -20,6 +20,7 @@ from sandbox.analysis.compare import compare_runs
 from sandbox.analysis.report import print_table
 from sandbox.analysis.runs import FAILED_MARKER, find_runs
 from sandbox.cli import main
+from sandbox.disk import human_bytes
 from sandbox.recipe import Recipe
 
 
@@ -306,3 +307,73 @@ def test_compare_imports_no_torch_accelerate_or_matplotlib(ablation: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert "ddfp" in result.stdout and "\\begin{tabular}" in result.stdout
+
+
+def strict_json(text: str) -> Any:
+    """``text`` parsed as strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` are refused."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def on_dataset(path: Path, dataset: str, classes: list[str]) -> Path:
+    """Put the run of ``write_run`` on ``[dataset]`` table ``dataset`` (TOML lines), scored on ``classes``."""
+    recipe = (path / "recipe.toml").read_text()
+    (path / "recipe.toml").write_text(recipe.replace('[dataset]\nname = "shapes"\n', f"[dataset]\n{dataset}\n"))
+    summary = json.loads((path / "summary.json").read_text())
+    summary["best_per_class_iou"] = {name: summary["best_miou"] for name in classes}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_runs_on_different_datasets_are_warned_about_and_the_footer_names_the_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Runs on two datasets got a Δ and a paired Δ without a word, and the footer read ``dataset.class_names=``
+    (the value ``[bg,cat]`` was taken for rich markup); the table ends with how much the runs hold on disk."""
+    pets = 'name = "folder"\nroot = "/data/pets"\nclass_names = ["bg", "cat"]'
+    for seed, (shapes, folder) in enumerate([(0.6, 0.3), (0.62, 0.35)]):
+        write_run(tmp_path, "shapes", seed, {"name": "ddfp"}, shapes)
+        on_dataset(write_run(tmp_path, "pets", seed, {"name": "ddfp"}, folder), pets, ["bg", "cat"])
+    code, out, err = run_cli(["compare", str(tmp_path)], capsys)
+    assert code == 0
+    assert err.splitlines() == [
+        "warning: the runs are not all on one dataset (they differ in dataset.name, dataset.root, dataset.class_names): "
+        "each is scored on its own val set and classes, so Δ and paired Δ compare different data, not methods",
+    ]
+    size = sum(path.stat().st_size for path in tmp_path.rglob("*") if path.is_file())
+    assert out.splitlines()[-1] == f"disk: 4 run folders hold {human_bytes(size)}"
+    assert "Δ vs baseline dataset.name=folder, dataset.root=/data/pets, dataset.class_names=[bg,cat];" in " ".join(out.split())
+    for output in ("md", "json"):
+        code, _, err = run_cli(["compare", str(tmp_path), "--format", output], capsys)
+        assert code == 0 and err.startswith("warning: the runs are not all on one dataset")
+
+
+def test_training_split_keys_do_not_make_another_dataset(tmp_path: Path) -> None:
+    """Runs differing only in which training images they use are scored on the same val set: no warning;
+    ``dataset.seed`` draws the val images of ``shapes`` only, and other class names are another dataset."""
+
+    def differences(first: str, second: str, classes: tuple[list[str], list[str]] = (["a"], ["a"])) -> list[str]:
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        for seed, (dataset, names) in enumerate(zip((first, second), classes)):
+            on_dataset(write_run(root, f"run{seed}", seed, {"name": "ddfp"}, 0.5), dataset, names)
+        return compare_runs(find_runs([root])).dataset_differences
+
+    folder = 'name = "folder"\nroot = "/data/pets"\nclass_names = ["a"]'
+    assert differences(f"{folder}\nlabeled = 4", f"{folder}\nlabeled = 8") == []
+    assert differences(f"{folder}\nseed = 1", f"{folder}\nseed = 2") == []
+    assert differences('name = "shapes"\nnum_labeled = 8', 'name = "shapes"\nnum_labeled = 16') == []
+    assert differences('name = "shapes"\nseed = 1', 'name = "shapes"\nseed = 2') == ["dataset.seed"]
+    assert differences(folder, folder, (["a"], ["b"])) == ["class names"]
+
+
+def test_json_output_is_strict_json_when_a_recipe_value_is_not_finite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A recipe may hold ``nan`` (TOML has it): ``--format json`` stopped with a traceback (exit 1); now null."""
+    for seed, eps in enumerate(("2.0", "nan")):
+        path = write_run(tmp_path, f"eps-{eps}", seed, {"name": "ddfp", "eps": 2.0}, 0.5)
+        (path / "recipe.toml").write_text((path / "recipe.toml").read_text().replace("eps = 2.0", f"eps = {eps}"))
+    code, out, err = run_cli(["compare", str(tmp_path), "--format", "json"], capsys)
+    assert code == 0, err
+    assert [row["group"]["perturbation.eps"] for row in strict_json(out)] == [2.0, None]

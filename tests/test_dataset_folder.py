@@ -195,3 +195,66 @@ def test_full_check_is_skipped_for_large_datasets(folder: Path, monkeypatch: pyt
     source = make_folder_dataset(root=str(folder), class_names=CLASSES)  # 23 samples > 10: nothing decoded
     with pytest.raises(ValueError, match="cannot decode image"):
         source.unlabeled[2]
+
+
+def test_masks_without_a_labeled_pixel_are_refused_up_front(folder: Path) -> None:
+    """All-ignore masks trained "successfully" (a loss of 0 at every step, a NaN val mIoU); now one line
+    naming the dataset folder and what the masks should hold, for the labeled part and for val."""
+    for stem in STEMS:
+        Image.fromarray(np.full((SIZE[1], SIZE[0]), IGNORE_INDEX, dtype=np.uint8)).save(folder / "masks" / f"{stem}.png")
+    with pytest.raises(ValueError) as error:
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"dataset folder {folder}: none of the 18 labeled masks")
+    assert "every pixel is ignore: mask value 255" in message and "expected pixels with class ids 0..2" in message
+    for stem in ("img01", "img02"):  # two labeled images with labels: only val (img00, img19) is all ignore
+        Image.fromarray(class_ids(1)).save(folder / "masks" / f"{stem}.png")
+    with pytest.raises(ValueError, match=rf"^dataset folder {folder}: none of the 2 val masks .*val mIoU would be undefined"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    Image.fromarray(class_ids(0)).save(folder / "masks" / "img19.png")
+    assert len(make_folder_dataset(root=str(folder), class_names=CLASSES).val) == 2, "one labeled val pixel is enough"
+    for stem in STEMS:  # the dataset's own ignore value is named
+        Image.fromarray(np.full((SIZE[1], SIZE[0]), 7, dtype=np.uint8)).save(folder / "masks" / f"{stem}.png")
+    with pytest.raises(ValueError, match=r"none of the 18 labeled masks .*mask value 7\)"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES, ignore_index=7)
+
+
+def test_paletted_masks_give_the_colours_predictions_are_drawn_in(folder: Path) -> None:
+    """Without a ``palette`` option, the palette of paletted mask PNGs is the dataset's (the VOC map before)."""
+    own = [(10, 20, 30), (200, 100, 0), (0, 90, 250)]
+    for number, stem in enumerate(STEMS):
+        mask = Image.fromarray(class_ids(number)).convert("P")
+        mask.putpalette([channel for colour in own for channel in colour] + [255] * (3 * 253))
+        mask.save(folder / "masks" / f"{stem}.png")
+    source = make_folder_dataset(root=str(folder), class_names=CLASSES)
+    assert source.palette == own
+    assert torch.equal(source.val[0][1], torch.from_numpy(class_ids(0).astype(np.int64))), "the ids are read as before"
+    assert make_folder_dataset(root=str(folder), class_names=CLASSES, palette=PALETTE).palette == [tuple(c) for c in PALETTE]
+
+
+def test_a_relative_root_is_read_beside_the_recipe(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``root`` was read relative to the working directory, unlike ``base`` and ``plugins``; a root that
+    exists only from the working directory (recipes written before) still works."""
+    from sandbox.recipe import load_recipe
+
+    recipes, elsewhere = tmp_path / "recipes", tmp_path / "else" / "where"
+    recipes.mkdir()
+    elsewhere.mkdir(parents=True)
+    recipe = recipes / "pets.toml"
+
+    def root_of(root: str, overrides: list[str] | None = None) -> str:
+        recipe.write_text(f'[dataset]\nname = "folder"\nroot = "{root}"\nclass_names = ["bg", "cat", "dog"]\n')
+        return load_recipe(recipe, overrides).dataset.options()["root"]
+
+    monkeypatch.chdir(elsewhere)
+    assert root_of("../data") == str(folder.resolve()), "relative to the recipe, saved as an absolute path"
+    assert root_of(str(folder)) == str(folder)
+    monkeypatch.chdir(tmp_path)
+    assert root_of("data") == "data", "not beside the recipe but in the working directory: as before"
+    assert root_of("../data", ["dataset.root=data"]) == "data", "--set is relative to the working directory"
+    (recipes / "data").mkdir()
+    capsys.readouterr()
+    assert root_of("data") == str((recipes / "data").resolve()), "both exist: the recipe's folder wins"
+    assert f"[dataset] root = 'data' is {(recipes / 'data').resolve()} (relative to the recipe's folder), not" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from PIL import Image
 
 from fake_distribution import FakeDistribution
 from sandbox.cli import main
+from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.rundir import RunDirectory
@@ -250,9 +252,10 @@ CASES: dict[str, Case] = {
         run_with_plugin(PER_PIXEL_LOSS, "--set", "consistency.strong.name=map"),
         "training failed after 2 of 6 steps: consistency 'map' (from bad_plugin) returned (2, 32, 32) float32 on cpu, "
         "expected a floating-point scalar tensor"),
-    "a negative perturbation size": Case(run_with_plugin(PERTURBATION, "--set", "perturbation.eps=-1"),
+    # (a --plugin with hooks loaded beside: a module registering nothing is an error of its own)
+    "a negative perturbation size": Case(run_with_plugin(WRONG_OUTPUT, "--set", "perturbation.eps=-1"),
                                          "perturbation 'ddfp' (sandbox-ssl 0.1.0): eps must be >= 0"),
-    "a negative noise scale": Case(run_with_plugin(PERTURBATION, "--set", "perturbation.name=noise", "--set",
+    "a negative noise scale": Case(run_with_plugin(WRONG_OUTPUT, "--set", "perturbation.name=noise", "--set",
                                                    "perturbation.scale=-0.5"), "scale must be >= 0"),
     "warm-up longer than the run": Case(show("--set", "train.warmup_iters=7"),
                                         "train.warmup_iters (7) > train.iters (6): the run would end inside its warm-up"),
@@ -287,6 +290,44 @@ CASES: dict[str, Case] = {
                         "@hookimpl\ndef sandbox_register_perturbations(register):\n    register('fragile', make)\n",
                         "--set", "perturbation.name=fragile"),
         "perturbation 'fragile' (bad_plugin): RuntimeError: no GPU kernel"),
+    # -- issue 36: tracebacks (exit 1) before, and inputs that changed what runs without a word ----
+    **{f"bench --workers {workers}": Case(
+        lambda tmp, tiny, workers=workers: ["bench", str(tiny), "--data", "--workers", workers],
+        f"--workers {workers!r}: expected comma-separated numbers of DataLoader workers, integers >= 0")
+       for workers in ["-1", "0,abc", ""]},
+    "a run name longer than a folder name may be": Case(
+        show("--set", "name=" + "a" * 300),
+        "name = 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...': 300 bytes, more than the 255 a folder name may have on "
+        "the file system of output_dir ({tmp}/runs); expected a shorter run name"),
+    "a run name with a folder longer than a folder name may be": Case(
+        lambda tmp, tiny: ["ablate", str(tiny), "--set", "name=sweeps/" + "é" * 200, "--list"],
+        "its folder 'éééééééééééééééééééééééééééééééééééééééé...' is 400 bytes, more than the 255"),
+    "a run name with a NUL character": Case(show("--set", 'name="a\\u0000b"'), "name = 'a\\x00b': expected a run name without NUL"),
+    "a sweep's run folder name longer than a folder name may be": Case(
+        lambda tmp, tiny: ["ablate", str(tiny), "--grid", f"train.lr=0.{'0' * 300}1", "--list"],
+        "--grid: the run folder name 'train.lr=0.00000000000000000000000000000...' is 312 bytes, more than the 255"),
+    "an output stride timm cannot give": Case(
+        lambda tmp, tiny: ["bench", str(tiny), "--set", "backbone.output_stride=7", "--num-classes", "2"],
+        "backbone 'timm' (sandbox-ssl 0.1.0): output_stride = 7: expected one of 8, 16, 32"),
+    **{f"--set {setting} with --grid {axis}": Case(
+        lambda tmp, tiny, setting=setting, axis=axis: ["ablate", str(tiny), "--grid", axis, "--set", setting, "--list"],
+        f"--set {setting!r} and --grid {axis} both set train.lr: the grid's values would replace the --set one")
+       for setting, axis in [("train.lr=0.3", "train.lr=0.1,0.2"), ("train={lr=0.3}", "train.lr=0.1,0.2"),
+                             ("train.lr=0.3", "train={lr=0.1},{lr=0.2}")]},
+    "--grid name": Case(lambda tmp, tiny: ["ablate", str(tiny), "--grid", "name=a,b", "--list"],
+                        "the sweep sets 'name' itself (each run is named by its combination, <--output>/<recipe name>/"
+                        "<key=value,...>/seed<k>; use --set name=... to name the sweep's folder)"),
+    "--grid output_dir": Case(lambda tmp, tiny: ["ablate", str(tiny), "--grid", "output_dir=a,b", "--list"],
+                              "the sweep sets 'output_dir' itself (use --output DIR for the sweep's folder)"),
+    "--plugin of a folder": Case(
+        lambda tmp, tiny: ["run", str(tiny), "--plugin", str(Path(write(tmp / "mine" / "shake.py", "x = 1\n")).parent)],
+        "plugin {tmp}/mine is a folder; expected a module or .py file defining at least one sandbox hook "
+        "(@hookimpl from sandbox.api), e.g. {tmp}/mine/shake.py"),
+    "--plugin of a file without hooks": Case(
+        run_with_plugin("from sandbox.api import hookimpl\n\ndef helper():\n    pass\n"),
+        "plugin {tmp}/bad_plugin.py defines no sandbox hook; expected a module or .py file defining at least one"),
+    "--plugin of a module without hooks": Case(lambda tmp, tiny: ["plugins", "--plugin", "json"],
+                                               "plugin json defines no sandbox hook; expected a module or .py file"),
 }
 
 
@@ -432,3 +473,75 @@ def main_ok(args: list[str]) -> None:
         main(args)
     except SystemExit as exit_info:
         assert not exit_info.code, exit_info.code
+
+
+# -- issue 36: what a user expects of repeated plugins, inline tables and keys set twice -------------
+
+TWICE_PLUGIN = """
+from sandbox.api import hookimpl
+
+@hookimpl
+def sandbox_register_perturbations(register):
+    register("twice", lambda **options: None, "registered once however often it is named")
+"""
+
+
+def test_the_same_plugin_given_twice_is_loaded_and_recorded_once(
+    tmp_path: Path, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It was pluggy's "Plugin name already registered" with a dump of every module (exit 1)."""
+    import sandbox_builtins.backbones
+
+    plugin = Path(write(tmp_path / "twice_plugin.py", TWICE_PLUGIN)).resolve()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    try:
+        capsys.readouterr()
+        main_ok(["recipe", "show", str(tiny_recipe), "--plugin", str(plugin), "--plugin", plugin.name])
+        assert tomllib.loads(capsys.readouterr().out)["plugins"] == [str(plugin)]
+        for plugins in ([str(plugin), plugin.name], ["twice_plugin", str(plugin)], [str(plugin), "twice_plugin"]):
+            sys.modules.pop("twice_plugin", None)
+            registry = load_registry(plugins)  # a recipe's list, or --plugin by path and by name
+            assert registry.names("perturbation").count("twice") == 1, plugins
+            factory = registry.get("perturbation", "twice").factory
+            assert factory.__globals__ is vars(sys.modules["twice_plugin"]), "the module ran once: one of each class"
+        assert load_registry([sandbox_builtins.backbones.__file__]).names("backbone").count("timm") == 1
+    finally:
+        for name in ("twice_plugin", "backbones"):
+            sys.modules.pop(name, None)
+
+
+def test_a_folder_named_as_a_module_is_no_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder without ``__init__.py`` on the path imports as an empty namespace: it registered nothing, silently."""
+    write(tmp_path / "folder_of_plugins_xyz" / "shake.py", TWICE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(SandboxError, match=r"plugin folder_of_plugins_xyz is a folder; expected a module or \.py file "
+                                               r"defining at least one sandbox hook \(@hookimpl from sandbox\.api\), e\.g\. "
+                                               r"folder_of_plugins_xyz/shake\.py$"):
+            load_registry(["folder_of_plugins_xyz"])
+    finally:
+        sys.modules.pop("folder_of_plugins_xyz", None)
+
+
+def test_an_inline_table_in_set_merges_into_its_table(tiny_recipe: Path) -> None:
+    """``--set 'train={iters=5}'`` replaced the whole [train] table: crop, lr and warm-up went back to their defaults."""
+    merged = load_recipe(tiny_recipe, ["train={iters=5, lr=0.02}"])
+    assert merged == load_recipe(tiny_recipe, ["train.iters=5", "train.lr=0.02"])
+    assert (merged.train.crop_size, merged.train.warmup_iters) == (32, 2)
+    assert load_recipe(tiny_recipe, ["perturbation={eps=3.0}"]).perturbation.options() == {"eps": 3.0}
+    assert load_recipe(tiny_recipe, ['perturbation={name="noise"}']) == load_recipe(tiny_recipe, ["perturbation.name=noise"])
+
+
+def test_set_and_grid_of_different_keys_still_sweep(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    """An inline table that does not hold the grid's key is no clash."""
+    main_ok(["ablate", str(tiny_recipe), "--grid", "train.lr=0.1,0.2", "--set", "train={iters=7}", "--list"])
+    assert "2 runs" in capsys.readouterr().out
+
+
+def test_a_timm_model_that_cannot_dilate_names_its_output_stride() -> None:
+    """timm refuses with an assertion of its own; the message keeps its reason."""
+    from sandbox_builtins.backbones import TimmBackbone
+
+    with pytest.raises(ValueError, match=r"^output_stride = 8: timm model 'ghostnet_050' does not support it \(only "):
+        TimmBackbone(model="ghostnet_050", output_stride=8)

@@ -3,6 +3,7 @@ and nothing written that would mislead (see ``test_errors.py`` for the older cat
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -186,3 +187,79 @@ def test_sweep_option_mistakes_stay_one_line(
 def test_a_folder_without_runs_stays_one_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "notes.txt").write_text("no runs here\n")
     assert f"{tmp_path} holds no run directory" in fails([command, str(tmp_path)], capsys)
+
+
+def folder_of_ignored_masks(root: Path, count: int = 6) -> Path:
+    """``root/images`` and ``root/masks`` of ``count`` 8x8 images whose masks are all 255 (no label)."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for number in range(count):
+        Image.fromarray(np.full((8, 8, 3), 40 * number, dtype=np.uint8)).save(root / "images" / f"i{number}.png")
+        Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(root / "masks" / f"i{number}.png")
+    return root
+
+
+def test_a_folder_dataset_whose_masks_are_all_ignore_stops_before_training(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """It trained "successfully" (exit 0, a loss of 0 at every step, best mIoU '-', val_miou NaN)."""
+    data = folder_of_ignored_masks(tmp_path / "data")
+    dataset = ["dataset.name=folder", f"dataset.root={data}", 'dataset.class_names=["bg", "cat"]', "dataset.labeled=2"]
+    line = fails(["run", str(tiny_recipe), *(arg for value in dataset for arg in ("--set", value))], capsys)
+    assert f"dataset folder {data}: none of the 2 labeled masks (in {data / 'masks'}) holds a labeled pixel" in line
+    assert "expected pixels with class ids 0..1" in line
+    assert not (tmp_path / "runs").exists(), "nothing trained, nothing written"
+
+
+def strict_json(text: str) -> object:
+    """``text`` parsed as strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` are refused."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_a_run_writes_is_strict_json(trained_tiny_run: Path, tmp_path: Path) -> None:
+    """A val mIoU of nothing scored was written as ``NaN`` (not JSON: strict parsers refuse the file); now null."""
+    from sandbox.analysis.curves import read_metrics, series
+    from sandbox.analysis.runs import read_run
+    from sandbox.train.rundir import RunDirectory
+
+    files = sorted(trained_tiny_run.rglob("*.json"))
+    assert trained_tiny_run / "summary.json" in files
+    for path in files:
+        strict_json(path.read_text())
+    for line in (trained_tiny_run / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.path.mkdir()
+    nan, inf = float("nan"), float("inf")
+    run_dir.append_metrics({"step": 1, "loss": 0.0, "perturbation_relative_norm": inf})
+    run_dir.append_metrics({"step": 1, "val_miou": nan, "val_per_class_iou": {"bg": nan, "cat": 0.5}})
+    run_dir.write_summary({"best_miou": nan, "final_miou": -inf, "best_step": None})
+    records = [strict_json(line) for line in run_dir.metrics_file.read_text().splitlines()]
+    assert records == [
+        {"step": 1, "loss": 0.0, "perturbation_relative_norm": None},
+        {"step": 1, "val_miou": None, "val_per_class_iou": {"bg": None, "cat": 0.5}},
+    ]
+    assert strict_json(run_dir.summary_file.read_text()) == {"best_miou": None, "final_miou": None, "best_step": None}
+    assert series(read_metrics(run_dir.path)) == {"loss": ([1], [0.0]), "val_per_class_iou.cat": ([1], [0.5])}
+    assert read_run(run_dir.path).summary == {"best_miou": None, "final_miou": None, "best_step": None}
+
+
+def test_training_prints_the_split_sizes_it_uses(tiny_recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    """Nothing said how many labeled, unlabeled and val images a run used."""
+    from sandbox.train.builder import build_dataset, build_train_views
+
+    registry = load_registry()
+    recipe = resolve_components(load_recipe(tiny_recipe), registry)
+    source = build_dataset(recipe, registry)
+    capsys.readouterr()
+    build_train_views(source, recipe)
+    assert capsys.readouterr().err == "data: [dataset] 'shapes': 8 labeled, 16 unlabeled, 4 val images\n"
+    build_train_views(source, recipe, announce=False)
+    assert capsys.readouterr().err == ""

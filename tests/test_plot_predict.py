@@ -147,3 +147,59 @@ def test_predict_errors_are_one_line(run: Path, tmp_path: Path, capsys: pytest.C
     for extra, message in cases.items():
         code, _, err = run_cli([*base, *extra], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_truncated_metrics_line_is_named_and_one_run_has_a_legend(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line cut short by a kill was skipped without a word, and a figure of one run had no legend."""
+    from sandbox.analysis import curves
+
+    run = tmp_path / "runs" / "killed" / "seed0"
+    run.mkdir(parents=True)
+    (run / "recipe.toml").write_text('name = "killed"\n')
+    records = [{"step": 2, "loss": 1.5}, {"step": 2, "val_miou": 0.2}, {"step": 4, "loss": 1.1}, {"step": 4, "val_miou": 0.3}]
+    lines = [json.dumps(record) for record in records]
+    (run / "metrics.jsonl").write_text("\n".join([*lines[:3], lines[3][:20]]))  # the last line cut short, no newline
+    figures, figure_class = [], curves.Figure
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        figures.append(figure_class(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(curves, "Figure", recorded)
+    code, stdout, stderr = run_cli(["plot", str(run), "--out", str(tmp_path / "plots"), "--images", "0"], capsys)
+    assert code == 0 and "curves of 1 runs" in stdout
+    assert stderr.splitlines() == [
+        f"warning: {run / 'metrics.jsonl'}:4: skipped a line that is not a metrics record (cut short by a kill?): "
+        f"{lines[3][:20]}"
+    ]
+    assert sorted(figure.axes[0].get_title() for figure in figures) == ["loss", "val_miou"]
+    for figure in figures:  # val_miou has its step-2 point: the cut line held step 4's
+        legend = figure.axes[0].get_legend()
+        assert legend is not None and [text.get_text() for text in legend.get_texts()] == ["killed/seed0"]
+
+
+def test_predict_draws_masks_in_the_palette_of_the_datasets_own_masks(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder dataset of paletted mask PNGs: predicted masks use their colours, not the VOC map."""
+    own = [(12, 34, 56), (250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    for number in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(data / "images" / f"i{number}.png")
+        mask = Image.fromarray(rng.integers(0, 5, (24, 24), dtype=np.uint8)).convert("P")
+        mask.putpalette([channel for colour in own for channel in colour])
+        mask.save(data / "masks" / f"i{number}.png")
+    out = tmp_path / "out"
+    dataset = ["--set", "dataset.name=folder", "--set", f"dataset.root={data}",
+               "--set", 'dataset.class_names=["a", "b", "c", "d", "e"]']
+    args = ["predict", str(run / "recipe.toml"), *dataset, "--checkpoint", str(run / "best.pt"), str(data / "images" / "i0.png"),
+            "--out", str(out)]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    with Image.open(out / "masks" / "i0.png") as mask:
+        assert mask.getpalette()[:15] == [channel for colour in own for channel in colour]

@@ -238,3 +238,26 @@ def test_the_checkpointed_objects_are_found_by_name(trained_run: Path) -> None:
     assert all(torch.equal(teacher[key], last["model"][key]) for key in teacher)
     density = read_state(checkpointed_file(folder, "density"))
     assert isinstance(density, dict) and not set(density) & set(teacher)
+
+
+def test_more_images_than_the_run_holds_are_clamped_with_a_note_and_progress_is_shown(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--images 100000`` on 16 unlabeled images probed 100000 crops for minutes without a word; now the 16
+    images, with a note, and progress lines on stderr when a phase runs long (here: always)."""
+    monkeypatch.setattr("sandbox.cli.probe.PROGRESS_EVERY_S", 0.0, raising=False)
+    args = ["probe", str(trained_run), "--images", "40", "--perturbation", "none", "--format", "json", "--out", str(tmp_path)]
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(stdout, parse_constant=refuse)["images"] == 16, "strict JSON, of the 16 images"
+    lines = stderr.splitlines()
+    assert lines[0] == "note: --images 40: the run's unlabeled set holds only 16 images; probing those 16"
+    reading = [line.rsplit(" (", 1)[0] for line in lines if line.startswith("probe: reading")]
+    probing = [line.rsplit(" (", 1)[0] for line in lines if line.startswith("probe: none")]
+    assert reading == [f"probe: reading {done}/16 crops" for done in range(1, 17)]
+    assert probing == [f"probe: none {done}/16 crops" for done in range(2, 17, 2)], "after each batch of 2"
+    assert len(lines) == 1 + 16 + 8

@@ -14,7 +14,8 @@ from fake_distribution import FakeDistribution
 from sandbox.api import ClassifierOutput, PerturbationContext
 from sandbox.errors import SandboxError
 from sandbox.plugins import build_registry, load_registry, make_plugin_host
-from sandbox.registry import KINDS, Registry
+from sandbox import __version__
+from sandbox.registry import BUILT_IN, ENTRY_POINT, KINDS, PLUGIN, Origin, Registry
 
 BUILTINS = {
     "backbone": {"timm"},
@@ -39,6 +40,7 @@ def test_builtins_arrive_through_the_entry_point_group() -> None:
         assert names <= set(REGISTRY.names(kind)), kind
     providers = {c.provider for c in REGISTRY}
     assert all(p.startswith("sandbox-ssl ") for p in providers), providers
+    assert REGISTRY.get("perturbation", "ddfp").origin == Origin(BUILT_IN, "sandbox-ssl", __version__, "perturbations")
 
 
 @pytest.mark.parametrize("component", list(REGISTRY), ids=lambda c: f"{c.kind.name}:{c.name}")
@@ -112,6 +114,7 @@ def test_third_party_plugin_is_discovered_from_an_entry_point(tmp_path: Path, mo
     registry = build_registry(make_plugin_host())
     component = registry.get("perturbation", "shake")
     assert component.provider == "shake-plugin 1.2.3"
+    assert component.origin == Origin(ENTRY_POINT, package="shake-plugin", version="1.2.3", entry_point="shake")
     assert component.description == "Adds a constant to every feature."
     shake = component.build({"amount": 2.0})
     context = PerturbationContext(lambda x: ClassifierOutput(x, x), torch.ones(1, 2, 2, dtype=torch.bool))
@@ -123,6 +126,7 @@ def test_plugin_from_a_py_file(tmp_path: Path) -> None:
     path.write_text(THIRD_PARTY)
     registry = load_registry([str(path)])
     assert registry.get("perturbation", "shake").provider == "shake_file"
+    assert registry.get("perturbation", "shake").origin == Origin(PLUGIN, plugin=str(path.resolve()))
     sys.modules.pop("shake_file", None)
 
 

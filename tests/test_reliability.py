@@ -151,6 +151,89 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     assert_same_run(reference, run_dir)
 
 
+class Terminated(BaseException):
+    """What the test's SIGTERM handler raises: it stands for SIGTERM's default, the end of the process."""
+
+
+def test_sigterm_during_a_checkpoint_says_where_the_run_stopped_and_how_to_resume(
+    trained_tiny_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (scancel, a time limit, kill) while step 6's checkpoint is written, resumed from step 3:
+    one line says where the run stopped and the command that resumes it."""
+    from sandbox.train import loop
+
+    run_dir = trained_tiny_run
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    forget_the_end(run_dir)
+    fsync_tree = loop.fsync_tree
+
+    def terminated_while_writing(folder: Path) -> None:
+        if folder.name == "step_00000006":  # its files written, its COMPLETE marker not yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        fsync_tree(folder)
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    monkeypatch.setattr(loop, "fsync_tree", terminated_while_writing)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(Terminated):
+            main(["run", str(run_dir / "recipe.toml"), "--resume"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    command = f"sandbox run {run_dir / 'recipe.toml'} --resume"
+    stopped = [line for line in capsys.readouterr().err.splitlines() if "SIGTERM" in line]
+    assert stopped == [f"stopped by SIGTERM at step 6 of 6 while writing checkpoint step_00000006 (not complete); "
+                       f"--resume continues from step_00000003: {command} (a sweep's run: rerun its sandbox ablate command)"]
+    assert not (run_dir / "summary.json").exists()
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()] == ["step_00000003"]
+
+    # The printed command resumes this run (resuming past an unpublished checkpoint: the tests above).
+    from sandbox.recipe import load_resolved_recipe
+    from sandbox.train.rundir import RunDirectory, recipe_difference
+
+    saved = Path(command.split(" ")[2])
+    resolved, _ = load_resolved_recipe(saved, [], [])
+    assert RunDirectory.for_recipe(resolved).path == run_dir and recipe_difference(saved.read_text(), resolved) == ""
+
+
+def test_retention_keeps_the_newest_checkpoints_and_a_finished_run_may_drop_them(
+    trained_tiny_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.checkpoints_kept = 1`` and ``train.keep_checkpoints_when_done = false``, resumed from step 3: while
+    training only the newest checkpoint stays; once finished none does (best.pt, last.pt and the records do),
+    and a --resume of the finished run is a one-line error, not a new run from step 0."""
+    from sandbox.train.rundir import RunDirectory
+
+    run_dir = trained_tiny_run
+    recipe = run_dir / "recipe.toml"
+    defaults = "\ncheckpoints_kept = 2\nkeep_checkpoints_when_done = true\n"
+    assert recipe.read_text().count(defaults) == 1, "the saved recipe holds both settings"
+    recipe.write_text(recipe.read_text().replace(defaults, "\ncheckpoints_kept = 1\nkeep_checkpoints_when_done = false\n"))
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    forget_the_end(run_dir)
+    at_summary: list[list[str]] = []
+    write_summary = RunDirectory.write_summary
+
+    def recording(self: RunDirectory, summary: dict[str, Any]) -> None:
+        at_summary.append([folder.name for folder in self.complete_checkpoints()])
+        write_summary(self, summary)
+
+    monkeypatch.setattr(RunDirectory, "write_summary", recording)
+    cli("run", str(recipe), "--resume")
+    assert at_summary == [["step_00000006"]], "one checkpoint kept while training"
+    assert not (run_dir / "checkpoints").exists(), "none once the run finished"
+    assert all((run_dir / name).is_file() for name in ("best.pt", "last.pt", "summary.json", "metrics.jsonl"))
+
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    error = fails(capsys, "run", str(recipe), "--resume")
+    assert error == (f"error: --resume: run {run_dir} is finished (summary.json) and kept no checkpoint to resume "
+                     "(train.keep_checkpoints_when_done = false); nothing to do (--overwrite trains it again)")
+    assert (run_dir / "metrics.jsonl").read_text() == metrics, "its records untouched"
+
+
 # -- non-finite values ----------------------------------------------------------------------------
 
 NAN_PLUGIN = '''

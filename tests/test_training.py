@@ -249,3 +249,79 @@ def test_one_unlabeled_image_per_process_warns_that_cutmix_is_skipped(tiny_recip
     cli("run", str(tiny_recipe), "--set", "train.unlabeled_batch_size=1", "--set", "train.iters=3")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "unlabeled_batch_size = 1" in warnings[0] and "CutMix" in warnings[0]
+
+
+def test_the_relative_norm_of_a_runaway_perturbation_is_its_true_size_not_infinity() -> None:
+    """Squares of features above ~1e19 overflow float32: the norms are taken of scaled vectors."""
+    from sandbox.train.step import relative_step
+
+    features = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    trusted = torch.ones(2, 4, 4, dtype=torch.bool)
+    for factor in (3.0, 1e20, 1e30):
+        assert relative_step(features, features * (1 + factor), trusted).item() == pytest.approx(factor, rel=1e-5)
+    huge = features * 1e25
+    assert relative_step(huge, huge * 1.5, trusted).item() == pytest.approx(0.5, rel=1e-5)
+    features[0, :, 0, 0] = 0.0  # a dead pixel has no relative size: left out, as before
+    assert relative_step(features, features + 1.0, trusted).isfinite()
+
+
+def test_a_logged_value_that_is_not_finite_is_named_once_not_dropped_silently(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from sandbox.train.log_window import left_out_note
+    from sandbox.train.step import SemiSupervisedStep
+
+    noted: set[str] = set()
+    keys = ["loss", "perturbation_relative_norm", "density_nll"]
+    assert left_out_note(keys, {"loss": 1.0}, 8, noted) == (
+        "step 8: perturbation_relative_norm not finite (infinite or NaN) in this log window: left out of "
+        "metrics.jsonl and the trackers (named once; a later window whose value is not finite leaves it out too)"
+    ), "a skipped density update is counted, not named"
+    assert left_out_note(keys, {"loss": 1.0}, 10, noted) is None, "once a run"
+
+    real = SemiSupervisedStep.semi_supervised
+
+    def overflowing(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        loss, logs = real(self, *args, **kwargs)
+        if "perturbation_relative_norm" in logs:
+            logs["perturbation_relative_norm"] = torch.tensor(float("inf"))
+        return loss, logs
+
+    monkeypatch.setattr(SemiSupervisedStep, "semi_supervised", overflowing)
+    cli("run", str(tiny_recipe), "--set", "train.log_every=4", "--set", "train.iters=4")
+    lines = [r for r in records(run_dir_of(tiny_recipe)) if "loss" in r]
+    assert [r["step"] for r in lines] == [4] and "perturbation_relative_norm" not in lines[0]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "perturbation_relative_norm" in line]
+    assert warnings == ["warning: step 4: perturbation_relative_norm not finite (infinite or NaN) in this log window: "
+                        "left out of metrics.jsonl and the trackers (named once; a later window whose value is not "
+                        "finite leaves it out too)"]
+
+
+@pytest.mark.parametrize("returned", [torch.float16, torch.float64, torch.bfloat16])
+def test_a_perturbation_of_another_dtype_is_refused_alike(returned: torch.dtype) -> None:
+    """float16 and float64 in a float32 run: the same one-line error naming the plugin and both dtypes."""
+    from sandbox.errors import PluginError
+    from sandbox.train.plugin_calls import check_perturbed
+
+    features = torch.randn(2, 4, 3, 3)
+    name = str(returned).removeprefix("torch.")
+    with pytest.raises(PluginError) as error:
+        check_perturbed("perturbation 'p' (from pkg 1.0)", features, features.to(returned))
+    assert str(error.value) == (
+        f"perturbation 'p' (from pkg 1.0) returned a tensor (2, 4, 3, 3) {name} on cpu, expected a tensor "
+        "(2, 4, 3, 3) float32 on cpu like the features (or None)"
+    )
+
+
+def test_under_autocast_a_perturbation_may_return_float32_or_autocasts_dtype() -> None:
+    from sandbox.errors import PluginError
+    from sandbox.train.plugin_calls import check_perturbed
+
+    features = torch.randn(2, 4, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert check_perturbed("p", features, features.to(dtype)).dtype == torch.float32
+        assert check_perturbed("p", features.bfloat16(), features).dtype == torch.bfloat16
+        with pytest.raises(PluginError, match=r"float16 on cpu, expected a tensor \(2, 4, 3, 3\) float32 on cpu "
+                                              r"\(or bfloat16 under this run's autocast\)"):
+            check_perturbed("p", features, features.half())

@@ -22,7 +22,9 @@ the per-seed differences, their mean ± sample std and a 95% Student-t confidenc
 mean, and the seeds only one of the two ran. Each group also carries the other summary value of
 :data:`METRICS` (``final_miou`` next to ``best_miou`` and the other way round) for its runs.
 With ``columns``, :attr:`Comparison.hidden_keys` names the differing keys no column shows: the
-rows then differ in more than what the table says they compare.
+rows then differ in more than what the table says they compare. :attr:`Comparison.dataset_differences`
+says when the runs may be scored on different data (another dataset, val set or class list): their
+Δ and paired Δ then compare scores of different things.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ METRICS = ("best_miou", "final_miou")
 
 DEFAULT_BASELINE = ("perturbation.name", "none")
 """The default baseline group when one has these values: the method without a perturbed view."""
+
+TRAINING_SPLIT_OPTIONS = frozenset(
+    {"labeled", "num_labeled", "num_unlabeled", "split_file", "unlabeled_split_file", "aug", "check_files"}
+)
+"""``[dataset]`` options that choose only the training images: runs differing in them are scored on the
+same val set with the same classes (every other ``dataset.*`` key may change the data scored)."""
+
+VAL_SEEDED_DATASETS = frozenset({"shapes"})
+"""Datasets whose ``dataset.seed`` also draws the val images (``shapes`` generates them from it); the
+other built-ins draw only the labeled split from it."""
+
+PER_CLASS_KEYS = ("best_per_class_iou", "final_per_class_iou")
+"""Summary values keyed by class name: where a run's summary names its dataset's classes."""
 
 
 @dataclass
@@ -128,6 +143,9 @@ class Comparison:
     hidden_keys: list[str] = field(default_factory=list)
     """Differing keys (see :func:`differing_keys`) that ``columns`` leaves out: groups differ in them
     too, though no column shows it."""
+    dataset_differences: list[str] = field(default_factory=list)
+    """Why the counted runs may not be scored on the same data (:func:`dataset_differences`): empty
+    when they share one dataset, val set and class list as far as their files tell."""
 
     @property
     def baseline(self) -> Group | None:
@@ -303,11 +321,40 @@ def compare_runs(
             group.secondary_scores = scores_of(group, other_metric(metric))
     elif baseline:
         raise SandboxError(f"--baseline {' '.join(baseline)}: no run has finished")
+    counted = [run for group in groups for run in group.runs]
+    mixed = dataset_differences(counted, keys)
     hidden: list[str] = []
     if columns:
         hidden = [key for key in keys if key not in columns]
         keys = show_only(groups, keys, columns)
-    return Comparison(metric, keys, groups, excluded, duplicates, hidden)
+    return Comparison(metric, keys, groups, excluded, duplicates, hidden, mixed)
+
+
+def class_names(run: RunRecord) -> tuple[str, ...] | None:
+    """The class names a run was scored on (the keys of its summary's per-class IoUs); None when its
+    summary has none."""
+    for key in PER_CLASS_KEYS:
+        value = (run.summary or {}).get(key)
+        if isinstance(value, dict) and value:
+            return tuple(value)
+    return None
+
+
+def dataset_differences(runs: list[RunRecord], keys: list[str]) -> list[str]:
+    """What tells ``runs`` may be scored on different data: each differing key (of ``keys``) of
+    ``[dataset]`` but the :data:`TRAINING_SPLIT_OPTIONS` (and ``dataset.seed`` unless a run's dataset
+    is one of :data:`VAL_SEEDED_DATASETS`), then ``class names`` when their summaries name other
+    classes. Empty when they share one dataset, val set and class list as far as their files tell."""
+    seeded_val = any((run.recipe or {}).get("dataset.name") in VAL_SEEDED_DATASETS for run in runs)
+    found = []
+    for key in keys:
+        table, _, option = key.partition(".")
+        if table != "dataset" or option in TRAINING_SPLIT_OPTIONS or (option == "seed" and not seeded_val):
+            continue
+        found.append(key)
+    if len({names for names in map(class_names, runs) if names is not None}) > 1:
+        found.append("class names")
+    return found
 
 
 def scores_of(group: Group, metric: str) -> list[float] | None:

@@ -13,7 +13,7 @@ import os
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -46,19 +46,26 @@ Series = dict[str, tuple[list[int], list[float]]]
 """Value name -> (steps, values)."""
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl`` (none if it is missing; bad lines skipped)."""
+def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (none if it is missing). A line that is no JSON object
+    with an integer ``step`` (cut short by a kill, garbled) is skipped, and ``warn`` gets one line naming
+    the file and the line's number."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
+        elif warn is not None:
+            shown = line if len(line) <= 40 else line[:40] + "..."
+            warn(f"{path}:{number}: skipped a line that is not a metrics record (cut short by a kill?): {shown}")
     return records
 
 
@@ -102,7 +109,7 @@ def plot_metric(name: str, curves: dict[str, tuple[list[int], list[float]]], pat
     axes.set_title(name)
     axes.set_xlabel("step")
     axes.grid(alpha=0.3)
-    if len(curves) > 1:
+    if curves:  # one run too: the legend names the run the curve belongs to
         axes.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sandbox.analysis.runs import finite_or_none
 from sandbox.api import DensityEstimator
 
 PERCENTILES = (10.0, 50.0, 90.0)
@@ -78,17 +79,6 @@ class PerturbationFigures:
         for view in ("step", "noise"):
             data[view]["density_change"] = getattr(self, view).density_change
         return finite_or_none(data)
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, inf) inside it replaced by None (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
 
 
 def pixel_norms(features: Tensor) -> Tensor:

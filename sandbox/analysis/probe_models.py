@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -128,14 +129,21 @@ def build_probed_method(run: ProbedRun, name: str) -> MethodComponents:
     return replace(method, perturbation=method.perturbation.to(run.device), density=run.density if uses_density else None)
 
 
-def unlabeled_crops(source: SegmentationSource, recipe: Recipe, count: int) -> tuple[Tensor, Tensor]:
+def unlabeled_crops(
+    source: SegmentationSource, recipe: Recipe, count: int, progress: Callable[[int], None] | None = None
+) -> tuple[Tensor, Tensor]:
     """The weak views ``(count, 3, c, c)`` and padding ``(count, c, c)`` of the first ``count`` crops of
-    the unlabeled stream seeded by the recipe's seed (deterministic: the same crops every time)."""
+    the unlabeled stream seeded by the recipe's seed (deterministic: the same crops every time);
+    ``progress`` gets the number of crops read so far after each one."""
     if len(source.unlabeled) == 0:
         raise SandboxError(f"[dataset] {recipe.dataset.name!r} has no unlabeled images to probe")
-    _, view = build_train_views(source, recipe)
+    _, view = build_train_views(source, recipe, announce=False)
     positions = iter(StreamSampler(len(view), recipe.seed))
-    samples = [view[next(positions)] for _ in range(count)]
+    samples = []
+    for done in range(1, count + 1):
+        samples.append(view[next(positions)])
+        if progress is not None:
+            progress(done)
     return torch.stack([sample[0] for sample in samples]), torch.stack([sample[2] for sample in samples])
 
 

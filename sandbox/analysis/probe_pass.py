@@ -181,16 +181,21 @@ def summarise(name: str, outcomes: list[BatchOutcome], options: dict | None = No
 
 def probe_perturbation(
     run: ProbedRun, method: MethodComponents, settings: TrainSection, images: Tensor, padding: Tensor, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[BatchOutcome]:
     """Probe every crop in batches of ``batch_size``; the perturbation's and the noise's randomness are
-    seeded by the recipe's seed (the same figures on every call)."""
+    seeded by the recipe's seed (the same figures on every call). ``progress`` gets the number of crops
+    probed so far after each batch."""
     generator = torch.Generator().manual_seed(run.recipe.seed + NOISE_SALT)
+    outcomes = []
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if run.device.type == "cuda" else []):
         torch.manual_seed(run.recipe.seed)
-        return [
-            probe_batch(run, method, settings, images[start:start + batch_size], padding[start:start + batch_size], generator)
-            for start in range(0, images.shape[0], batch_size)
-        ]
+        for start in range(0, images.shape[0], batch_size):
+            end = start + batch_size
+            outcomes.append(probe_batch(run, method, settings, images[start:end], padding[start:end], generator))
+            if progress is not None:
+                progress(min(end, images.shape[0]))
+    return outcomes
 
 
 __all__ = ["BatchOutcome", "Recorder", "probe_batch", "probe_perturbation", "summarise"]

@@ -23,14 +23,15 @@ and the paired Δ's; both say in ``ci_status`` whether the interval is informati
 (:attr:`~sandbox.analysis.paired.PairedDelta.ci_status`: ``ok``, ``zero_variance``, ``one_pair``,
 ``no_pairs``). In every format, a seed that ran more than once in a group counts once and a
 ``note:`` line on stderr names the runs (:func:`duplicate_lines`); when ``--columns`` hides a
-differing key, a ``warning:`` line names it (:func:`hidden_keys_line`).
+differing key, a ``warning:`` line names it (:func:`hidden_keys_line`), and when the runs may be
+scored on different data (another dataset, val set or class list), a ``warning:`` line says so
+(:func:`dataset_line`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 import sys
 from typing import Any, TextIO
@@ -41,6 +42,7 @@ from rich.text import Text
 
 from sandbox.analysis.compare import Comparison, Duplicate, Group, format_value
 from sandbox.analysis.paired import CI_ONE_PAIR, CI_ZERO_VARIANCE, CONFIDENCE_LEVEL, PairedDelta
+from sandbox.analysis.runs import strict_json
 
 HUMAN_FORMATS = ("table", "md", "latex")
 """Formats that list the runs left out below the table (the others write them to stderr)."""
@@ -248,10 +250,22 @@ def hidden_keys_line(comparison: Comparison) -> str | None:
     return f"warning: the groups also differ in {hidden}, which --columns {shown} does not show: rows compare more than their columns say"
 
 
+def dataset_line(comparison: Comparison) -> str | None:
+    """``warning: ...`` when the runs may be scored on different data
+    (:attr:`~sandbox.analysis.compare.Comparison.dataset_differences`); None when they share one dataset."""
+    if not comparison.dataset_differences:
+        return None
+    what = ", ".join(comparison.dataset_differences)
+    return (
+        f"warning: the runs are not all on one dataset (they differ in {what}): each is scored on its own val set "
+        "and classes, so Δ and paired Δ compare different data, not methods"
+    )
+
+
 def stderr_lines(comparison: Comparison) -> list[str]:
-    """The notes on repeated seeds, then the warning on hidden keys."""
-    warning = hidden_keys_line(comparison)
-    return duplicate_lines(comparison) + ([warning] if warning else [])
+    """The notes on repeated seeds, then the warnings on mixed datasets and on hidden keys."""
+    warnings = [line for line in (dataset_line(comparison), hidden_keys_line(comparison)) if line]
+    return duplicate_lines(comparison) + warnings
 
 
 def print_notes(comparison: Comparison, stream: TextIO | None = None) -> None:
@@ -277,7 +291,8 @@ def print_table(comparison: Comparison, console: Console | None = None) -> None:
     console = console or Console()
     if comparison.groups:
         titles, rows, numeric = header(comparison), human_rows(comparison), numeric_columns(comparison)
-        table = Table(title=table_title(comparison), caption=caption(comparison))
+        # text, not markup: a value such as [bg,cat] would be read as a markup tag and vanish
+        table = Table(title=Text(table_title(comparison)), caption=Text(caption(comparison)))
         for index, title in enumerate(titles):
             table.add_column(title, justify="right" if index in numeric else "left")
         for group, row in zip(comparison.groups, rows):
@@ -434,8 +449,8 @@ def row_dicts(comparison: Comparison) -> list[dict[str, Any]]:
 
 
 def render_json(comparison: Comparison) -> str:
-    """The groups as a JSON list of row dicts (strict JSON: no NaN)."""
-    return json.dumps(row_dicts(comparison), indent=2, allow_nan=False) + "\n"
+    """The groups as a JSON list of row dicts (strict JSON: a non-finite value, e.g. a recipe's ``nan``, is ``null``)."""
+    return strict_json(row_dicts(comparison), indent=2) + "\n"
 
 
 # --- CSV ---------------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def ablate(
     shard: Optional[str] = typer.Option(
         None, "--shard", help="K/N: train only share K (0..N-1) of N jobs: run i of the sweep belongs to shard i mod N."
     ),
-    list_: bool = typer.Option(False, "--list", help="Print every run of the sweep with its state; train nothing."),
+    list_: bool = typer.Option(
+        False, "--list", help="Print every run of the sweep with its state and size on disk; train nothing."
+    ),
     claim_timeout: float = typer.Option(
         CLAIM_TIMEOUT_S, "--claim-timeout", envvar=TIMEOUT_ENV, show_default=True,
         help="Seconds without a refresh after which this job's claims count as stale (refreshed every tenth).",
@@ -92,17 +94,24 @@ def ablate(
         raise SandboxError(f"--claim-timeout {claim_timeout:g}: expected a positive number of seconds")
 
     from sandbox.recipe import load_recipe
-    from sandbox.sweep.grid import ablation_folder, applicable_combinations, parse_grid, parse_seeds
+    from sandbox.sweep.grid import (
+        ablation_folder, applicable_combinations, check_run_folder_names, parse_grid, parse_seeds, set_by_the_grid,
+    )
 
     overrides, plugins = list(set_ or []), list(plugin or [])
     axes = [parse_grid(text) for text in grid or []]
+    set_by_the_grid(overrides, axes)
     base = load_recipe(recipe, overrides)
     seed_list = parse_seeds(seeds) if seeds is not None else [base.seed]
     registry = registry_loader([*base.plugins, *plugins])
     if not list_:
         registry()  # a plugin that fails to load is an error before any run; --list loads it only if the grid needs it
+        from sandbox.train.accelerator import check_trackers
+
+        check_trackers(base.train.trackers)  # a missing tracker package: one line before any run, not a FAILED each
     combinations, notes = applicable_combinations(recipe, overrides, axes, registry)
     folder = ablation_folder(base, output)
+    check_run_folder_names(combinations, folder)
     console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # [perturbation] as written
     for note in notes:
         console.print(f"note: {note}")
@@ -111,7 +120,7 @@ def ablate(
     if list_:
         from sandbox.sweep.status import print_status, sweep_statuses
 
-        print_status(sweep_statuses(jobs, folder), chosen.count if chosen is not None else None)
+        print_status(sweep_statuses(jobs, folder), chosen.count if chosen is not None else None, folder=folder)
         return
     share = (chosen or Shard()).share(jobs)
     if chosen is not None:

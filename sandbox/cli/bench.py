@@ -38,14 +38,15 @@ def bench(
     """Print a table of step times (median, p90, images/s, peak memory, GFLOPs, overhead vs none)."""
     from sandbox.train.builder import build_dataset
 
-    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
-    console = Console(width=max(Console().width, 120))
     if data and levers:
         raise SandboxError("--data and --levers measure different things: pass one of them")
     if only is not None and not levers:
         raise SandboxError("--only chooses rows of the --levers table: pass --levers too")
+    worker_counts = parse_workers(workers) if data else []
+    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    console = Console(width=max(Console().width, 120))
     if data:
-        console.print(data_table(resolved, registry, workers, batches))
+        console.print(data_table(resolved, registry, worker_counts, batches))
         return
     if num_classes is None:
         try:
@@ -58,12 +59,20 @@ def bench(
         console.print(step_table(resolved, registry, num_classes, steps, warmup))
 
 
-def data_table(resolved: "Recipe", registry: "Registry", workers: str, batches: int) -> Table:
-    """Samples/s of every view for each comma-separated number of ``workers``."""
+def parse_workers(text: str) -> list[int]:
+    """``--workers "0,2,4"`` -> ``[0, 2, 4]``: numbers of DataLoader worker processes (0: load in this process)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdecimal() for part in parts):
+        raise SandboxError(f"--workers {text!r}: expected comma-separated numbers of DataLoader workers, "
+                           "integers >= 0 (0 loads in the main process), e.g. --workers 0,2,4")
+    return [int(part) for part in parts]
+
+
+def data_table(resolved: "Recipe", registry: "Registry", counts: list[int], batches: int) -> Table:
+    """Samples/s of every view for each number of DataLoader workers in ``counts``."""
     from sandbox.bench.data import data_throughput
     from sandbox.train.builder import build_dataset
 
-    counts = [int(part) for part in workers.split(",") if part.strip()]
     table = Table(title=f"data loading: {resolved.name}")
     for column in ("view", "workers", "samples/s"):
         table.add_column(column, justify="right")

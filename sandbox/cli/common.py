@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Optional
 
 import typer
 
@@ -17,7 +17,24 @@ from sandbox.errors import SandboxError
 
 RecipeArgument = typer.Argument(..., help="Path to a recipe TOML file.", show_default=False)
 SetOption = typer.Option(None, "--set", help="Override a recipe key: --set train.iters=50 (repeatable).")
-PluginOption = typer.Option(None, "--plugin", help="Extra plugin module or .py file to load (repeatable).")
+
+
+def once_each(plugins: Optional[List[str]]) -> Optional[List[str]]:
+    """The ``--plugin`` values without repeats (``x.py`` and ``./x.py`` are one file): a plugin given
+    twice is loaded, and recorded in the run's recipe, once."""
+    if not plugins:
+        return plugins
+    from sandbox.recipe import as_recipe_plugin
+
+    first: dict[str, str] = {}
+    for spec in plugins:
+        first.setdefault(as_recipe_plugin(spec), spec)
+    return list(first.values())
+
+
+PluginOption = typer.Option(
+    None, "--plugin", callback=once_each, help="Extra plugin module or .py file to load (repeatable)."
+)
 
 
 @contextmanager

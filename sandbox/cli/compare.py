@@ -14,7 +14,8 @@ import typer
 
 from sandbox.analysis.compare import Comparison, compare_runs
 from sandbox.analysis.report import HUMAN_FORMATS, RENDERERS, excluded_lines, print_notes, print_table
-from sandbox.analysis.runs import find_runs
+from sandbox.analysis.runs import RunRecord, find_runs
+from sandbox.disk import folder_bytes, human_bytes
 
 
 class Metric(str, Enum):
@@ -66,6 +67,12 @@ def emit(comparison: Comparison, output: str) -> None:
             print(line, file=sys.stderr)
 
 
+def disk_line(runs: list[RunRecord]) -> str:
+    """``disk: N run folders hold SIZE`` (every file below each run directory: weights, checkpoints, logs)."""
+    size = sum(folder_bytes(run.path) for run in runs)
+    return f"disk: {len(runs)} run folder{'s' * (len(runs) != 1)} hold{'s' * (len(runs) == 1)} {human_bytes(size)}"
+
+
 def compare(
     runs: List[Path] = typer.Argument(..., help="Run directories or folders holding runs (searched recursively).", show_default=False),
     baseline: Optional[List[str]] = BaselineOption,
@@ -77,7 +84,11 @@ def compare(
 
     A seed counts once per group: of runs repeating it, the one whose path sorts first is kept (a note says which).
     The other of best_miou/final_miou is shown next to --metric; the paired Δ uses only the seeds both groups ran.
+    A warning says when the runs are on different datasets; the table ends with how much the runs' folders hold on disk.
     """
     shown = [key.strip() for key in columns.split(",") if key.strip()] if columns else None
-    comparison = compare_runs(find_runs(runs), metric.value, list(baseline or []), shown)
+    records = find_runs(runs)
+    comparison = compare_runs(records, metric.value, list(baseline or []), shown)
     emit(comparison, output.value)
+    if output is Format.table:  # the interactive view; the others are pasted or parsed as they are
+        print(disk_line(records), flush=True)

@@ -11,7 +11,6 @@ from rich.table import Table
 from rich.text import Text
 
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
-from sandbox.recipe import load_resolved_recipe
 
 if TYPE_CHECKING:
     from sandbox.train.evaluate import EvalResult
@@ -38,12 +37,13 @@ def evaluate(
     plugin: Optional[List[str]] = PluginOption,
 ) -> None:
     """Evaluate a checkpoint on the recipe's val set and print per-class IoU and mIoU."""
+    from sandbox.plugins import load_run_recipe
     from sandbox.train.accelerator import make_accelerator
     from sandbox.train.weights import apply_weights, load_weights
     from sandbox.train.builder import build_dataset, build_model
     from sandbox.train.evaluate import evaluate as evaluate_model, val_loader
 
-    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    resolved, registry = load_run_recipe(recipe, set_, plugin, beside=[checkpoint.parent])
     weights = load_weights(checkpoint)  # a missing or unreadable file fails before the slow part
     accelerator = make_accelerator(resolved.train.mixed_precision)
     source = build_dataset(resolved, registry)

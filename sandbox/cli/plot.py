@@ -9,7 +9,6 @@ import typer
 
 from sandbox.analysis.runs import find_run_dirs
 from sandbox.cli.common import PluginOption, writing_to
-from sandbox.recipe import load_resolved_recipe
 
 CURVES_FOLDER = "curves"
 """Sub-folder of ``--out`` for ``<value>.png`` (one per logged value, every run overlaid)."""
@@ -25,12 +24,13 @@ def plot_predictions(run_dir: Path, label: str, file_name: str, out: Path, count
     """Draw one run's prediction grid into ``predictions/<file_name>.png``; return the line to print."""
     from sandbox.analysis.inference import load_predictor
     from sandbox.analysis.prediction_grid import plot_prediction_grid, run_weights, val_samples
+    from sandbox.plugins import load_run_recipe
     from sandbox.run_files import RECIPE_FILE
 
     weights = run_weights(run_dir)
     if weights is None or not (run_dir / RECIPE_FILE).is_file():
         return f"{label}: no best.pt or last.pt yet, no prediction grid"
-    recipe, registry = load_resolved_recipe(run_dir / RECIPE_FILE, [], plugins)
+    recipe, registry = load_run_recipe(run_dir / RECIPE_FILE, [], plugins)
     predictor = load_predictor(recipe, registry, weights)
     samples = val_samples(predictor, count)
     if not samples:
@@ -51,9 +51,12 @@ def plot(
     """Training curves (every value of metrics.jsonl, runs overlaid) and val prediction grids, as PNGs."""
     from sandbox.analysis.curves import file_names, plot_curves, read_metrics, run_labels, series
 
+    def warn(line: str) -> None:
+        typer.echo(f"warning: {line}", err=True)
+
     run_dirs = find_run_dirs(runs)
     labels = run_labels(run_dirs)
-    curves = {label: series(read_metrics(run_dir)) for label, run_dir in zip(labels, run_dirs)}
+    curves = {label: series(read_metrics(run_dir, warn)) for label, run_dir in zip(labels, run_dirs)}
     with writing_to(out):
         written = plot_curves({label: values for label, values in curves.items() if values}, out / CURVES_FOLDER)
     typer.echo(f"curves of {len(run_dirs)} runs: {len(written)} figures in {out / CURVES_FOLDER}")

@@ -11,7 +11,6 @@ from PIL import Image
 
 from sandbox.analysis.colours import colourize, overlay, palette_image
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption, writing_to
-from sandbox.recipe import load_resolved_recipe
 
 if TYPE_CHECKING:
     from sandbox.analysis.inference import Predictor
@@ -36,9 +35,10 @@ def predict(
     Images larger than the recipe's eval crop are predicted with sliding windows.
     """
     from sandbox.analysis.inference import collect_images, load_predictor
+    from sandbox.plugins import load_run_recipe
 
     files = collect_images(list(images))
-    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    resolved, registry = load_run_recipe(recipe, set_, plugin, beside=[checkpoint.parent])
     predictor = load_predictor(resolved, registry, checkpoint)
     folders = [out / MASKS_FOLDER, out / OVERLAYS_FOLDER]
     created = [folder for folder in (out, *folders) if not folder.exists()]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
+import time
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sandbox.analysis.runs import strict_json
 from sandbox.cli.common import PluginOption, writing_to
 from sandbox.errors import SandboxError
-from sandbox.recipe import load_resolved_recipe
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -36,6 +36,36 @@ HEADERS = ("perturbation", "view", "rel. norm median [p10, p90]", "flipped (%)",
 
 TABLE_WIDTH = 110
 """The least width the text table is printed at."""
+
+PROGRESS_EVERY_S = 5.0
+"""Seconds between two progress lines on stderr: a probe that ends sooner prints none."""
+
+
+class Progress:
+    """Progress of one long phase as ``probe: WHAT DONE/TOTAL crops (S s)`` lines on stderr, at most one
+    every :data:`PROGRESS_EVERY_S` seconds; called with the number of crops done so far."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total = what, total
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        """Print a line when :data:`PROGRESS_EVERY_S` seconds passed since the last one (or the start)."""
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            typer.echo(f"probe: {self.what} {done}/{self.total} crops ({now - self.start:.0f} s)", err=True)
+
+
+def available_images(run: ProbedRun, images: int) -> int:
+    """``--images``, or the number of the run's unlabeled images when it holds fewer (with a note on
+    stderr): each image is probed once, never as a second random crop of itself."""
+    count = len(run.source.unlabeled)
+    if 0 < count < images:
+        note = f"note: --images {images}: the run's unlabeled set holds only {count} images; probing those {count}"
+        typer.echo(note, err=True)
+        return count
+    return images
 
 
 class Format(str, Enum):
@@ -124,7 +154,8 @@ def probe_one(
 
     method = build_probed_method(run, name)
     check_perturb_at(run, settings.perturb_at, method.perturbation.uses_density, name)
-    outcomes = probe_perturbation(run, method, settings, images, padding, run.recipe.train.unlabeled_batch_size)
+    progress = Progress(name, images.shape[0])
+    outcomes = probe_perturbation(run, method, settings, images, padding, run.recipe.train.unlabeled_batch_size, progress)
     options = run.recipe.perturbation.options() if name == run.recipe.perturbation.name else {}
     result = summarise(name, outcomes, options)
     palette = full_palette(run.source.palette, run.source.num_classes)
@@ -139,11 +170,12 @@ def load_probed_run(run_dir: Path, plugins: list[str], names: list[str]) -> Prob
     """The run's recipe (``recipe.toml``, ``--plugin`` added) and trained models; ``names`` (the
     perturbations to probe, empty: the run's own) are checked first."""
     from sandbox.analysis.probe_models import load_run, perturbation_recipe
+    from sandbox.plugins import load_run_recipe
     from sandbox.run_files import RECIPE_FILE
 
     if not (run_dir / RECIPE_FILE).is_file():
         raise SandboxError(f"run directory {run_dir} holds no {RECIPE_FILE} (expected a run folder such as runs/<name>/seed0)")
-    recipe, registry = load_resolved_recipe(run_dir / RECIPE_FILE, [], plugins)
+    recipe, registry = load_run_recipe(run_dir / RECIPE_FILE, [], plugins)
     for name in names:  # an unknown name fails before the slow part
         perturbation_recipe(recipe, registry, name)
     return load_run(run_dir, recipe, registry)
@@ -154,7 +186,9 @@ def probe(
     perturbation: Optional[List[str]] = typer.Option(
         None, "--perturbation", help="A registered perturbation to probe (repeatable; default: the run's own)."
     ),
-    images: int = typer.Option(DEFAULT_IMAGES, "--images", min=1, help="Unlabeled crops probed (seeded: always the same)."),
+    images: int = typer.Option(
+        DEFAULT_IMAGES, "--images", min=1, help="Unlabeled crops probed (seeded: always the same; at most one per unlabeled image)."
+    ),
     format_: Format = typer.Option(Format.text, "--format", help="How the figures are printed: text, md or json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG grids (default: probe/ in the run directory)."),
     perturb_at: Optional[str] = typer.Option(
@@ -170,7 +204,8 @@ def probe(
     run = load_probed_run(run_dir, list(plugin or []), list(perturbation or []))
     names = list(dict.fromkeys(perturbation or [run.recipe.perturbation.name]))
     settings = run.recipe.train.model_copy(update={"perturb_at": perturb_at or run.recipe.train.perturb_at})
-    crops, padding = unlabeled_crops(run.source, run.recipe, images)
+    images = available_images(run, images)
+    crops, padding = unlabeled_crops(run.source, run.recipe, images, Progress("reading", images))
     folder = out if out is not None else run_dir / PROBE_FOLDER
     results = [probe_one(run, settings, name, crops, padding, folder) for name in names]
     report(run, settings, results, images, format_)
@@ -184,7 +219,7 @@ def report(run: ProbedRun, settings: TrainSection, results: list[PerturbationFig
             "perturb_at": settings.perturb_at, "density": run.density is not None,
             "perturbations": [result.to_json() for result in results],
         }
-        typer.echo(json.dumps(document, indent=2))
+        typer.echo(strict_json(document, indent=2))
         return
     title = f"{run.recipe.name}: {images} unlabeled crops, threshold {settings.threshold}, weights {run.weights}"
     rows = table_rows(results)

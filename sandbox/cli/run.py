@@ -18,7 +18,6 @@ from rich.console import Console
 
 from sandbox.analysis.report import percent
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
-from sandbox.recipe import load_resolved_recipe
 from sandbox.sweep.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 
 if TYPE_CHECKING:
@@ -41,6 +40,7 @@ def run(
 ) -> None:
     """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
     from sandbox.errors import SandboxError, shared_error
+    from sandbox.plugins import load_run_recipe
     from sandbox.sweep.claims import released_on_sigterm
     from sandbox.sweep.decisions import agree_on
     from sandbox.train.accelerator import process_state
@@ -51,7 +51,7 @@ def run(
                            "--overwrite replaces it; give one")
     if not claim_timeout > 0:
         raise SandboxError(f"--claim-timeout {claim_timeout:g}: expected a positive number of seconds")
-    resolved, registry = load_resolved_recipe(recipe, set_, plugin)
+    resolved, registry = load_run_recipe(recipe, set_, plugin)  # a component gone: the package its run used
     run_path = RunDirectory.for_recipe(resolved).path
     state = process_state()
     created = first_missing(run_path) if state.is_main_process else None

@@ -16,7 +16,8 @@ exist and pair up (cheap even for 10k images). Decoding checks (corrupt file, un
 values, image/mask size mismatch) run whenever a sample is read, and on every file at
 construction (:func:`verify_all`) only when ``check_files`` is true and the dataset holds at most
 :data:`FULL_CHECK_LIMIT` samples: small datasets fail early, large ones start without reading
-every file first.
+every file first. That full check also refuses a labeled or val part whose masks hold no labeled
+pixel at all. :func:`mask_palette` reads the colours of paletted mask PNGs, for display.
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def color_map(count: int = 256) -> list[tuple[int, int, int]]:
         return sum(((index >> (3 * k + bit)) & 1) << (7 - k) for k in range(8))
 
     return [(channel(index, 0), channel(index, 1), channel(index, 2)) for index in range(count)]
+
+
+def mask_palette(path: Path, count: int) -> list[tuple[int, int, int]] | None:
+    """The colours of class ids ``0..count-1`` in the palette of mask ``path`` when it is a palette
+    ("P") PNG with ``count`` distinct colours for them; else None (a grayscale or RGB mask, a short
+    palette, or a file that cannot be opened: its own error comes when it is read)."""
+    try:
+        with Image.open(path) as image:
+            flat = image.getpalette() if image.mode == "P" else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if flat is None or len(flat) < 3 * count:
+        return None
+    colours = [(flat[3 * index], flat[3 * index + 1], flat[3 * index + 2]) for index in range(count)]
+    return colours if len(set(colours)) == count else None
 
 
 class MaskDecoder:
@@ -417,16 +433,38 @@ def draw_labeled(items: Sequence[T], count: int, seed: int) -> tuple[list[T], li
     return [x for x, c in zip(items, chosen) if c], [x for x, c in zip(items, chosen) if not c]
 
 
-def verify_all(source: SegmentationSource, check_files: bool, limit: int | None = None) -> bool:
+def verify_all(source: SegmentationSource, check_files: bool, limit: int | None = None, where: str = "the dataset") -> bool:
     """Read every sample of ``source`` (raising its one-line error) when ``check_files`` and it is small.
 
     Returns whether the check ran: only when the three parts hold at most ``limit`` (default
-    :data:`FULL_CHECK_LIMIT`) samples.
+    :data:`FULL_CHECK_LIMIT`) samples. Then a labeled or val part whose masks hold no labeled
+    pixel at all (every pixel ``source.ignore_index``) is a one-line ``ValueError`` starting with
+    ``where`` (e.g. ``dataset folder data/``): training would see a loss of 0 at every step, and
+    the val mIoU would be undefined.
     """
     total = len(source.labeled) + len(source.unlabeled) + len(source.val)
     if not check_files or total > (FULL_CHECK_LIMIT if limit is None else limit):
         return False
-    for part in (source.labeled, source.val, source.unlabeled):
-        for index in range(len(part)):
-            part[index]
+    for name, part in (("labeled", source.labeled), ("val", source.val)):
+        labeled_pixels = sum(int((part[index][1] != source.ignore_index).any()) for index in range(len(part)))
+        if len(part) and not labeled_pixels:
+            raise ValueError(f"{where}: {_all_ignore(name, part, source)}")
+    for index in range(len(source.unlabeled)):
+        source.unlabeled[index]
     return True
+
+
+def _all_ignore(name: str, part: Sequence[tuple[Tensor, Tensor]], source: SegmentationSource) -> str:
+    """Why a ``name`` part (``labeled`` or ``val``) whose every mask pixel is ignore cannot be used, and what
+    its masks should hold."""
+    decoder = getattr(part, "decode_mask", None)
+    raw = ""
+    if isinstance(decoder, MaskDecoder) and decoder.lookup is None and decoder.ignore_values:
+        raw = f": mask value {' or '.join(str(value) for value in decoder.ignore_values)}"
+    folders = sorted({str(mask.parent) for _, mask in getattr(part, "samples", ())})
+    found = f" (in {', '.join(folders)})" if folders else ""
+    harm = "nothing to train on (a loss of 0 at every step)" if name == "labeled" else "the val mIoU would be undefined"
+    return (
+        f"none of the {len(part)} {name} masks{found} holds a labeled pixel (every pixel is ignore{raw}): {harm}; "
+        f"expected pixels with class ids 0..{source.num_classes - 1}"
+    )

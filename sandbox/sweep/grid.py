@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sandbox.errors import SandboxError
-from sandbox.recipe import MAX_SEED, load_recipe
+from sandbox.recipe import MAX_SEED, load_recipe, name_max, parse_override, shortened
 
 if TYPE_CHECKING:
     from sandbox.recipe import Recipe
@@ -29,8 +29,13 @@ if TYPE_CHECKING:
 ABLATIONS_FOLDER = "ablations"
 """Default home of sweeps, inside the recipe's ``output_dir``."""
 
-PROTECTED_KEYS = frozenset({"seed", "name", "output_dir"})
-"""Keys the sweep sets itself (``--seeds`` sets the seed)."""
+PROTECTED_KEYS = {
+    "seed": "use --seeds for seeds, e.g. --seeds 0,1,2",
+    "name": "each run is named by its combination, <--output>/<recipe name>/<key=value,...>/seed<k>; "
+            "use --set name=... to name the sweep's folder",
+    "output_dir": "use --output DIR for the sweep's folder",
+}
+"""Keys the sweep sets itself, with the option that chooses each instead."""
 
 BASE_LABEL = "base"
 """The label of the single combination of an empty grid."""
@@ -83,7 +88,7 @@ def parse_grid(text: str) -> Axis:
     if not key or not values or any(not value for value in values):
         raise SandboxError(f"--grid {text!r}: expected KEY=VALUE1,VALUE2,..., e.g. --grid perturbation.eps=2,4")
     if key in PROTECTED_KEYS:
-        raise SandboxError(f"--grid {text!r}: the sweep sets {key!r} itself (use --seeds for seeds)")
+        raise SandboxError(f"--grid {text!r}: the sweep sets {key!r} itself ({PROTECTED_KEYS[key]})")
     repeated = first_repeat(values)
     if repeated is not None:
         raise SandboxError(f"--grid {text!r}: the value {repeated} is listed twice; each value runs once")
@@ -98,6 +103,47 @@ def first_repeat(items: list[Any]) -> Any | None:
             return item
         seen.add(item)
     return None
+
+
+def set_by_the_grid(overrides: list[str], axes: list[Axis]) -> None:
+    """Refuse a ``--set`` of a key that a ``--grid`` also sets (the grid's values, applied after it,
+    would replace it in every run): the same key, or an inline table of one holding the other's key
+    (``--set 'train={lr=0.1}'`` and ``--grid train.lr=...``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        for axis in axes:
+            key = axis.key.split(".")
+            values = [parse_override(f"{axis.key}={raw}")[1] for raw in axis.values]
+            if (key[:len(path)] == path and holds(value, key[len(path):])) or (
+                path[:len(key)] == key and any(holds(grid_value, path[len(key):]) for grid_value in values)
+            ):
+                both = ".".join(max(key, path, key=len))
+                raise SandboxError(
+                    f"--set {text!r} and --grid {axis.key}={','.join(axis.values)} both set {both}: the grid's values "
+                    "would replace the --set one in every run; drop one of them"
+                )
+
+
+def holds(value: Any, keys: list[str]) -> bool:
+    """Whether ``value``'s nested tables hold the key path ``keys`` (any value holds the empty path)."""
+    for part in keys:
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def check_run_folder_names(combinations: list[Combination], folder: Path) -> None:
+    """Refuse a combination whose run folder name (its label) is longer than the file system of the
+    sweep's ``folder`` takes."""
+    limit = name_max(folder)
+    for combination in combinations:
+        size = len(combination.label.encode())
+        if size > limit:
+            raise SandboxError(
+                f"--grid: the run folder name {shortened(combination.label)!r} is {size} bytes, more than the {limit} "
+                f"a folder name may have on the file system of {folder}; use shorter values or fewer --grid keys"
+            )
 
 
 def parse_seeds(text: str) -> list[int]:

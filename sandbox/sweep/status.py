@@ -3,7 +3,8 @@
 States, the first that applies: ``done`` (``summary.json``), ``running`` (a fresh claim),
 ``stale claim`` (a claim whose holder stopped refreshing it: the next job takes it over),
 ``failed`` (``FAILED``), ``partial`` (trained part of the way; it resumes from its last complete
-checkpoint, or starts afresh without one), ``to do``.
+checkpoint, or starts afresh without one), ``to do``. Each run's size on disk, and the folder's
+(:mod:`sandbox.disk`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sandbox.analysis.runs import read_run
+from sandbox.disk import folder_bytes, human_bytes
 from sandbox.run_files import METRICS_FILE, RECIPE_FILE
 from sandbox.sweep.claims import claim_path, read_claim
 from sandbox.sweep.shards import shard_of
@@ -44,6 +46,10 @@ class RunStatus:
     path: Path
     state: RunState
     detail: str
+    size: int = 0
+    """Bytes the run's folder holds."""
+    checkpoint_size: int = 0
+    """Bytes of it in resumable checkpoints (``checkpoints/``)."""
 
 
 def progress(path: Path) -> str:
@@ -83,18 +89,39 @@ def counts(statuses: list[RunStatus]) -> str:
     return f"{len(statuses)} runs: " + ", ".join(part for part in parts if not part.startswith("0 "))
 
 
-def print_status(statuses: list[RunStatus], shard_count: int | None, console: Console | None = None) -> None:
-    """A table of the runs (with each run's shard of ``shard_count`` when given), then :func:`counts`."""
+def disk_line(statuses: list[RunStatus], folder: Path) -> str:
+    """``3.4 GB on disk in FOLDER: 2.9 GB in these 12 runs, 2.2 GB of it resumable checkpoints (...)`` (the
+    folder may hold runs of other grids too)."""
+    total = folder_bytes(folder)
+    if not total:
+        return f"nothing on disk yet in {folder}"
+    listed, checkpoints = sum(s.size for s in statuses), sum(s.checkpoint_size for s in statuses)
+    runs = "this run" if len(statuses) == 1 else f"these {len(statuses)} runs"
+    line = f"{human_bytes(total)} on disk in {folder}: {human_bytes(listed)} in {runs}"
+    if not checkpoints:
+        return line
+    return (f"{line}, {human_bytes(checkpoints)} of it resumable checkpoints (checkpoints/; "
+            "train.keep_checkpoints_when_done = false deletes a run's once it finishes)")
+
+
+def print_status(
+    statuses: list[RunStatus], shard_count: int | None, console: Console | None = None, folder: Path | None = None
+) -> None:
+    """A table of the runs (with each run's shard of ``shard_count`` when given) and their size on disk,
+    then :func:`counts` and, given the sweep's ``folder``, :func:`disk_line`."""
     console = console or Console(highlight=False, soft_wrap=True)
     table = Table(show_edge=True, header_style="bold")
-    for title in ("#", "run", "seed", *(["shard"] if shard_count else []), "state", "detail"):
-        table.add_column(title, overflow="fold")
+    for title in ("#", "run", "seed", *(["shard"] if shard_count else []), "state", "disk", "detail"):
+        table.add_column(title, overflow="fold", justify="right" if title == "disk" else "left")
     for status in statuses:
         shard = [f"{shard_of(status.position, shard_count)}/{shard_count}"] if shard_count else []
         state = Text(status.state, style=STYLES[status.state])
-        table.add_row(str(status.position), Text(status.label), str(status.seed), *shard, state, Text(status.detail))
+        size = human_bytes(status.size) if status.size else "-"
+        table.add_row(str(status.position), Text(status.label), str(status.seed), *shard, state, size, Text(status.detail))
     console.print(table)
     console.print(counts(statuses))
+    if folder is not None:
+        console.print(disk_line(statuses, folder))
 
 
 def sweep_statuses(jobs: list[tuple[Combination, int]], folder: Path) -> list[RunStatus]:
@@ -102,5 +129,6 @@ def sweep_statuses(jobs: list[tuple[Combination, int]], folder: Path) -> list[Ru
     statuses = []
     for position, (combination, seed) in enumerate(jobs):
         path = folder / combination.label / f"seed{seed}"
-        statuses.append(RunStatus(position, combination.label, seed, path, *run_state(path)))
+        statuses.append(RunStatus(position, combination.label, seed, path, *run_state(path),
+                                  folder_bytes(path), folder_bytes(path / "checkpoints")))
     return statuses

@@ -1,6 +1,6 @@
 """Train one run of a sweep, record its failure, and say when a finished run is stale.
 
-A run trains exactly as ``sandbox run`` trains it (``load_resolved_recipe``, ``start_run``,
+A run trains exactly as ``sandbox run`` trains it (``load_run_recipe``, ``start_run``,
 ``Trainer.train``), in this process, with a fresh Accelerate state; torch and the training loop
 are imported when a run trains, not when this module is imported (``sandbox ablate --list``).
 A failing run gets a ``FAILED`` marker (:func:`mark_failed`), written only by a process whose
@@ -17,7 +17,6 @@ from rich.console import Console
 
 from sandbox.analysis.runs import write_failure
 from sandbox.errors import SandboxError
-from sandbox.recipe import load_resolved_recipe
 from sandbox.run_files import FAILED_MARKER
 
 if TYPE_CHECKING:
@@ -32,7 +31,9 @@ def combination_recipe(
     path: Path, overrides: list[str], plugins: list[str], combination: Combination, seed: int, folder: Path
 ) -> tuple[Recipe, Registry]:
     """The resolved recipe of one run of the sweep (named by its label, inside ``folder``)."""
-    resolved, registry = load_resolved_recipe(path, [*overrides, *combination.overrides, f"seed={seed}"], plugins)
+    from sandbox.plugins import load_run_recipe  # torch: not for the sweep's listing
+
+    resolved, registry = load_run_recipe(path, [*overrides, *combination.overrides, f"seed={seed}"], plugins)
     resolved.name = combination.label
     resolved.output_dir = str(folder)
     return resolved, registry

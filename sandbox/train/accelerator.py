@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -35,6 +35,49 @@ def process_state() -> PartialState:
     return PartialState(cpu=not has_accelerator_device())
 
 
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+}
+"""The package each of ``train.trackers`` needs (what ``pip install`` takes)."""
+
+
+def check_trackers(trackers: Sequence[str]) -> None:
+    """A one-line :class:`SandboxError` naming each tracker of ``trackers`` whose package is not installed.
+
+    Accelerate itself leaves such a tracker out with a logged warning, and the run trains without it.
+    """
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers()}
+    missing = [name for name in trackers if name not in available]
+    if missing:
+        packages = [TRACKER_PACKAGES.get(name, name) for name in missing]
+        needs = " and ".join(f"{name!r} {'needs ' if not index else ''}the package {package}"
+                             for index, (name, package) in enumerate(zip(missing, packages)))
+        which, what = ("is", repr(missing[0])) if len(missing) == 1 else ("are", "them")
+        raise SandboxError(
+            f"train.trackers: {needs}, which {which} not installed (pip install {' '.join(packages)}, "
+            f"or remove {what} from train.trackers)"
+        )
+
+
+def tracker_init_kwargs(trackers: Sequence[str], first_step: int) -> dict[str, dict[str, Any]]:
+    """Accelerate's ``init_kwargs`` for ``trackers`` of a run whose next logged step is ``first_step``.
+
+    TensorBoard gets ``purge_step``: its writer records that the run (re)starts there, and
+    TensorBoard's reader then discards every event of an earlier writer at or after that step (what a
+    resumed run logged past its checkpoint before it was stopped), so each step keeps one value.
+    The other trackers have no such mark here: a resumed run's steps after its checkpoint repeat there.
+    """
+    return {"tensorboard": {"purge_step": first_step}} if "tensorboard" in trackers else {}
+
+
 def make_accelerator(
     mixed_precision: str, trackers: Sequence[str] = (), project_dir: Path | None = None
 ) -> Accelerator:
@@ -42,8 +85,10 @@ def make_accelerator(
 
     Without ``cpu=True`` Accelerate treats each process of a CPU launch (``torchrun`` or
     ``accelerate launch --multi_gpu``) as a separate single-process run. ``trackers`` (e.g.
-    ``["tensorboard"]``) log under ``project_dir``.
+    ``["tensorboard"]``) log under ``project_dir``; one whose package is missing is an error
+    (:func:`check_trackers`).
     """
+    check_trackers(trackers)
     join_restarted_attempt(cpu=not has_accelerator_device())
     try:
         return Accelerator(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationNetwork, SegmentationSource
 from sandbox.data.views import LabeledTrainSet, UnlabeledTrainSet
+from sandbox.distributed import process_rank
 from sandbox.errors import SandboxError
 from sandbox.recipe import OPTIONAL_TABLES, Recipe
 from sandbox.registry import Registry
@@ -90,8 +92,21 @@ def build_method(recipe: Recipe, registry: Registry, num_classes: int, embedding
     )
 
 
-def build_train_views(source: SegmentationSource, recipe: Recipe) -> tuple[LabeledTrainSet, UnlabeledTrainSet]:
-    """The augmented labeled and unlabeled training views of ``source``."""
+def split_sizes(source: SegmentationSource, recipe: Recipe) -> str:
+    """``data: [dataset] 'NAME': L labeled, U unlabeled, V val images``: the split sizes a run uses."""
+    return (
+        f"data: [dataset] {recipe.dataset.name!r}: {len(source.labeled)} labeled, {len(source.unlabeled)} unlabeled, "
+        f"{len(source.val)} val images"
+    )
+
+
+def build_train_views(
+    source: SegmentationSource, recipe: Recipe, announce: bool = True
+) -> tuple[LabeledTrainSet, UnlabeledTrainSet]:
+    """The augmented labeled and unlabeled training views of ``source``; with ``announce``, the first
+    process prints :func:`split_sizes` on stderr first (training, beside its progress; ``bench --data``)."""
+    if announce and process_rank() == 0:
+        print(split_sizes(source, recipe), file=sys.stderr, flush=True)
     train = recipe.train
     return (
         LabeledTrainSet(source.labeled, train.crop_size, train.scale_range, recipe.seed, source.ignore_index),

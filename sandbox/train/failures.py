@@ -38,6 +38,7 @@ import atexit
 import functools
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
@@ -512,6 +513,44 @@ def shared_failures(
                 owner.previous = watch  # a peer may still fail in it: the watcher keeps looking
         if cleanup in owner.exit_hooks:
             owner.exit_hooks.remove(cleanup)
+
+
+@contextmanager
+def announced_on_sigterm(note: Callable[[], str | None]) -> Iterator[None]:
+    """While active, SIGTERM (``scancel``, a job's time limit, ``kill``, a launcher ending its workers)
+    first prints ``note()`` on stderr (one line; nothing when it returns None), then does what it did
+    before: the handler it replaces (``sandbox run`` and ``sandbox ablate`` release their claims) or,
+    without one, ends the process as SIGTERM does.
+
+    Only in the main thread, and only where SIGTERM is not ignored; elsewhere nothing changes.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def announce(signum: int, frame: Any) -> None:
+        signal.signal(signum, previous)
+        try:
+            line = note()
+        except Exception:  # noqa: BLE001 - ending anyway: the note is a courtesy
+            line = None
+        if line:
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except (RuntimeError, OSError, ValueError):  # the handler interrupted a write to stderr
+                os.write(2, (line + "\n").encode())
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, announce)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is announce:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

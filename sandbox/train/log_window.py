@@ -59,6 +59,11 @@ class LogWindow:
         """Steps since the last log line, updated or not."""
 
     @property
+    def keys(self) -> list[str]:
+        """Every key a step of this window logged (or its saved window held), in the order it first came."""
+        return list(self._order)
+
+    @property
     def sums(self) -> dict[str, Tensor | float]:
         """Each key's sum of finite values: a float32 tensor (on the device) or a host float."""
         self._split()
@@ -154,6 +159,23 @@ class LogWindow:
     def saved(self) -> tuple[dict[str, float], dict[str, int], int]:
         """``(sums, counts, steps)`` as host numbers, for a checkpoint (see the constructor)."""
         return {key: float(value) for key, value in self._read(self.sums).items()}, self.host_counts(), self.steps
+
+
+def left_out_note(keys: Sequence[str], means: Mapping[str, object], step: int, noted: set[str]) -> str | None:
+    """A warning naming the keys of a window (``keys``) whose every value was not finite, so that its log
+    line at ``step`` (``means``, :meth:`LogWindow.means`) leaves them out; None when there is none.
+
+    Each key is named once a run (``noted`` holds those named, and is updated). The density
+    estimator's values are not named: a skipped density update is counted (``skipped_density_updates``).
+    ``perturbation_relative_norm`` is the usual one: a step too large for float32 relative to the features.
+    """
+    left_out = [key for key in keys if key not in means and key not in noted and not key.startswith("density_")]
+    if not left_out:
+        return None
+    noted.update(left_out)
+    names = ", ".join(left_out)
+    return (f"step {step}: {names} not finite (infinite or NaN) in this log window: left out of metrics.jsonl and "
+            "the trackers (named once; a later window whose value is not finite leaves it out too)")
 
 
 SavedWindow = tuple[dict[str, float], dict[str, int], int]

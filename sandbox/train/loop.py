@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import shutil
@@ -17,14 +18,17 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from sandbox import __version__
+from sandbox.analysis.runs import read_provenance
 from sandbox.api import DensityEstimator
 from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import DataError, read_batches
 from sandbox.distributed import host_group, mean_over_processes, prepare_host_group, process_count, process_rank
 from sandbox.data.views import StreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
+from sandbox.plugins import run_provenance
 from sandbox.recipe import Recipe, flatten_keys
-from sandbox.registry import Registry
+from sandbox.registry import Origin, Registry
+from sandbox.run_files import PROVENANCE_FILE
 from sandbox.train.accelerator import (
     broadcast_buffers,
     effective_precision,
@@ -32,6 +36,7 @@ from sandbox.train.accelerator import (
     process_seed,
     process_state,
     scaled_lr,
+    tracker_init_kwargs,
     warn_about_precision,
 )
 from sandbox.train.agreement import agreed_errors
@@ -45,21 +50,21 @@ from sandbox.train.builder import (
     unused_tables,
 )
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
-from sandbox.train.failures import beat, collective_free, shared_failures
+from sandbox.train.failures import announced_on_sigterm, beat, collective_free, shared_failures
 from sandbox.train.iteration import TrainingIteration, reads_teacher
 from sandbox.train.levers import build_networks
-from sandbox.train.log_window import LogWindow, averaged_window, is_log_step
+from sandbox.train.log_window import LogWindow, averaged_window, is_log_step, left_out_note
 from sandbox.train.progress import ProgressReporter
 from sandbox.train.rundir import (
     CorruptCheckpointError,
     RunDirectory,
+    unwritable,
     verify_checkpoint,
 )
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox.train.student_pass import network_of
 from sandbox.train.sync_batchnorm import is_synchronised
 
-CHECKPOINTS_KEPT = 2
 NONFINITE_WARNINGS = 3
 """Steps with a non-finite loss that each get a warning line (then one line says the rest are counted)."""
 
@@ -171,7 +176,27 @@ def start_run(
         with agreed_errors(trainer.accelerator):  # e.g. a run-directory conflict seen by the main process
             if trainer.accelerator.is_main_process:
                 run_dir.prepare(recipe, resume=resume, overwrite=overwrite, unused=trainer.unused_tables)
+                record_provenance(run_dir, run_provenance(recipe, registry, trainer.unused_tables))
     return trainer
+
+
+def record_provenance(run_dir: RunDirectory, provenance: dict[str, Any]) -> None:
+    """Write ``provenance.json`` (where each component came from) into a run that has none; a resumed
+    run keeps the record of its start, with a note for each component that now comes from elsewhere."""
+    path = run_dir.path / PROVENANCE_FILE
+    recorded = read_provenance(run_dir.path)
+    if recorded is None:
+        try:
+            run_dir.write_file(path, (json.dumps(provenance, indent=2) + "\n").encode())
+        except OSError as error:  # a full disk
+            raise unwritable(run_dir.path, error) from None
+        return
+    for table, entry in provenance["components"].items():
+        before = recorded.get(table)
+        if before is not None and before.get("name") == entry["name"] and before != entry:
+            then, now = (Origin.from_json(record) for record in (before, entry))
+            print(f"note: {entry['kind']} {entry['name']!r} now comes from {now.describe() if now else '?'}; the run "
+                  f"started with {then.describe() if then else '?'} ({path} keeps that)", file=sys.stderr)
 
 
 class Trainer:
@@ -224,6 +249,8 @@ class Trainer:
         prepare_host_group()  # the density estimator's exchange of pixel counts (a gloo group beside NCCL)
         self.method.perturbation.to(self.accelerator.device)
         self.state = TrainingState()
+        self.writing_checkpoint: str | None = None
+        """The checkpoint folder being written (``step_N``), else None: for the line a SIGTERM prints."""
         self.accelerator.register_for_checkpointing(self.teacher, self.state)  # the order of CHECKPOINTED_OBJECTS
         if self.method.density is not None:
             self.method.density.to(self.accelerator.device)
@@ -309,6 +336,7 @@ class Trainer:
         meanwhile stops with the claim's error, its staging folder unpublished."""
         self._agree_on_models()
         staged = self._staging_folder()
+        self.writing_checkpoint = staged.name
         if self.accelerator.is_main_process:
             self.run_dir.begin_checkpoint(staged)  # the claim's fence: a holder that lost it stops here
         self.accelerator.wait_for_everyone()
@@ -329,11 +357,12 @@ class Trainer:
             except SandboxError:  # the claim was lost meanwhile: what was staged is nobody's
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
-            for old in self.run_dir.complete_checkpoints()[:-CHECKPOINTS_KEPT]:
+            for old in self.run_dir.complete_checkpoints()[:-self.recipe.train.checkpoints_kept]:
                 self.run_dir.check_writable()
                 shutil.rmtree(old)
             self.run_dir.remove_incomplete_checkpoints()
         self.accelerator.wait_for_everyone()
+        self.writing_checkpoint = None
 
     def _resume(self) -> None:
         """Load the newest checkpoint that loads on every process; damaged ones are set aside afterwards.
@@ -349,6 +378,11 @@ class Trainer:
             self.run_dir.remove_incomplete_checkpoints()  # a kill during save_state left them
         self.accelerator.wait_for_everyone()
         candidates = self.run_dir.complete_checkpoints()[::-1]
+        if not candidates and self.run_dir.summary_file.is_file():  # finished; train.keep_checkpoints_when_done = false
+            raise shared_error(
+                f"--resume: run {self.run_dir.path} is finished (summary.json) and kept no checkpoint to resume "
+                "(train.keep_checkpoints_when_done = false); nothing to do (--overwrite trains it again)"
+            )
         if not candidates:  # stopped before its first checkpoint: it starts again, its records too
             if self.accelerator.is_main_process:
                 print(f"--resume: {self.run_dir.checkpoints} holds no complete checkpoint; training from step 0",
@@ -467,8 +501,9 @@ class Trainer:
             self.run_dir.append_metrics({**record, "val_per_class_iou": result.per_class})
             if improved:
                 self._save_weights(evaluation.model, self.run_dir.best_weights, result.miou)
-        scalars = {f"val_iou/{key}": iou for key, iou in result.per_class.items() if iou is not None}
-        self.accelerator.log({"val_miou": result.miou, **scores, **scalars}, step=self.state.step)
+        if log:  # as metrics.jsonl: a finished run's evaluation again after --resume was logged already
+            scalars = {f"val_iou/{key}": iou for key, iou in result.per_class.items() if iou is not None}
+            self.accelerator.log({"val_miou": result.miou, **scores, **scalars}, step=self.state.step)
         reporter.evaluated(self.state.step, result.miou)
         return evaluation
 
@@ -494,7 +529,8 @@ class Trainer:
             if self.accelerator.is_main_process:
                 self.run_dir.remove_temporaries()
 
-        with shared_failures(self.accelerator.process_index, self.accelerator.num_processes, on_stop, cleanup):
+        with shared_failures(self.accelerator.process_index, self.accelerator.num_processes, on_stop, cleanup), \
+                announced_on_sigterm(self._stop_note):
             try:
                 return self._train(resume)
             except SandboxError as error:
@@ -507,6 +543,21 @@ class Trainer:
     def _steps_done(self) -> str:
         return f"{self.state.step} of {self.recipe.train.iters} steps"
 
+    def _stop_note(self) -> str | None:
+        """The line a SIGTERM prints (main process): where the run stopped, which checkpoint a resume
+        continues from and the command that does it."""
+        if not self.accelerator.is_main_process:
+            return None
+        writing = self.writing_checkpoint
+        during = f" while writing checkpoint {writing} (not complete)" if writing else ""
+        complete = self.run_dir.complete_checkpoints()
+        start = (f"--resume continues from {complete[-1].name}" if complete
+                 else "no checkpoint is complete: --resume starts at step 0")
+        launcher = " (under the same accelerate launch options)" if self.accelerator.num_processes > 1 else ""
+        return (f"stopped by SIGTERM at step {self.state.step} of {self.recipe.train.iters}{during}; {start}: "
+                f"sandbox run {self.run_dir.recipe_file} --resume{launcher} "
+                "(a sweep's run: rerun its sandbox ablate command)")
+
     def _train(self, resume: bool) -> dict[str, Any]:
         settings = self.recipe.train
         if resume:
@@ -514,7 +565,9 @@ class Trainer:
         if settings.trackers:
             config = flatten_keys(self.recipe.model_dump(mode="json"))
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-            self.accelerator.init_trackers(self.recipe.name, config=config)
+            self.accelerator.init_trackers(  # a resumed run's first logged step is past its checkpoint's
+                self.recipe.name, config=config, init_kwargs=tracker_init_kwargs(settings.trackers, self.state.step + 1)
+            )
         source = self.source
         labeled_view, unlabeled_view = build_train_views(source, self.recipe)
         labeled = self._stream(labeled_view, len(source.labeled), settings.batch_size, self.recipe.seed, self.state.step)
@@ -536,6 +589,7 @@ class Trainer:
         segment_start = time.perf_counter()
         result: Evaluation | None = None
         warned = 0
+        noted: set[str] = set()  # the logged values whose non-finite value a warning named (once each)
         with reporter:
             while self.state.step < settings.iters:
                 beat()  # the main thread moves on: a peer's failure leaves it time to fail by itself
@@ -561,7 +615,11 @@ class Trainer:
                 if is_log_step(step, settings):  # state.step == step + 1 finished iterations
                     elapsed = time.perf_counter() - window_start
                     self.state.skipped_density_updates += self.step_fn.take_skipped_density_updates()
-                    means = mean_over_processes(window.means())
+                    local = window.means()
+                    note = left_out_note(window.keys, local, self.state.step, noted)
+                    if note is not None:
+                        reporter.warn(note)
+                    means = mean_over_processes(local)
                     record = {"step": self.state.step, **means}
                     record["lr"] = self.scheduler.get_last_lr()[0]
                     record["skipped_updates"] = self.state.skipped_updates
@@ -571,7 +629,7 @@ class Trainer:
                         settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * self.accelerator.num_processes / elapsed
                     if self.accelerator.is_main_process:
                         self.run_dir.append_metrics(record)
-                    self.accelerator.log(record, step=self.state.step)
+                    self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
                     reporter.logged(record)
                     window, window_start = LogWindow(), time.perf_counter()
                 if self.state.consecutive_nonfinite >= settings.max_consecutive_nonfinite:
@@ -612,6 +670,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._save_weights(evaluation.model, self.run_dir.last_weights, result.miou)
             self.run_dir.write_summary(summary)
+            if not self.recipe.train.keep_checkpoints_when_done and self.run_dir.checkpoints.is_dir():
+                self.run_dir.check_writable()  # finished: best.pt, last.pt and the records stay
+                shutil.rmtree(self.run_dir.checkpoints)
         self.accelerator.wait_for_everyone()
         for tracker in self.accelerator.trackers:  # not end_training(): it destroys the process group,
             tracker.finish()  # which later collectives (another ablation run, an evaluation) still need

@@ -17,8 +17,19 @@ from torch import Tensor
 from sandbox.errors import PluginError, SandboxError, describe_exception
 
 
-MIXED_PRECISION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""The floating dtypes a perturbation may return besides the features' own."""
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device``'s type here and now, or None outside autocast."""
+    kind = device.type
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4 has no device argument
+        enabled = torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    getter = getattr(torch, "get_autocast_dtype", None)
+    if getter is not None:
+        return getter(kind)
+    return torch.get_autocast_cpu_dtype() if kind == "cpu" else torch.get_autocast_gpu_dtype()
 
 
 @contextmanager
@@ -33,23 +44,32 @@ def blame(label: str, action: str) -> Iterator[None]:
 
 
 def _tensor_text(tensor: Tensor) -> str:
-    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} on {tensor.device}"
+    return f"{tuple(tensor.shape)} {_dtype_text(tensor.dtype)} on {tensor.device}"
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_perturbed(label: str, features: Tensor, perturbed: Any) -> Tensor | None:
     """``perturbed`` if it may replace ``features`` (or None: no perturbed view), else ``PluginError``.
 
-    It must be a floating-point tensor of the features' shape on their device, of their dtype or
-    a floating dtype of mixed precision (float32, float16, bfloat16: under autocast a plugin's
-    last operation decides it), then cast to the features' dtype. float64 and integers are refused.
+    It must be a tensor of the features' shape on their device and of their dtype; under autocast
+    (mixed precision) also float32 or autocast's dtype, whichever a plugin's last operation gave (then
+    cast to the features' dtype). Anything else is refused alike, float64 as float16 in a float32
+    run: a silent cast would change what the plugin computed (float16 rounds the step to 11 bits and
+    turns values above 65504 into infinities; float64 would be cut to float32 unseen).
     """
     if perturbed is None:
         return None
-    expected = f"expected a tensor {_tensor_text(features)} like the features (or None)"
+    autocast = autocast_dtype(features.device)
+    accepted = list(dict.fromkeys([features.dtype, *([torch.float32, autocast] if autocast is not None else [])]))
+    others = " or ".join(_dtype_text(dtype) for dtype in accepted[1:])
+    under = f" (or {others} under this run's autocast)" if others else ""
+    expected = f"expected a tensor {_tensor_text(features)}{under} like the features (or None)"
     if not isinstance(perturbed, Tensor):
         raise PluginError(f"{label} returned {type(perturbed).__name__}, {expected}")
-    wrong_dtype = perturbed.dtype not in (features.dtype, *MIXED_PRECISION_DTYPES)
-    if perturbed.shape != features.shape or wrong_dtype or perturbed.device != features.device:
+    if perturbed.shape != features.shape or perturbed.dtype not in accepted or perturbed.device != features.device:
         raise PluginError(f"{label} returned a tensor {_tensor_text(perturbed)}, {expected}")
     return perturbed.to(features.dtype)
 

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterator, Protocol
 
+from sandbox.analysis.runs import strict_json
 from sandbox.atomic_files import fsync_directory, remove_temporaries, write_atomically
 from sandbox.errors import SandboxError
 from sandbox.renamed_values import with_current_names
@@ -221,8 +222,9 @@ class RunDirectory:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to ``metrics.jsonl``: one ``write`` of the whole line, checked right before
-        (the file's first line is written as :meth:`write_file` writes)."""
-        line = (json.dumps(record) + "\n").encode()
+        (the file's first line is written as :meth:`write_file` writes). Strict JSON: a non-finite value
+        is written as ``null`` (:func:`~sandbox.analysis.runs.strict_json`)."""
+        line = (strict_json(record) + "\n").encode()
         self.check_writable()
         try:
             descriptor = os.open(self.metrics_file, os.O_WRONLY | os.O_APPEND)
@@ -250,8 +252,8 @@ class RunDirectory:
         self.write_file(self.metrics_file, "".join(line + "\n" for line in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """Write ``summary.json``."""
-        self.write_file(self.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+        """Write ``summary.json`` (strict JSON: a non-finite value is written as ``null``)."""
+        self.write_file(self.summary_file, (strict_json(summary, indent=2) + "\n").encode())
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoint folders whose writing finished (they hold ``COMPLETE``), oldest first."""

@@ -111,11 +111,25 @@ def relative_step(features: Tensor, perturbed: Tensor, valid: Tensor) -> Tensor:
     The step computes it (``perturbation_relative_norm``) only on iterations that write a log line
     (:func:`~sandbox.train.log_window.is_log_step`): the logged value is that iteration's alone,
     not a mean over the steps of the log window as the other logged values are.
+
+    Each norm is taken of the vector divided by its largest magnitude (then multiplied back), so
+    that no square overflows float32: features or steps above ~1e19 (a plugin's runaway step) give
+    their true ratio, not infinity. The difference is taken in float32, whatever the features' dtype.
     """
-    size = features.float().norm(dim=1)
-    ratio = (perturbed - features).float().norm(dim=1) / size.clamp(min=1e-12)
-    counted = (valid & (size > 0)).float()
-    return (ratio * counted).sum() / counted.sum().clamp(min=1.0)
+    size_scale, size = scaled_norm(features.float())
+    step_scale, step = scaled_norm(perturbed.float() - features.float())
+    counted = valid & (size_scale > 0)  # there the scaled size is at least 1
+    ratio = (step_scale / size_scale.clamp(min=torch.finfo(torch.float32).tiny)) * (step / size.clamp(min=1.0))
+    return torch.where(counted, ratio, 0.0).sum() / counted.sum().clamp(min=1)
+
+
+def scaled_norm(values: Tensor) -> tuple[Tensor, Tensor]:
+    """``(m, n)`` per pixel of ``values`` ``(B, C, h, w)``: ``m`` the largest magnitude over the channels and
+    ``n`` the norm of the channels divided by ``m`` (0 where ``m`` is), so that the norm is ``m * n`` and no
+    square overflows."""
+    scale = values.abs().amax(dim=1)
+    unit = (values / scale.clamp(min=torch.finfo(values.dtype).tiny).unsqueeze(1)).norm(dim=1)
+    return scale, unit
 
 
 @dataclass
