@@ -449,7 +449,9 @@ def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise SandboxError(f"{path}: base = {base!r}: expected a path to another recipe")
-    return merge(read_toml(path.parent / base, (*_chain, resolved)), data)
+    inherited = read_toml(path.parent / base, (*_chain, resolved))
+    inherited.pop("name", None)  # a run's name is its own file's (or that file's stem), never its base's
+    return merge(inherited, data)
 
 
 def plugin_beside(recipe_path: Path, entry: Any) -> Any:
@@ -470,9 +472,12 @@ def dataset_root_beside(recipe_path: Path, data: dict[str, Any]) -> None:
     in ``recipes/``, run from the repository; a run's saved recipe of such a root) is kept as written,
     as is one beside a recipe in the working directory (both readings agree, and runs saved before
     resume as they are). Where both exist and differ, the recipe's folder wins, with a note naming both.
+    A root starting with ``~`` is the user's home, as in a shell.
     """
     table = data.get("dataset")
     root = table.get("root") if isinstance(table, dict) else None
+    if isinstance(root, str) and root.startswith("~"):  # the user's home, as a shell would read it
+        table["root"] = root = str(Path(root).expanduser())
     if not isinstance(root, str) or not root.strip() or Path(root).is_absolute():
         return
     beside, here = (recipe_path.parent / root).resolve(), Path(root).resolve()

@@ -219,6 +219,21 @@ def test_masks_without_a_labeled_pixel_are_refused_up_front(folder: Path) -> Non
         make_folder_dataset(root=str(folder), class_names=CLASSES, ignore_index=7)
 
 
+def test_a_class_no_mask_holds_is_named_in_a_warning(folder: Path, capsys: pytest.CaptureFixture) -> None:
+    """Binary masks saved as 0/255 (the usual way): 255 is the ignore index, so the foreground is never
+    learned and the run reported a val mIoU of 100 (the background's) without a word; now one warning
+    line names the class. A dataset whose every class appears gets none."""
+    make_folder_dataset(root=str(folder), class_names=CLASSES)
+    assert "warning" not in capsys.readouterr().err
+    for number, stem in enumerate(STEMS):
+        binary = np.where(class_ids(number) > 0, IGNORE_INDEX, 0).astype(np.uint8)
+        Image.fromarray(binary).save(folder / "masks" / f"{stem}.png")
+    make_folder_dataset(root=str(folder), class_names=CLASSES)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: dataset folder {folder}: classes ")
+    assert f"{CLASSES[1]!r} (id 1), {CLASSES[2]!r} (id 2) appear in no labeled or val mask" in err and "0/255?" in err
+
+
 def test_paletted_masks_give_the_colours_predictions_are_drawn_in(folder: Path) -> None:
     """Without a ``palette`` option, the palette of paletted mask PNGs is the dataset's (the VOC map before)."""
     own = [(10, 20, 30), (200, 100, 0), (0, 90, 250)]
@@ -258,3 +273,14 @@ def test_a_relative_root_is_read_beside_the_recipe(
     capsys.readouterr()
     assert root_of("data") == str((recipes / "data").resolve()), "both exist: the recipe's folder wins"
     assert f"[dataset] root = 'data' is {(recipes / 'data').resolve()} (relative to the recipe's folder), not" in capsys.readouterr().err
+
+
+def test_a_root_in_the_home_folder_is_read_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``root = "~/data"`` is the user's home, as a shell reads it (it was joined to the recipe's folder)."""
+    from sandbox.recipe import read_toml
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    recipe = tmp_path / "recipes" / "mine.toml"
+    recipe.parent.mkdir()
+    recipe.write_text('[dataset]\nname = "folder"\nroot = "~/data"\n')
+    assert read_toml(recipe)["dataset"]["root"] == str(tmp_path / "home" / "data")

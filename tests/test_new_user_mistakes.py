@@ -263,3 +263,23 @@ def test_training_prints_the_split_sizes_it_uses(tiny_recipe: Path, capsys: pyte
     assert capsys.readouterr().err == "data: [dataset] 'shapes': 8 labeled, 16 unlabeled, 4 val images\n"
     build_train_views(source, recipe, announce=False)
     assert capsys.readouterr().err == ""
+
+
+def test_overwrite_leaves_a_folder_that_holds_no_run_whole(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--overwrite`` replaces a run, nothing else: at the run's place, a folder of the user's own (here
+    reached through a link) is left whole, with one line (exit 2). Before, every file in it was deleted."""
+    own = tmp_path / "thesis"
+    own.mkdir()
+    (own / "thesis.txt").write_text("years of work")
+    run = tmp_path / "runs" / "tiny" / "seed3"
+    run.parent.mkdir(parents=True)
+    run.symlink_to(own)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_recipe), "--overwrite"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "holds files but no run (no recipe.toml)" in errors[0], err
+    assert sorted(p.name for p in own.iterdir()) == ["thesis.txt"] and (own / "thesis.txt").read_text() == "years of work"

@@ -120,8 +120,8 @@ def test_probe_json_figures_are_consistent(trained_run: Path, tmp_path: Path, ca
 
 def test_probe_default_is_the_runs_perturbation_and_deterministic(trained_run: Path, capsys: pytest.CaptureFixture) -> None:
     first = json.loads(run_cli(["probe", str(trained_run), "--images", "2", "--format", "json"], capsys)[1])
-    second = json.loads(run_cli(["probe", str(trained_run), "--images", "2", "--format", "json"], capsys)[1])
-    assert [entry["name"] for entry in first["perturbations"]] == ["ddfp"]
+    second = json.loads(run_cli(["probe", str(trained_run / "recipe.toml"), "--images", "2", "--format", "json"], capsys)[1])
+    assert [entry["name"] for entry in first["perturbations"]] == ["ddfp"]  # (the run's recipe.toml names the run too)
     assert first == second
     assert (trained_run / "probe" / "ddfp.png").is_file()  # default --out: probe/ inside the run
 

@@ -133,3 +133,18 @@ def test_an_old_option_value_still_works_with_a_note(tmp_path: Path, capsys: pyt
     run_dir.recipe_file.write_text(recipe.to_toml().replace('"image_pixels"', '"valid"'))
     run_dir.prepare(recipe, resume=True, overwrite=False)
     assert read_run(run_dir.path).recipe["train.unsupervised_normalisation"] == "image_pixels"
+
+
+def test_a_recipe_without_a_name_is_named_by_its_file_not_by_its_base(tmp_path: Path) -> None:
+    """The README's rule (``name`` defaults to the file stem) holds for a recipe with a ``base``: before,
+    it took its base's name, so its run went into the base's run folder (and ``--overwrite`` would
+    have deleted the base's run)."""
+    from conftest import write_tiny_recipe
+
+    base = write_tiny_recipe(tmp_path)
+    child = tmp_path / "lower_lr.toml"
+    child.write_text(f'base = "{base.name}"\n[train]\nlr = 0.001\n')
+    assert load_recipe(base).name == "tiny" and load_recipe(child).name == "lower_lr"
+    named = tmp_path / "named.toml"
+    named.write_text(f'base = "{base.name}"\nname = "mine"\n')
+    assert load_recipe(named).name == "mine"

@@ -166,6 +166,13 @@ def probe_one(
     return result
 
 
+def run_folder(path: Path) -> Path:
+    """The run folder ``path`` names: itself, or the folder of the run's ``recipe.toml`` when given that file."""
+    from sandbox.run_files import RECIPE_FILE
+
+    return path.parent if path.is_file() and path.name == RECIPE_FILE else path
+
+
 def load_probed_run(run_dir: Path, plugins: list[str], names: list[str]) -> ProbedRun:
     """The run's recipe (``recipe.toml``, ``--plugin`` added) and trained models; ``names`` (the
     perturbations to probe, empty: the run's own) are checked first."""
@@ -201,6 +208,7 @@ def probe(
 
     if perturb_at not in (None, "classifier", "encoder"):
         raise SandboxError(f"--perturb-at {perturb_at!r}: expected 'classifier' or 'encoder'")
+    run_dir = run_folder(run_dir)
     run = load_probed_run(run_dir, list(plugin or []), list(perturbation or []))
     names = list(dict.fromkeys(perturbation or [run.recipe.perturbation.name]))
     settings = run.recipe.train.model_copy(update={"perturb_at": perturb_at or run.recipe.train.perturb_at})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import operator
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,13 +446,35 @@ def verify_all(source: SegmentationSource, check_files: bool, limit: int | None 
     total = len(source.labeled) + len(source.unlabeled) + len(source.val)
     if not check_files or total > (FULL_CHECK_LIMIT if limit is None else limit):
         return False
+    present: set[int] = set()
     for name, part in (("labeled", source.labeled), ("val", source.val)):
-        labeled_pixels = sum(int((part[index][1] != source.ignore_index).any()) for index in range(len(part)))
+        labeled_pixels = 0
+        for index in range(len(part)):
+            mask = part[index][1]
+            values = mask[mask != source.ignore_index].unique().tolist()
+            labeled_pixels += bool(values)
+            present.update(int(value) for value in values)
         if len(part) and not labeled_pixels:
             raise ValueError(f"{where}: {_all_ignore(name, part, source)}")
     for index in range(len(source.unlabeled)):
         source.unlabeled[index]
+    absent = [index for index in range(source.num_classes) if index not in present]
+    if absent:
+        print(f"warning: {where}: {_absent_classes(absent, source)}", file=sys.stderr)
     return True
+
+
+def _absent_classes(absent: list[int], source: SegmentationSource) -> str:
+    """The warning for classes that no labeled or val mask holds (their IoU is undefined, the mIoU is the
+    other classes'): often masks saved as 0/255, whose 255 is the ignore index."""
+    names = ", ".join(f"{source.class_names[index]!r} (id {index})" if index < len(source.class_names) else f"id {index}"
+                      for index in absent)
+    one = len(absent) == 1
+    return (
+        f"{'class' if one else 'classes'} {names} {'appears' if one else 'appear'} in no labeled or val mask: "
+        f"{'it is' if one else 'they are'} never learned and {'its IoU is' if one else 'their IoUs are'} undefined, so the "
+        f"mIoU is that of the other classes (masks saved as 0/{source.ignore_index}? {source.ignore_index} is the ignore index)"
+    )
 
 
 def _all_ignore(name: str, part: Sequence[tuple[Tensor, Tensor]], source: SegmentationSource) -> str:

@@ -212,6 +212,11 @@ class RunDirectory:
                     f"run directory {self.path} already exists; use --resume to continue it, --overwrite to "
                     f"replace it, or --set name=... for a new run"
                 )
+            if not self.recipe_file.is_file():
+                raise SandboxError(
+                    f"--overwrite: {self.path} holds files but no run (no {RECIPE_FILE}); --overwrite replaces only a "
+                    "run: choose another name (--set name=...) or output_dir, or empty that folder yourself; nothing was deleted"
+                )
             self.check_writable()
             remove_all(content)
         try:
