@@ -317,6 +317,9 @@ MUTATIONS = [
     Mutation("probe-recipe-file-not-its-run", "sandbox/cli/probe.py",
              "    return path.parent if path.is_file() and path.name == RECIPE_FILE else path\n", "    return path\n",
              ["tests/test_probe.py", "-k", "default_is_the_runs"]),
+    Mutation("plugins-file-shadows-a-module", "sandbox/plugins.py",
+             "        if clash is not None and os.path.realpath(clash) != os.path.realpath(path):",
+             "        if False:", [NEW_USER, "-k", "named_like_a_module"]),
     # sandbox/sweep/claims.py
     Mutation("claims-takeover-without-reread", "sandbox/sweep/claims.py",
              "        current = read_claim(path)\n        if current is None or current.token != stale.token or "

@@ -93,6 +93,12 @@ def import_plugin_module(spec: str) -> ModuleType:
         loaded = sys.modules.get(path.stem)
         if loaded is not None and same_file(loaded, path):
             return loaded  # the file given again (by another path, or by its module name): one module, run once
+        clash = module_named(path.stem)
+        if clash is not None and os.path.realpath(clash) != os.path.realpath(path):
+            raise SandboxError(
+                f"plugin file {spec} has the name of the module {path.stem!r} ({clash}), which it would replace for "
+                f"everything in this process; rename the file (e.g. my_{path.name})"
+            )
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
@@ -123,6 +129,19 @@ def no_hooks_error(spec: str, module: ModuleType | None) -> SandboxError:
     files = sorted(folder.glob("*.py"))
     example = f", e.g. {Path(spec) / files[0].name}" if files else ""
     return SandboxError(f"plugin {spec} is a folder; {expected}{example}")
+
+
+def module_named(name: str) -> str | None:
+    """Where the module ``name`` that this process uses, or would import, comes from (its file, or
+    ``built-in``); None when there is no such module."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, "__file__", None) or "built-in"
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return None if found is None else (found.origin or "a namespace package")
 
 
 def same_file(module: object, path: str | Path | None) -> bool:

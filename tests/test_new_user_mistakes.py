@@ -283,3 +283,15 @@ def test_overwrite_leaves_a_folder_that_holds_no_run_whole(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and "holds files but no run (no recipe.toml)" in errors[0], err
     assert sorted(p.name for p in own.iterdir()) == ["thesis.txt"] and (own / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_plugin_file_named_like_a_module_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A ``--plugin json.py`` replaced the standard library's ``json`` for the whole process (the run then
+    failed with an error naming no plugin, and left a run folder behind); now one line naming the module."""
+    plugin = tmp_path / "json.py"
+    plugin.write_text("from sandbox.api import hookimpl\n\n@hookimpl\ndef sandbox_register_perturbations(register):\n    pass\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plugins", "--plugin", str(plugin)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: plugin file {plugin} has the name of the module 'json' ("), err
+    assert json.dumps({"intact": True}) == '{"intact": true}' and sys.modules["json"].__file__ != str(plugin)
