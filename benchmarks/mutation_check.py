@@ -320,6 +320,9 @@ MUTATIONS = [
     Mutation("plugins-file-shadows-a-module", "sandbox/plugins.py",
              "        if clash is not None and os.path.realpath(clash) != os.path.realpath(path):",
              "        if False:", [NEW_USER, "-k", "named_like_a_module"]),
+    Mutation("recipe-boolean-read-as-number", "sandbox/recipe.py",
+             "        if isinstance(value, bool) and field is not None and is_number(field.annotation):",
+             "        if False:", ["tests/test_recipe.py", "-k", "true_or_false"]),
     # sandbox/sweep/claims.py
     Mutation("claims-takeover-without-reread", "sandbox/sweep/claims.py",
              "        current = read_claim(path)\n        if current is None or current.token != stale.token or "

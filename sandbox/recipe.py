@@ -16,11 +16,14 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Collection, Literal
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Collection, Literal, Union, get_args, get_origin
 
 import pydantic
 import tomli_w
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator,
+)
 
 from sandbox.errors import SandboxError, lower_first
 from sandbox.renamed_values import rename_old_values
@@ -31,9 +34,26 @@ if TYPE_CHECKING:
 
 
 class Section(BaseModel):
-    """A fixed recipe table: unknown keys are errors."""
+    """A fixed recipe table: unknown keys are errors, and so is ``true``/``false`` for a number."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse ``true``/``false`` where a number goes (pydantic would read them as 1 and 0)."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and is_number(field.annotation):
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        return value
+
+
+def is_number(annotation: Any) -> bool:
+    """Whether a field of type ``annotation`` holds a number (``int``, ``float``, or one of them or None)."""
+    if annotation in (int, float):
+        return True
+    arguments = [argument for argument in get_args(annotation) if argument is not type(None)]
+    return get_origin(annotation) in (Union, UnionType) and bool(arguments) and all(is_number(a) for a in arguments)
 
 
 def finite(value: Any) -> Any:

@@ -409,10 +409,11 @@ RAISING_PLUGIN = Path(__file__).with_name("raising_perturbation.py")
 RAISED = "perturbation 'raise_on_call' (from raising_perturbation) raised in forward:"
 
 
-def raising(only_rank: int) -> list[str]:
-    """Arguments that make the perturbation raise on its second call (step 4 of 6) on ``only_rank`` (-1: all)."""
-    return ["--plugin", str(RAISING_PLUGIN), "--set", "perturbation.name=raise_on_call",
-            "--set", f"perturbation.only_rank={only_rank}"]
+def raising(only_rank: int | None) -> list[str]:
+    """Arguments that make the perturbation raise on its second call (step 4 of 6) on ``only_rank`` (-1: all;
+    None: left to a ``--grid`` of ``perturbation.only_rank``)."""
+    rank = [] if only_rank is None else ["--set", f"perturbation.only_rank={only_rank}"]
+    return ["--plugin", str(RAISING_PLUGIN), "--set", "perturbation.name=raise_on_call", *rank]
 
 
 @pytest.mark.slow  # its twin in the default run: the sweep that a failure on process 1 ends (below)
@@ -435,7 +436,7 @@ def test_ablate_goes_on_after_runs_failing_everywhere_and_ends_after_one_failing
     out = tmp_path / "sweep"
     log = tmp_path / "ablate.log"
     command = accelerate_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                                 "-m", "sandbox", "ablate", str(tiny_recipe), *raising(-1),
+                                 "-m", "sandbox", "ablate", str(tiny_recipe), *raising(None),
                                  "--grid", "dataset.num_unlabeled=0,16", "--grid", "perturbation.only_rank=-1,1,7",
                                  "--set", "train.threads=1", "--output", str(out))
     started = time.monotonic()

@@ -148,3 +148,11 @@ def test_a_recipe_without_a_name_is_named_by_its_file_not_by_its_base(tmp_path: 
     named = tmp_path / "named.toml"
     named.write_text(f'base = "{base.name}"\nname = "mine"\n')
     assert load_recipe(named).name == "mine"
+
+
+def test_true_or_false_for_a_number_is_refused(tiny_recipe: Path) -> None:
+    """``iters = true`` was read as 1 and ``threshold = false`` as 0.0, without a word."""
+    for key in ("train.iters=true", "train.threshold=false", "eval.batch_size=true"):
+        with pytest.raises(SandboxError, match=rf"{key.split('=')[0]} = \w+: expected a number, not {key.split('=')[1]}"):
+            load_recipe(tiny_recipe, [key])
+    assert load_recipe(tiny_recipe, ["train.sync_bn=false"]).train.sync_bn is False, "a boolean setting takes one"
