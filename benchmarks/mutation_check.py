@@ -323,6 +323,12 @@ MUTATIONS = [
     Mutation("recipe-boolean-read-as-number", "sandbox/recipe.py",
              "        if isinstance(value, bool) and field is not None and is_number(field.annotation):",
              "        if False:", ["tests/test_recipe.py", "-k", "true_or_false"]),
+    Mutation("ctrl-c-stops-silently", "sandbox/train/loop.py",
+             '                line = self._stop_note("Ctrl-C")\n', "                line = None\n",
+             ["tests/test_reliability.py", "-k", "ctrl_c"]),
+    Mutation("data-orphan-mask-dropped", "plugins/folder_dataset.py",
+             "        if stem not in images:\n            raise FileNotFoundError(orphan_mask(",
+             "        if False:\n            raise FileNotFoundError(orphan_mask(", ["tests/test_dataset_folder.py", "-k", "readable_image"]),
     # sandbox/sweep/claims.py
     Mutation("claims-takeover-without-reread", "sandbox/sweep/claims.py",
              "        current = read_claim(path)\n        if current is None or current.token != stale.token or "

@@ -31,6 +31,7 @@ See :mod:`sandbox.data.segmentation_files` for the errors and when files are dec
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,9 @@ def make_folder_dataset(
     for stem, path in images.items():
         if stem not in masks and stem not in named_unlabeled:
             raise FileNotFoundError(f"image {path} has no mask {base / 'masks' / (stem + '.png')}")
+    for stem, path in masks.items():
+        if stem not in images:
+            raise FileNotFoundError(orphan_mask(path, base / "images", stem))
     in_images = f"{base / 'images'} with a mask in {base / 'masks'}"
     named_labeled = _read_stems(present["labeled"], masked, in_images) if "labeled" in present else []
 
@@ -175,6 +179,18 @@ def make_folder_dataset(
     )
     verify_all(source, check_files, where=f"dataset folder {base}")
     return source
+
+
+def orphan_mask(mask: Path, images: Path, stem: str) -> str:
+    """Why ``mask`` has no image in the folder ``images``: what is there under its stem (a file of another
+    type, a broken link), or nothing; images are ``.jpg``, ``.jpeg`` or ``.png`` (it was dropped silently)."""
+    there = sorted(images.glob(f"{glob.escape(stem)}.*"))
+    found = "; ".join(
+        f"{path.name} is a broken link" if path.is_symlink() and not path.exists() else f"{path.name} is not read"
+        for path in there
+    )
+    return (f"mask {mask} has no image {images / stem}.jpg, .jpeg or .png" + (f" ({found})" if found else "")
+            + "; expected one image per mask")
 
 
 def display_palette(palette: list[list[int]] | None, masks: list[Path], count: int) -> list[tuple[int, int, int]]:

@@ -284,3 +284,17 @@ def test_a_root_in_the_home_folder_is_read_there(tmp_path: Path, monkeypatch: py
     recipe.parent.mkdir()
     recipe.write_text('[dataset]\nname = "folder"\nroot = "~/data"\n')
     assert read_toml(recipe)["dataset"]["root"] == str(tmp_path / "home" / "data")
+
+
+def test_a_mask_without_a_readable_image_is_named(folder: Path) -> None:
+    """An image the dataset does not read (a .tif, a broken link) dropped its mask too, silently: half a
+    dataset could vanish; now one line names the mask and what stands in its image's place."""
+    write_image(folder / "images" / "img05.jpg", 5)
+    (folder / "images" / "img05.jpg").rename(folder / "images" / "img05.tif")
+    with pytest.raises(FileNotFoundError, match=r"mask .*masks/img05\.png has no image .*images/img05\.jpg, \.jpeg or "
+                                                 r"\.png \(img05\.tif is not read\); expected one image per mask"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)
+    (folder / "images" / "img05.tif").unlink()
+    (folder / "images" / "img05.jpg").symlink_to(folder / "gone.jpg")
+    with pytest.raises(FileNotFoundError, match=r"\(img05\.jpg is a broken link\)"):
+        make_folder_dataset(root=str(folder), class_names=CLASSES)

@@ -155,6 +155,32 @@ class Terminated(BaseException):
     """What the test's SIGTERM handler raises: it stands for SIGTERM's default, the end of the process."""
 
 
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(
+    trained_tiny_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (KeyboardInterrupt in the main thread) while step 6's checkpoint is written prints the line
+    SIGTERM prints, then stops as Ctrl-C does; it printed nothing before."""
+    from sandbox.train import loop
+
+    run_dir = trained_tiny_run
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    forget_the_end(run_dir)
+    fsync_tree = loop.fsync_tree
+
+    def interrupted_while_writing(folder: Path) -> None:
+        if folder.name == "step_00000006":
+            raise KeyboardInterrupt
+        fsync_tree(folder)
+
+    monkeypatch.setattr(loop, "fsync_tree", interrupted_while_writing)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["run", str(run_dir / "recipe.toml"), "--resume"])
+    stopped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stopped by")]
+    assert stopped == [f"stopped by Ctrl-C at step 6 of 6 while writing checkpoint step_00000006 (not complete); "
+                       f"--resume continues from step_00000003: sandbox run {run_dir / 'recipe.toml'} --resume "
+                       "(a sweep's run: rerun its sandbox ablate command)"]
+
+
 def test_sigterm_during_a_checkpoint_says_where_the_run_stopped_and_how_to_resume(
     trained_tiny_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -533,6 +533,11 @@ class Trainer:
                 announced_on_sigterm(self._stop_note):
             try:
                 return self._train(resume)
+            except KeyboardInterrupt:  # Ctrl-C: the line SIGTERM prints, then stop as Ctrl-C does
+                line = self._stop_note("Ctrl-C")
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+                raise
             except SandboxError as error:
                 if not isinstance(error, (PluginError, DataError)):  # a recipe's error needs no step
                     raise
@@ -543,9 +548,9 @@ class Trainer:
     def _steps_done(self) -> str:
         return f"{self.state.step} of {self.recipe.train.iters} steps"
 
-    def _stop_note(self) -> str | None:
-        """The line a SIGTERM prints (main process): where the run stopped, which checkpoint a resume
-        continues from and the command that does it."""
+    def _stop_note(self, cause: str = "SIGTERM") -> str | None:
+        """The line a SIGTERM (or Ctrl-C, ``cause``) prints (main process): where the run stopped, which
+        checkpoint a resume continues from and the command that does it."""
         if not self.accelerator.is_main_process:
             return None
         writing = self.writing_checkpoint
@@ -554,7 +559,7 @@ class Trainer:
         start = (f"--resume continues from {complete[-1].name}" if complete
                  else "no checkpoint is complete: --resume starts at step 0")
         launcher = " (under the same accelerate launch options)" if self.accelerator.num_processes > 1 else ""
-        return (f"stopped by SIGTERM at step {self.state.step} of {self.recipe.train.iters}{during}; {start}: "
+        return (f"stopped by {cause} at step {self.state.step} of {self.recipe.train.iters}{during}; {start}: "
                 f"sandbox run {self.run_dir.recipe_file} --resume{launcher} "
                 "(a sweep's run: rerun its sandbox ablate command)")
 
