@@ -11,14 +11,14 @@ import torch
 
 from sandbox.atomic_files import TEMPORARY_MARK, remove_temporaries, write_atomically
 from sandbox.run_files import is_claim_file
-from sandbox.train.rundir import atomic_torch_save
+from sandbox.train.rundir import RunDirectory
 
 
 def test_a_new_file_has_the_users_umask_not_0600(tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
         write_atomically(tmp_path / "summary.json", b"{}")
-        atomic_torch_save({"a": torch.ones(2)}, tmp_path / "best.pt")
+        RunDirectory(tmp_path).save_torch({"a": torch.ones(2)}, tmp_path / "best.pt")
     finally:
         os.umask(previous)
     for name in ("summary.json", "best.pt"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
@@ -18,7 +17,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from sandbox import __version__
-from sandbox.analysis.runs import read_provenance
+from sandbox.analysis.runs import read_provenance, strict_json
 from sandbox.api import DensityEstimator
 from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import DataError, read_batches
@@ -187,7 +186,7 @@ def record_provenance(run_dir: RunDirectory, provenance: dict[str, Any]) -> None
     recorded = read_provenance(run_dir.path)
     if recorded is None:
         try:
-            run_dir.write_file(path, (json.dumps(provenance, indent=2) + "\n").encode())
+            run_dir.write_file(path, (strict_json(provenance, indent=2) + "\n").encode())
         except OSError as error:  # a full disk
             raise unwritable(run_dir.path, error) from None
         return

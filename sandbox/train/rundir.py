@@ -9,7 +9,7 @@ A holder paused for longer than its claim's timeout (and taken over meanwhile) l
 never overwrites one of the taker's.
 
 Importing this module imports no torch (``sandbox ablate --list`` reads run directories): the
-functions that need it (:func:`atomic_torch_save`, checkpoint verification) import it when called.
+functions that need it (:meth:`RunDirectory.save_torch`, checkpoint verification) import it when called.
 """
 
 from __future__ import annotations
@@ -33,21 +33,8 @@ if TYPE_CHECKING:
     from sandbox.recipe import Recipe
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all, flushed to disk (:func:`sandbox.atomic_files.write_atomically`)."""
-    write_atomically(path, data)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` whole or not at all, flushed to disk."""
-    import torch
-
-    write_atomically(path, lambda handle: torch.save(obj, handle))
-
-
-"""The files of a run directory that tools reading runs (``sandbox compare``, ``plot``) look for."""
-
 COMPLETE_MARKER = "COMPLETE"
+"""Written last (atomically) into a checkpoint folder: only folders holding it count."""
 
 CHECKPOINTED_OBJECTS = ("teacher", "training state", "density")
 """What :class:`~sandbox.train.loop.Trainer` registers for checkpointing besides the prepared student,
@@ -58,7 +45,6 @@ in this order (the density estimator only where the run has one); Accelerate sav
 def checkpointed_file(folder: Path, name: str) -> Path:
     """The file of the checkpointed object ``name`` (one of :data:`CHECKPOINTED_OBJECTS`) in a checkpoint folder."""
     return folder / f"custom_checkpoint_{CHECKPOINTED_OBJECTS.index(name)}.pkl"
-"""Written last (atomically) into a checkpoint folder: only folders holding it count."""
 
 
 class CorruptCheckpointError(Exception):
