@@ -13,6 +13,8 @@
 #      per process; logits and gradients of each class against one process's plain BatchNorm on the
 #      concatenated batch, within 1e-3; ms per step; syncs per step by CUDA's detector, which does not
 #      see gloo's own waits);
+#   5. `sandbox bench` on recipes/unimatch_v2_pascal.toml and recipes/unimatch_v2_ddfp_pascal.toml at
+#      UniMatch V2's crop 518 and batch 4+4 (DINOv2-S with random weights; each against `none`);
 # then one summary. Logs and summary.txt go to the folder given as argument, else $OUT, else
 # ./gpu_check_out.
 #
@@ -23,8 +25,8 @@
 # instead of ResNet-101, one timed step, and torch.compile disabled (TORCHDYNAMO_DISABLE=1:
 # compiling on a CPU takes minutes), so its figures mean nothing. Without the dry flag and without
 # a CUDA device the script stops at once.
-# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch batchnorm" seconds; default
-# 160 160 80 80 on a GPU, 900 600 600 300 in the dry run); a phase that runs out is reported as such and the script goes
+# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch batchnorm v2" seconds; default
+# 150 150 80 70 100 on a GPU, 900 600 600 300 600 in the dry run); a phase that runs out is reported as such and the script goes
 # on. The exit status is 0 when every phase passed, 1 otherwise, 2 without a CUDA device.
 set -u -o pipefail
 
@@ -45,8 +47,9 @@ if [ "$dry" = 1 ]; then
     ddfp_fallback=("${tiny[@]}" --set train.batch_size=1 --set train.unlabeled_batch_size=1)
     unimatch_sizes=("${tiny[@]}")
     batchnorm_sizes=(--set backbone.model=resnet18 --crop 33 --batch 2 --steps 1 --warmup 0)
+    v2_sizes=(--set train.crop_size=28 --set train.batch_size=2 --set train.unlabeled_batch_size=2)
     mode="dry run on the CPU (tiny sizes, compile disabled: figures mean nothing)"
-    limits="900 600 600 300"
+    limits="900 600 600 300 600"
 else
     if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
         echo "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine," \
@@ -58,10 +61,11 @@ else
     ddfp_fallback=(--set train.crop_size=513 --set train.batch_size=4 --set train.unlabeled_batch_size=4)
     unimatch_sizes=()
     batchnorm_sizes=(--crop 513 --batch 2 --steps 3 --warmup 1)
+    v2_sizes=(--set train.crop_size=518 --set train.batch_size=4 --set train.unlabeled_batch_size=4)
     mode="$("$python" -c 'import torch; print(torch.cuda.get_device_name(0))')"
-    limits="160 160 80 80"
+    limits="150 150 80 70 100"
 fi
-read -r limit_tests limit_ddfp limit_unimatch limit_batchnorm <<< "${GPU_CHECK_LIMITS:-$limits}"
+read -r limit_tests limit_ddfp limit_unimatch limit_batchnorm limit_v2 <<< "${GPU_CHECK_LIMITS:-$limits}"
 synthetic=(--num-classes 21 --set backbone.weights=none)  # synthetic data and random weights: nothing to download
 
 # run NAME LIMIT COMMAND...: COMMAND's output in $out/NAME.log; its status in $out/NAME.status
@@ -98,10 +102,14 @@ run unimatch_levers "$limit_unimatch" "$python" -m sandbox bench recipes/unimatc
     "${synthetic[@]}" "${bench_steps[@]}" "${unimatch_sizes[@]}"
 run batchnorm "$limit_batchnorm" "$python" -m torch.distributed.run --standalone --nproc_per_node 2 \
     benchmarks/batchnorm_classes.py recipes/ddfp_pascal.toml --set backbone.weights=none "${batchnorm_sizes[@]}"
+# UniMatch V2 and DDFP inside it, one command so that one time limit covers both
+run v2 "$limit_v2" bash -c '"$0" -m sandbox bench recipes/unimatch_v2_pascal.toml "${@}" &&
+    "$0" -m sandbox bench recipes/unimatch_v2_ddfp_pascal.toml "${@}"' "$python" --num-classes 21 \
+    --set model.weights=none "${bench_steps[@]}" "${v2_sizes[@]}"
 
 {
     echo "gpu_check: $mode"
-    for name in gpu_tests ddfp_levers unimatch_levers batchnorm; do
+    for name in gpu_tests ddfp_levers unimatch_levers batchnorm v2; do
         echo "$name: $(cat "$out/$name.status")"
     done
     if [ -e "$out/ddfp_levers_first_try.log" ]; then
@@ -122,8 +130,10 @@ run batchnorm "$limit_batchnorm" "$python" -m torch.distributed.run --standalone
     done
     echo
     sed -n '/^batchnorm classes:/,/^logits and gradients/p' "$out/batchnorm.log"
+    echo
+    grep -E 'training step:|perturbation|complementary|ddfp|none' "$out/v2.log" | grep -v '^==' || echo "v2: no table"
 } > "$out/summary.txt"
 cat "$out/summary.txt"
-if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers|batchnorm): ' "$out/summary.txt"); then
+if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers|batchnorm|v2): ' "$out/summary.txt"); then
     exit 1
 fi

@@ -47,6 +47,8 @@ PAPER_RECIPES = ["tests/test_recipe.py", "-k", "paper_recipes"]
 GONE = ["tests/test_provenance.py", "-k", "gone"]
 NEW_USER = "tests/test_new_user_mistakes.py"
 E = "tests/test_errors.py"
+V2_STEP = ["tests/test_unimatch_v2_step.py", "tests/test_perturbations.py", "tests/test_cutmix.py", "tests/test_step_semantics.py",
+           "tests/test_model.py", "-k", "unimatch_v2 or complementary or flipped or update_teacher or in_place"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,33 @@ MUTATIONS = [
              "return (~padding).sum() if self.settings.unsupervised_normalisation == \"image_pixels\" else valid.sum()",
              "return valid.sum() if self.settings.unsupervised_normalisation == \"image_pixels\" else (~padding).sum()",
              STEP),
+    # UniMatch V2's step (issue 37)
+    Mutation("v2-masks-not-complementary", "plugins/perturbations.py",
+             "torch.cat([first, 2.0 - first])", "torch.cat([first, first])", V2_STEP),
+    Mutation("v2-every-pair-masked", "plugins/perturbations.py",
+             "            first[unmasked] = 1.0\n", "", V2_STEP),
+    Mutation("v2-one-mask-per-map", "plugins/perturbations.py",
+             "            if width in masks:\n                continue\n", "", V2_STEP),
+    Mutation("v2-teacher-in-train-mode", "sandbox/train/step.py",
+             "teacher.train(settings.teacher_mode == \"train\")", "teacher.train(True)", V2_STEP),
+    Mutation("v2-normalised-by-trusted-pixels", "sandbox/train/step.py",
+             "return (~padding).sum() if self.settings.unsupervised_normalisation == \"image_pixels\" else valid.sum()",
+             "return valid.sum()", V2_STEP),
+    Mutation("v2-partners-rolled-not-flipped", "sandbox/train/cutmix.py",
+             "tensor.flip(0) if flipped else", "tensor.roll(1, dims=0) if flipped else", V2_STEP),
+    Mutation("v2-labeled-in-the-strong-pass", "sandbox/train/step.py",
+             "labeled_logits = student(labeled.images).logits if labels.student_out is None else",
+             "labeled_logits = student(torch.cat([labeled.images, views[0].images])).logits[:count] if labels.student_out is None else",
+             V2_STEP),
+    Mutation("v2-in-place-keeps-clean-logits", "sandbox/train/student_pass.py",
+             "            return classify(network, network.decode(list(moved)), auxiliary=auxiliary)\n",
+             "            return classify(network, network.decode(maps))\n", V2_STEP),
+    Mutation("v2-ema-buffers-copied", "sandbox/train/ema.py",
+             "            teacher_buffer.lerp_(student_buffer, 1.0 - decay)\n", "            teacher_buffer.copy_(student_buffer)\n",
+             V2_STEP),
+    Mutation("v2-in-place-no-auxiliary-statistics", "sandbox/train/student_pass.py",
+             "        return classify(network, moved, auxiliary=auxiliary)\n", "        return classify(network, moved)\n",
+             V2_STEP),
     Mutation("step-log-step-off-by-one", "sandbox/train/log_window.py",
              "    finished = step + 1\n", "    finished = step\n", STEP),
     Mutation("step-skip-keeps-teacher-statistics", "sandbox/train/step_state.py",

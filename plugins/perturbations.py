@@ -1,4 +1,5 @@
-"""Perturbation plugins: density-descending (DDFP), feature dropout (UniMatch), VAT, noise, none."""
+"""Perturbation plugins: density-descending (DDFP), feature dropout (UniMatch), complementary channel
+dropout (UniMatch V2), VAT, noise, none."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sandbox.api import Perturbation, PerturbationContext, Register, hookimpl
+from sandbox.api import Perturbation, PerturbationContext, Register, hookimpl, to_device
 
 
 def require_non_negative(**values: float) -> None:
@@ -79,6 +80,52 @@ class FeatureDropout(Perturbation):
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
         """Zero whole channels with probability ``p`` (survivors scaled by 1/(1-p))."""
         return self.dropout(features)
+
+
+class ComplementaryChannelDropout(Perturbation):
+    """UniMatch V2's complementary channel dropout (``model/semseg/dpt.py``, ``comp_drop=True``).
+
+    Every image gets one channel mask for all the maps of its pass: each channel kept (x2) or
+    dropped with probability 0.5, a Binomial(1, 0.5) x 2. The two views of one image
+    (:attr:`~sandbox.api.PerturbationContext.views` = 2: the strong views perturbed in place,
+    ``train.perturbed_view = "strong_in_place"``) get complementary masks, 2 minus the first: what
+    one view drops, the other keeps. A random ``kept`` fraction of the images (pairs) is left
+    unmasked (``int(pairs * kept)`` of them, V2's ``num_kept``). With one view each image's mask
+    is drawn alone. Maps of different widths (a CNN's stages) get a mask each, the unmasked images
+    the same for all. The masks are drawn in host memory from torch's global generator, as V2
+    (Binomial, then the unmasked images by ``randperm``), and copied to the device without waiting.
+    """
+
+    def __init__(self, kept: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= kept <= 1.0:
+            raise ValueError(f"kept must be in [0, 1] (the fraction of images left unmasked), got {kept}")
+        self.kept = kept
+        self.binomial = torch.distributions.Binomial(probs=torch.tensor(0.5))
+
+    def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
+        """``features`` times their images' masks (one map: the classifier's input)."""
+        return self.perturb_maps([features], context)[0]
+
+    def perturb_maps(self, maps: list[Tensor], context: PerturbationContext) -> list[Tensor] | None:
+        """Every map times its images' channel masks (one draw per distinct channel count)."""
+        count, views = maps[0].shape[0], context.views
+        if views not in (1, 2) or count % views:
+            raise ValueError(f"complementary dropout pairs 1 or 2 views of equal size; got {count} images in {views} views")
+        images = count // views
+        masks: dict[int, Tensor] = {}
+        unmasked: Tensor | None = None
+        for feature_map in maps:
+            width = feature_map.shape[1]
+            if width in masks:
+                continue
+            first = self.binomial.sample((images, width)) * 2.0
+            if unmasked is None:
+                unmasked = torch.randperm(images)[: int(images * self.kept)]
+            first[unmasked] = 1.0
+            mask = torch.cat([first, 2.0 - first]) if views == 2 else first
+            masks[width] = to_device(mask, feature_map.device)
+        return [m * masks[m.shape[1]].to(m.dtype)[:, :, None, None] for m in maps]
 
 
 class VirtualAdversarial(Perturbation):
@@ -156,6 +203,7 @@ def sandbox_register_perturbations(register: Register) -> None:
     """Register the built-in perturbations."""
     register("ddfp", DensityDescending)
     register("dropout", FeatureDropout)
+    register("complementary_dropout", ComplementaryChannelDropout)
     register("vat", VirtualAdversarial)
     register("noise", FeatureNoise)
     register("none", NoPerturbation)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sandbox.host_side import to_device
+
 PROJECT_NAME = "sandbox"
 IGNORE_INDEX = 255
 
@@ -153,6 +155,11 @@ class PerturbationContext:
     classify: Callable[[Tensor], ClassifierOutput]
     valid: Tensor
     density: DensityEstimator | None = None
+    views: int = 1
+    """The perturbed images are ``views`` equal groups along the batch, image ``i`` of every group a
+    view of the same unlabeled image (2 for the two strong views perturbed in place, UniMatch V2's
+    step, ``train.perturbed_view = "strong_in_place"``): a perturbation may pair them (complementary
+    channel dropout). 1 otherwise."""
 
 
 class Perturbation(nn.Module, abc.ABC):
@@ -168,6 +175,15 @@ class Perturbation(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, features: Tensor, context: PerturbationContext) -> Tensor | None:
         """Return perturbed ``features`` ``(B, C, h, w)`` (gradients may flow through them)."""
+
+    def perturb_maps(self, maps: list[Tensor], context: PerturbationContext) -> list[Tensor] | None:
+        """Perturb the encoder's maps of one pass together (``train.perturb_at = "encoder"``).
+
+        The default perturbs each map alone with :meth:`forward`, in order (None if any is None).
+        Override it to relate the maps, e.g. one channel mask for all of them (UniMatch V2).
+        """
+        moved = [self(feature_map, context) for feature_map in maps]
+        return None if any(m is None for m in moved) else moved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +236,11 @@ class SegmentationOutput(NamedTuple):
     """Logits of the perturbed view ``(B_p, K, H, W)``, or None without a perturbation."""
 
 
-PerturbFn = Callable[[Tensor, Callable[[Tensor], ClassifierOutput], "ClassifierOutput | None"], "Tensor | None"]
-"""``perturb(features, classify_auxiliary, clean) -> perturbed features or None`` (see
+PerturbFn = Callable[
+    ["Tensor | list[Tensor]", Callable[[Tensor], ClassifierOutput], "ClassifierOutput | None"], "Tensor | list[Tensor] | None"
+]
+"""``perturb(features, classify_auxiliary, clean) -> perturbed features or None``; at the encoder,
+``features`` is the list of the encoder's maps and the result a list (see
 ``sandbox.train.student_pass.StudentPass.forward``)."""
 
 
@@ -351,6 +370,7 @@ __all__ = [
     "classifier_layers",
     "pad_to_multiple",
     "upsample",
+    "to_device",
     "hookimpl",
     "masked_mean",
 ]

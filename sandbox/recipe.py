@@ -107,13 +107,14 @@ class TrainSection(Section):
     poly_power: float = Field(0.9, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
     teacher_mode: Literal["train", "eval"] = "train"
-    teacher_statistics: Literal["own", "student"] = Field(
+    teacher_statistics: Literal["own", "student", "ema"] = Field(
         "own",
         description=(
             "where the teacher's BatchNorm running statistics come from: 'own' (the reference: the EMA "
             "touches parameters only and the teacher's train-mode forward passes collect statistics of "
-            "clean images, on the labeled images during warm-up) or 'student' (copied from the student "
-            "at every EMA update: statistics of strong, CutMixed images)"
+            "clean images, on the labeled images during warm-up), 'student' (copied from the student "
+            "at every EMA update: statistics of strong, CutMixed images) or 'ema' (averaged like the "
+            "parameters, with the same decay: UniMatch V2's unimatch_v2.py; integer buffers are copied)"
         ),
     )
     threshold: float = Field(0.95, ge=0, le=1)
@@ -137,15 +138,22 @@ class TrainSection(Section):
         ),
     )
     strong_views: Literal[1, 2] = Field(1, description="strong views per unlabeled image, each CutMixed with its own box")
-    cutmix_partners: Literal["batch", "stream"] = Field(
+    cutmix_partners: Literal["batch", "flipped", "stream"] = Field(
         "batch",
         description=(
-            "where CutMix pastes from: the next image of the same batch, or a second unlabeled stream whose "
+            "where CutMix pastes from: the next image of the same batch (DDFP), the batch in reverse order (image "
+            "i takes from image B-1-i: UniMatch V2's flip(0)), or a second unlabeled stream whose "
             "pseudo-labels the pseudo-labelling model predicts in eval mode (UniMatch)"
         ),
     )
-    perturbed_view: Literal["strong", "weak"] = Field(
-        "strong", description="the view whose features are perturbed: the (first) strong view (DDFP) or the weak view (UniMatch)"
+    perturbed_view: Literal["strong", "weak", "strong_in_place"] = Field(
+        "strong",
+        description=(
+            "the view whose features are perturbed: the (first) strong view, as an extra perturbed copy with its "
+            "own loss (DDFP), the weak view (UniMatch), or every strong view in place: the strong views' own "
+            "predictions are of perturbed features and no view is added (UniMatch V2; their pass is apart from "
+            "the labeled images', as unimatch_v2.py; perturbed_weight and strong_weight_alone play no part)"
+        ),
     )
     perturb_at: Literal["classifier", "encoder"] = Field(
         "classifier",
@@ -300,8 +308,9 @@ class TrainSection(Section):
         return self
 
     def strong_weight(self, perturbed_view: bool) -> float:
-        """The strong view's loss weight on a step with or without a perturbed view."""
-        if perturbed_view:
+        """The strong view's loss weight on a step with or without a perturbed view (in place: always
+        ``unsupervised_weight``, no view is added or dropped)."""
+        if perturbed_view or self.perturbed_view == "strong_in_place":
             return self.unsupervised_weight
         if self.strong_weight_alone is None:
             return self.unsupervised_weight + self.perturbed_weight

@@ -137,3 +137,16 @@ def test_same_generator_state_draws_the_same_boxes() -> None:
     assert first == again
     generator = torch.Generator().manual_seed(4)
     assert len({draw_box(CROP, CROP, generator) for _ in range(20)}) > 1
+
+
+def test_flipped_partners_take_from_the_mirrored_sample() -> None:
+    """``cutmix_partners = "flipped"``: sample i pastes from sample B-1-i (UniMatch V2's ``flip(0)``)."""
+    from sandbox.train.cutmix import apply_cutmix
+
+    values = torch.arange(5.0).view(5, 1, 1).expand(5, 4, 4).clone()
+    boxes = torch.zeros(5, 4, 4, dtype=torch.bool)
+    boxes[:, :2] = True
+    (mixed,) = apply_cutmix(boxes, values, flipped=True)
+    assert mixed[:, 0, 0].tolist() == [4.0, 3.0, 2.0, 1.0, 0.0] and mixed[:, 3, 3].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    (rolled,) = apply_cutmix(boxes, values)
+    assert rolled[:, 0, 0].tolist() == [4.0, 0.0, 1.0, 2.0, 3.0]

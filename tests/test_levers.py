@@ -400,15 +400,16 @@ def test_gpu_check_without_cuda_stops_with_one_clear_line(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_a_cpu_runs_every_phase_and_prints_one_summary(tmp_path: Path) -> None:
     """The whole script at tiny sizes (minutes on 2 CPU cores): GPU tests, both lever tables, the
-    BatchNorm classes (the project's alone on a CPU), the summary."""
+    BatchNorm classes (the project's alone on a CPU), UniMatch V2's benches, the summary."""
     result = gpu_check(tmp_path, dry=True, timeout=3600)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert result.returncode == 0, summary
-    for phase in ("gpu_tests", "ddfp_levers", "unimatch_levers", "batchnorm"):
+    for phase in ("gpu_tests", "ddfp_levers", "unimatch_levers", "batchnorm", "v2"):
         assert f"{phase}: ok, " in summary
     assert "logits and gradients equal to one process's on the whole batch within 0.001: yes" in summary
     assert "5 passed" in summary and summary.count("peak memory:") == 5
     assert summary.count("speed levers:") == 2 and "ddfp_pascal" in summary and "unimatch_pascal" in summary
+    assert "unimatch_v2_pascal" in summary and "unimatch_v2_ddfp_pascal" in summary
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sandbox_builtins.backbones import TimmBackbone
 from sandbox.api import DualBatchNorm2d
@@ -105,3 +108,21 @@ def test_the_students_pass_loads_a_networks_own_state_and_predicts_as_the_networ
     images = torch.randn(2, 3, 64, 64)
     student.eval()
     assert torch.equal(student(images).logits, student.network(images).logits)
+
+
+def test_an_in_place_perturbation_replaces_every_images_logits_through_the_auxiliary_statistics() -> None:
+    """UniMatch V2's pass (``perturbed_view = "strong_in_place"``): the logits are those of the moved
+    features, classified with the auxiliary statistics (Mix BN); the main statistics are left alone."""
+    model = small_model().train()
+    reference = copy.deepcopy(model)
+    images = torch.randn(3, 3, 64, 64)
+    torch.manual_seed(1)  # the same dropout masks
+    out = StudentPass(model)(images, perturb=lambda f, c, clean: f + 1.0, num_perturbed=3, in_place=True)
+    torch.manual_seed(1)
+    expected = classify(reference, reference.encode(images) + 1.0, auxiliary=True).logits
+    assert out.perturbed_logits is None
+    torch.testing.assert_close(out.logits, F.interpolate(expected, size=(64, 64), mode="bilinear", align_corners=True))
+    for ours, theirs in zip(model.classifier.modules(), reference.classifier.modules()):
+        if isinstance(ours, DualBatchNorm2d):
+            assert torch.equal(ours.main.running_mean, theirs.main.running_mean)
+            assert torch.equal(ours.auxiliary.running_mean, theirs.auxiliary.running_mean)

@@ -138,3 +138,26 @@ def test_ddfp_direction_under_fp16_autocast_matches_float32_at_a_realistic_pixel
     error = (half - reference).norm(dim=1).flatten()
     assert half.norm(dim=1).min() > 0.99, "no pixel lost its direction"
     assert error.median() < 5e-3 and torch.quantile(error[:100_000], 0.9) < 1e-2
+
+
+def test_complementary_dropout_pairs_the_two_views_of_each_image_and_leaves_the_kept_share_unmasked() -> None:
+    """UniMatch V2's masks: per image one channel mask for every map of the same width, each channel
+    x0 or x2, the second view's mask 2 minus the first's, ``int(pairs * kept)`` pairs left at x1."""
+    from sandbox_builtins.perturbations import ComplementaryChannelDropout
+
+    torch.manual_seed(0)
+    pairs, width = 8, 64
+    maps = [torch.ones(2 * pairs, width, 3, 3), torch.ones(2 * pairs, width, 5, 5), torch.ones(2 * pairs, 16, 2, 2)]
+    context = PerturbationContext(lambda x: None, torch.ones(2 * pairs, 3, 3, dtype=torch.bool), views=2)
+    moved = ComplementaryChannelDropout(kept=0.25).perturb_maps(maps, context)
+    first, second = moved[0][:pairs, :, 0, 0], moved[0][pairs:, :, 0, 0]
+    assert torch.equal(first + second, torch.full_like(first, 2.0)), "complementary: what one view drops, the other keeps"
+    assert torch.equal(moved[0][:, :, 0, 0], moved[1][:, :, 4, 4]), "one mask for every map of the same width"
+    assert torch.equal(moved[0], moved[0][:, :, :1, :1].expand_as(moved[0])), "whole channels"
+    unmasked = (first == 1.0).all(dim=1)
+    assert int(unmasked.sum()) == int(pairs * 0.25) == 2
+    assert torch.equal(unmasked, (moved[2][:pairs, :, 0, 0] == 1.0).all(dim=1)), "the same pairs unmasked at every width"
+    masked = first[~unmasked]
+    assert set(masked.unique().tolist()) == {0.0, 2.0} and 0.4 < float((masked == 0).float().mean()) < 0.6
+    one_view = ComplementaryChannelDropout(kept=0.0)(torch.ones(4, 8, 2, 2), PerturbationContext(lambda x: None, torch.ones(4, 2, 2, dtype=torch.bool)))
+    assert set(one_view.unique().tolist()) == {0.0, 2.0}, "one view: each image's mask alone, none unmasked at kept = 0"

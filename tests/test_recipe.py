@@ -29,7 +29,7 @@ def test_every_shipped_recipe_resolves(path: Path) -> None:
 
 PER_PROCESS_NORMALISATION = {
     "ddfp_pascal", "ddfp_cityscapes", "ddfp_dropout_pascal", "supervised_pascal", "ddfp_dinov2_pascal",
-    "unimatch_pascal", "unimatch_ddfp_pascal",
+    "unimatch_pascal", "unimatch_ddfp_pascal", "unimatch_v2_pascal", "unimatch_v2_cityscapes", "unimatch_v2_ddfp_pascal",
 }
 """The recipes that follow a paper's code (DDFP's train_ddfp_*.py, UniMatch's unimatch.py, UniMatch V2's
 unimatch_v2.py), or derive from one: each loss divided by its GPU's own pixel count, as on their GPUs."""
@@ -94,7 +94,7 @@ def test_validation_errors_name_file_key_value_and_expectation(tmp_path: Path, t
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["perturbation.name=wobble"], r"\[perturbation\] name = 'wobble': unknown perturbation; registered: ddfp, dropout, noise, none, vat"),
+        (["perturbation.name=wobble"], r"\[perturbation\] name = 'wobble': unknown perturbation; registered: complementary_dropout, ddfp, dropout, noise, none, vat"),
         (["perturbation.epsilon=3"], r"\[perturbation\]: unknown option 'epsilon' for perturbation 'ddfp'; valid options: eps"),
         (["density.blocks=two"], r"\[density\]: blocks = 'two'"),
         (["consistency.strong.name=kl2"], r"\[consistency\.strong\] name = 'kl2'"),

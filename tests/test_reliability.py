@@ -418,7 +418,7 @@ def test_an_optimizer_step_skipped_by_amp_never_reaches_the_teacher(tiny_recipe:
     monkeypatch.setattr(
         iteration,
         "update_teacher",
-        lambda teacher, student, decay, copy: (decays.append(decay), real_update(teacher, student, decay, copy)),
+        lambda teacher, student, decay, statistics: (decays.append(decay), real_update(teacher, student, decay, statistics)),
     )
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))  # as GradScaler on overflow
     cli("run", str(tiny_recipe), "--set", "train.iters=4", "--set", "train.perturbation_start_iters=100")

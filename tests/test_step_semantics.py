@@ -92,7 +92,7 @@ def test_warm_started_teacher_is_the_uniform_average_of_the_students_until_the_c
     values = torch.randn(30).tolist()
     for k, value in enumerate(values):
         student.weight.data.fill_(value)
-        update_teacher(teacher, student, ema_decay(10 + k, 10, 0.999), copy_buffers=False)
+        update_teacher(teacher, student, ema_decay(10 + k, 10, 0.999))
         assert teacher.weight.item() == pytest.approx(sum(values[: k + 1]) / (k + 1), abs=1e-5)
 
 
@@ -100,11 +100,24 @@ def test_update_teacher_copies_buffers_only_when_asked() -> None:
     teacher, student = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
     student.running_mean.fill_(5.0)
     student.weight.data.fill_(2.0)
-    update_teacher(teacher, student, 0.5, copy_buffers=False)
+    update_teacher(teacher, student, 0.5, "own")
     assert torch.equal(teacher.running_mean, torch.zeros(3)), "own statistics: the EMA touches parameters only"
     assert torch.allclose(teacher.weight, torch.full((3,), 1.5))
-    update_teacher(teacher, student, 0.5, copy_buffers=True)
+    update_teacher(teacher, student, 0.5, "student")
     assert torch.equal(teacher.running_mean, student.running_mean)
+
+
+def test_update_teacher_averages_buffers_as_unimatch_v2() -> None:
+    """``teacher_statistics = "ema"``: unimatch_v2.py's ``buffer_ema * r + buffer * (1 - r)`` for the
+    statistics; the integer ``num_batches_tracked`` is copied."""
+    teacher, student = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    student.running_mean.fill_(4.0)
+    student.running_var.fill_(3.0)
+    student.num_batches_tracked.fill_(7)
+    update_teacher(teacher, student, 0.75, "ema")
+    assert torch.allclose(teacher.running_mean, torch.full((3,), 1.0))
+    assert torch.allclose(teacher.running_var, torch.full((3,), 0.75 * 1.0 + 0.25 * 3.0))
+    assert int(teacher.num_batches_tracked) == 7
 
 
 # -- the step with stub models -------------------------------------------------------------------

@@ -54,11 +54,15 @@ class Recorder:
     outputs: list[Tensor | None] = field(default_factory=list)
     classify: Classify | None = None
 
-    def __call__(self, features: Tensor, classify: Classify, clean: ClassifierOutput | None) -> Tensor | None:
-        """Call the hook as the student's pass would and record the call."""
+    def __call__(
+        self, features: Tensor | list[Tensor], classify: Classify, clean: ClassifierOutput | None
+    ) -> Tensor | list[Tensor] | None:
+        """Call the hook as the student's pass would and record the call (at the encoder: each map)."""
         perturbed = self.hook(features, classify, clean)
-        self.inputs.append(features.detach())
-        self.outputs.append(None if perturbed is None else perturbed.detach())
+        maps = features if isinstance(features, list) else [features]
+        moved = [None] * len(maps) if perturbed is None else (perturbed if isinstance(perturbed, list) else [perturbed])
+        self.inputs.extend(m.detach() for m in maps)
+        self.outputs.extend(None if m is None else m.detach() for m in moved)
         self.classify = classify
         return perturbed
 

@@ -134,6 +134,8 @@ def paste(boxes: Tensor, tensor: Tensor, partner: Tensor) -> Tensor:
     return torch.where(box, partner, tensor)
 
 
-def apply_cutmix(boxes: Tensor, *tensors: Tensor) -> list[Tensor]:
-    """Paste each sample's box from the next sample of the batch (roll by one), in every tensor."""
-    return [paste(boxes, tensor, tensor.roll(1, dims=0)) for tensor in tensors]
+def apply_cutmix(boxes: Tensor, *tensors: Tensor, flipped: bool = False) -> list[Tensor]:
+    """Paste each sample's box from the next sample of the batch (roll by one: DDFP), or with
+    ``flipped`` from the sample at the mirrored position (sample i from sample B-1-i: UniMatch V2's
+    ``flip(0)``), in every tensor."""
+    return [paste(boxes, tensor, tensor.flip(0) if flipped else tensor.roll(1, dims=0)) for tensor in tensors]

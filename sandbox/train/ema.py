@@ -17,16 +17,22 @@ def ema_decay(step: int, warmup_iters: int, max_decay: float) -> float:
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, decay: float, copy_buffers: bool) -> None:
+def update_teacher(teacher: nn.Module, student: nn.Module, decay: float, statistics: str = "own") -> None:
     """``teacher = decay * teacher + (1 - decay) * student`` for parameters.
 
-    ``copy_buffers`` also copies the student's buffers (BatchNorm statistics); without it the
-    teacher keeps its own, as in the reference. Floating-point parameters only; the update is the
-    same on every process, so teachers stay identical across ranks when students are.
+    ``statistics`` (``train.teacher_statistics``) says what happens to the buffers (BatchNorm
+    statistics): ``"own"`` leaves the teacher's, as the reference; ``"student"`` copies the student's;
+    ``"ema"`` averages floating-point buffers with the same decay (UniMatch V2) and copies the others
+    (``num_batches_tracked``). The update is the same on every process, so teachers stay identical
+    across ranks when students are.
     """
     teacher_params = [p for p in teacher.parameters()]
     student_params = [p.detach() for p in student.parameters()]
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
-    if copy_buffers:
-        for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+    if statistics == "own":
+        return
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+        if statistics == "ema" and teacher_buffer.is_floating_point():
+            teacher_buffer.lerp_(student_buffer, 1.0 - decay)
+        else:
             teacher_buffer.copy_(student_buffer)

@@ -65,7 +65,7 @@ class TrainingIteration:
         self.accelerator, self.model, self.teacher = accelerator, model, teacher
         self.optimizer, self.scheduler, self.step_fn, self.settings = optimizer, scheduler, step_fn, settings
         self.teacher_read = teacher_read
-        self.copy_buffers = settings.teacher_statistics == "student"
+        self.statistics = settings.teacher_statistics
         self.average_teacher_buffers = accelerator.num_processes > 1 and not is_synchronised(teacher)
         """Without sync_bn each process's teacher collects statistics of its own shard: averaged when read."""
         self.teacher_buffers_read_each_step = settings.teacher_mode == "eval"
@@ -83,7 +83,7 @@ class TrainingIteration:
         CutMix partner images with ``train.cutmix_partners = "stream"``."""
         settings, student = self.settings, self.accelerator.unwrap_model(self.model)
         if unlabeled is not None and step == settings.warmup_iters and self.teacher_read:  # the teacher starts as the student
-            update_teacher(self.teacher, student, 0.0, self.copy_buffers)
+            update_teacher(self.teacher, student, 0.0, self.statistics)
         self.state.remember()
         with self.accelerator.autocast():
             if unlabeled is None:
@@ -106,8 +106,8 @@ class TrainingIteration:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 self.scheduler.step()
         if stepped and step >= settings.warmup_iters and self.teacher_read:
-            update_teacher(self.teacher, student, ema_decay(step, settings.warmup_iters, settings.ema_decay), self.copy_buffers)
-        if self.average_teacher_buffers and (step >= settings.warmup_iters or not self.copy_buffers):
+            update_teacher(self.teacher, student, ema_decay(step, settings.warmup_iters, settings.ema_decay), self.statistics)
+        if self.average_teacher_buffers and (step >= settings.warmup_iters or self.statistics == "own"):
             self.teacher_buffers_differ = True  # statistics of this process's shard
             if self.teacher_buffers_read_each_step:
                 self.agree_on_teacher()

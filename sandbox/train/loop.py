@@ -264,7 +264,7 @@ class Trainer:
         )
         if self.accelerator.is_main_process:
             self._warn_if_images_are_small()
-        batch_partners = settings.cutmix_partners == "batch"
+        batch_partners = settings.cutmix_partners != "stream"
         if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and batch_partners and self.accelerator.is_main_process:
             print(
                 f"warning: train.unlabeled_batch_size = 1: CutMix pairs images within a process's batch, so with "

@@ -308,12 +308,17 @@ class SemiSupervisedStep:
         labeled + weak images, perturbed there when the weak view is the perturbed one), the
         partners' (first: in eval mode, before any train-mode pass of this step), and one density update."""
         settings, num_labeled = self.settings, labeled.images.shape[0]
+        if settings.pseudo_labels == "teacher":  # the mode it predicts in (an evaluation may have changed it)
+            teacher.train(settings.teacher_mode == "train")
         stream = settings.cutmix_partners == "stream" and partners is not None
         partner_probs = self.partner_pseudo_labels(student, teacher, partners.weak) if stream else None
         if settings.pseudo_labels == "teacher":
+            # the labeled images train the density, or (train mode) move the teacher's BatchNorm statistics;
+            # else the eval-mode teacher predicts the weak view alone, as unimatch_v2.py
+            with_labeled = self.method.density is not None or settings.teacher_mode == "train"
             with torch.no_grad():
-                out = teacher(torch.cat([labeled.images, unlabeled.weak]))
-                probs = out.logits[num_labeled:].float().softmax(dim=1)
+                out = teacher(torch.cat([labeled.images, unlabeled.weak]) if with_labeled else unlabeled.weak)
+                probs = out.logits[num_labeled if with_labeled else 0:].float().softmax(dim=1)
             if self.method.density is not None:
                 logs.update(self.fit_density(out.embedding, labeled, unlabeled))
             return PseudoLabels(probs, self.trusted(probs, unlabeled.padding), None, partner_probs)
@@ -375,6 +380,8 @@ class SemiSupervisedStep:
         where the perturbed view is in it; its logits split by view."""
         settings, count = self.settings, unlabeled.weak.shape[0]
         by_teacher, weak_perturbed = labels.student_out is None, settings.perturbed_view == "weak"
+        if settings.perturbed_view == "strong_in_place":
+            return self.in_place_pass(student, labeled, labels, views, target.active, logs)
         strong = [view.images for view in views]
         order = [*strong[1:], strong[0]]
         if by_teacher:
@@ -392,6 +399,26 @@ class SemiSupervisedStep:
         first = out if by_teacher else labels.student_out
         perturbed = labels.student_out.perturbed_logits if (not by_teacher and weak_perturbed) else out.perturbed_logits
         return StudentLogits(first.logits[: labeled.images.shape[0]], by_view, perturbed)
+
+    def in_place_pass(
+        self,
+        student: nn.Module,
+        labeled: LabeledBatch,
+        labels: PseudoLabels,
+        views: list[StrongView],
+        perturbing: bool,
+        logs: dict[str, Tensor],
+    ) -> StudentLogits:
+        """UniMatch V2's passes (``perturbed_view = "strong_in_place"``): the labeled images alone (or
+        pass A's, with the student's pseudo-labels), then every strong view in one pass, perturbed in
+        place (``views`` = their number, for a perturbation that pairs them)."""
+        count = labeled.images.shape[0]
+        labeled_logits = student(labeled.images).logits if labels.student_out is None else labels.student_out.logits[:count]
+        images = torch.cat([view.images for view in views])
+        valid = torch.cat([view.trusted for view in views])
+        hook = self.perturbation_hook(logs, valid, None, views=len(views)) if perturbing else None
+        out = student(images, perturb=hook, num_perturbed=images.shape[0], perturb_at=self.settings.perturb_at, in_place=True)
+        return StudentLogits(labeled_logits, list(out.logits.split(views[0].images.shape[0])), None)
 
     def weighted_loss(
         self,
@@ -440,8 +467,9 @@ class SemiSupervisedStep:
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``(images, target probabilities, padding)`` of each strong view after CutMix.
 
-        Partners are the next image of the batch, or the ``partners`` stream with their
-        pseudo-labels ``partner_probs`` (see :meth:`partner_pseudo_labels`). Each view draws its own boxes.
+        Partners are the next image of the batch, the image at the mirrored position
+        (``cutmix_partners = "flipped"``), or the ``partners`` stream with their pseudo-labels
+        ``partner_probs`` (see :meth:`partner_pseudo_labels`). Each view draws its own boxes.
         """
         settings = self.settings
         strong = [unlabeled.strong] + ([unlabeled.strong2] if settings.strong_views == 2 else [])
@@ -469,7 +497,8 @@ class SemiSupervisedStep:
                     paste(boxes, unlabeled.padding, partners.padding),
                 ))
             else:
-                views.append(tuple(apply_cutmix(boxes, images, probs, unlabeled.padding)))
+                flipped = settings.cutmix_partners == "flipped"
+                views.append(tuple(apply_cutmix(boxes, images, probs, unlabeled.padding, flipped=flipped)))
         return views
 
     def partner_pseudo_labels(self, student: nn.Module, teacher: nn.Module, weak: Tensor) -> Tensor:
@@ -483,7 +512,9 @@ class SemiSupervisedStep:
             finally:
                 student.train()
 
-    def perturbation_hook(self, logs: dict[str, Tensor], valid: Tensor | None, padding: Tensor | None) -> PerturbFn:
+    def perturbation_hook(
+        self, logs: dict[str, Tensor], valid: Tensor | None, padding: Tensor | None, views: int = 1
+    ) -> PerturbFn:
         """The ``perturb`` callback of the student's pass (:class:`~sandbox.train.student_pass.StudentPass`),
         running the recipe's perturbation.
 
@@ -491,22 +522,35 @@ class SemiSupervisedStep:
         inside the pass (the student's own pseudo-labels): they then come from the clean
         classifier output the network hands over (and ``padding``). On a log step (:attr:`log_step`
         when the hook is made) it also logs ``perturbation_relative_norm`` (:func:`relative_step`).
+        ``views``: :attr:`~sandbox.api.PerturbationContext.views`. At the encoder the hook receives the
+        list of maps and calls the plugin's ``perturb_maps``.
         """
-        method, settings, log_step = self.method, self.settings, self.log_step
+        method, log_step = self.method, self.log_step
 
-        def perturb(features: Tensor, classify: Callable[[Tensor], ClassifierOutput], clean: ClassifierOutput | None) -> Tensor | None:
-            if settings.perturb_at == "encoder":  # every map of every image of the pass: no pseudo-label mask
-                trusted = torch.ones(features.shape[0], *features.shape[-2:], dtype=torch.bool, device=features.device)
-            elif valid is not None:
+        def perturb(
+            features: Tensor | list[Tensor], classify: Callable[[Tensor], ClassifierOutput], clean: ClassifierOutput | None
+        ) -> Tensor | list[Tensor] | None:
+            label = method.label("perturbation")
+            if isinstance(features, list):  # the encoder's maps of every image of the pass: no pseudo-label mask
+                first = features[0]
+                trusted = torch.ones(first.shape[0], *first.shape[-2:], dtype=torch.bool, device=first.device)
+                context = PerturbationContext(classify, trusted, method.density, views)
+                with blame(label, "perturb_maps"):
+                    moved = method.perturbation.perturb_maps(features, context)
+                    if moved is None:
+                        return None
+                    if len(moved) != len(features):
+                        raise ValueError(f"returned {len(moved)} maps for {len(features)}")
+                    return [check_perturbed(label, f, m) for f, m in zip(features, moved)]
+            if valid is not None:
                 trusted = resize_mask(valid, features.shape[-2:])
             else:  # the student's own pseudo-labels, known inside the pass: from its clean output
                 assert clean is not None and padding is not None
                 trusted = self.trusted(clean.logits.detach().float().softmax(dim=1), resize_mask(padding, features.shape[-2:]))
-            context = PerturbationContext(classify, trusted, method.density)
-            label = method.label("perturbation")
+            context = PerturbationContext(classify, trusted, method.density, views)
             with blame(label, "forward"):
                 perturbed = check_perturbed(label, features, method.perturbation(features, context))
-            if perturbed is not None and settings.perturb_at == "classifier" and log_step:
+            if perturbed is not None and log_step:
                 logs["perturbation_relative_norm"] = relative_step(features, perturbed, context.valid)
             return perturbed
 

@@ -82,16 +82,20 @@ class StudentPass(nn.Module):
         perturb: PerturbFn | None = None,
         num_perturbed: int = 0,
         perturb_at: str = "classifier",
+        in_place: bool = False,
     ) -> SegmentationOutput:
         """Predict ``images``; with ``perturb``, also the perturbed view of the last ``num_perturbed``.
 
         ``perturb_at = "classifier"``: ``perturb(features, classify_auxiliary, clean)`` receives the
         classifier inputs of those images, a function running the classifier with auxiliary
         statistics and their clean classifier output; it returns perturbed features or None.
-        ``perturb_at = "encoder"``: ``perturb`` is called on each of the network's ``extract`` maps of
-        every image (no classifier to call, ``clean`` None); the clean and perturbed maps are
-        decoded in one pass, as UniMatch does. Doing all of this in one forward keeps a
-        DDP-wrapped model correct.
+        ``perturb_at = "encoder"``: ``perturb`` receives the list of the network's ``extract`` maps of
+        every image (no classifier to call, ``clean`` None) and returns their perturbed list; the
+        clean and perturbed maps are decoded in one pass, as UniMatch does.
+        ``in_place`` (UniMatch V2's step): every image of the pass is perturbed and its logits are
+        those of the perturbed features (classified with the auxiliary statistics under Mix BN);
+        no clean output of them is computed and ``perturbed_logits`` is None.
+        Doing all of this in one forward keeps a DDP-wrapped model correct.
         """
         network = self.network
         size = images.shape[-2:]
@@ -101,11 +105,16 @@ class StudentPass(nn.Module):
                 f"training inputs of {size[0]}x{size[1]} do not fit this network: sides must be multiples of "
                 f"{network.size_divisor}"
             )
-        if perturb is not None and num_perturbed > 0 and perturb_at == "encoder":
+        perturbed_output = None
+        if perturb is not None and in_place:
+            if num_perturbed != images.shape[0]:
+                raise ValueError(f"an in-place perturbation moves every image of the pass: {num_perturbed} of {images.shape[0]}")
+            output = self._perturbed_in_place(padded, perturb, perturb_at)
+        elif perturb is not None and num_perturbed > 0 and perturb_at == "encoder":
             output, perturbed_output = self._perturbing_encoder(padded, perturb, num_perturbed)
         else:
             features = network.encode(padded)
-            output, perturbed_output = classify(network, features), None
+            output = classify(network, features)
             if perturb is not None and num_perturbed > 0:
                 clean = ClassifierOutput(output.logits[-num_perturbed:], output.embedding[-num_perturbed:])
                 perturbed = perturb(features[-num_perturbed:], lambda x: classify(network, x, auxiliary=True), clean)
@@ -118,19 +127,31 @@ class StudentPass(nn.Module):
         logits = upsample(logits, padded.shape[-2:])[..., : size[0], : size[1]]
         return SegmentationOutput(logits, output.embedding, perturbed_logits)
 
+    def _perturbed_in_place(self, images: Tensor, perturb: PerturbFn, perturb_at: str) -> ClassifierOutput:
+        """The output of every image from its perturbed features (the clean ones when ``perturb`` gives None)."""
+        network = self.network
+        auxiliary = bool(dual_norms(network.classifier))
+        if perturb_at == "encoder":
+            maps = network.extract(images)
+            moved = perturb(maps, _no_classifier, None)
+            if moved is None:
+                return classify(network, network.decode(maps))
+            return classify(network, network.decode(list(moved)), auxiliary=auxiliary)
+        features = network.encode(images)
+        moved = perturb(features, lambda x: classify(network, x, auxiliary=True), None)
+        if moved is None:
+            return classify(network, features)
+        return classify(network, moved, auxiliary=auxiliary)
+
     def _perturbing_encoder(
         self, images: Tensor, perturb: PerturbFn, num_perturbed: int
     ) -> tuple[ClassifierOutput, ClassifierOutput | None]:
         """Clean output of every image and perturbed output of the last ``num_perturbed``, the
         encoder's maps perturbed (UniMatch's feature perturbation)."""
         network = self.network
-
-        def no_classifier(features: Tensor) -> ClassifierOutput:
-            raise ValueError("a perturbation of the encoder's maps has no classifier to call (train.perturb_at = 'encoder')")
-
         maps = network.extract(images)
-        perturbed = [perturb(feature_map, no_classifier, None) for feature_map in maps]
-        if any(p is None for p in perturbed):
+        perturbed = perturb(maps, _no_classifier, None)
+        if perturbed is None:
             return classify(network, network.decode(maps)), None
         count = images.shape[0]
         decoded = network.decode([torch.cat([m, p]) for m, p in zip(maps, perturbed)])
@@ -141,6 +162,11 @@ class StudentPass(nn.Module):
             ClassifierOutput(both.logits[:count], both.embedding[:count]),
             ClassifierOutput(both.logits[count:][-num_perturbed:], both.embedding[count:][-num_perturbed:]),
         )
+
+
+def _no_classifier(features: Tensor) -> ClassifierOutput:
+    """The ``classify`` of an encoder-map perturbation: there is no classifier to call there."""
+    raise ValueError("a perturbation of the encoder's maps has no classifier to call (train.perturb_at = 'encoder')")
 
 
 def _add_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
