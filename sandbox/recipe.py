@@ -228,6 +228,15 @@ class TrainSection(Section):
     )
     num_workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+    deterministic: bool = Field(
+        False,
+        description=(
+            "deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN's deterministic kernels "
+            "without autotuning, cuBLAS's fixed workspace): two runs on one machine, thread count and number of "
+            "processes give bit-identical results; an operation without a deterministic implementation on the "
+            "device stops the run with a line naming it"
+        ),
+    )
     log_every: PositiveInt = 10
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 500

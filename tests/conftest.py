@@ -62,6 +62,7 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)  # a run with train.deterministic = true sets it for its process
 
 
 def write_tiny_recipe(folder: Path) -> Path:

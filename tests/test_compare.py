@@ -377,3 +377,33 @@ def test_json_output_is_strict_json_when_a_recipe_value_is_not_finite(tmp_path: 
     code, out, err = run_cli(["compare", str(tmp_path), "--format", "json"], capsys)
     assert code == 0, err
     assert [row["group"]["perturbation.eps"] for row in strict_json(out)] == [2.0, None]
+
+
+def computed_on(path: Path, **compute: Any) -> Path:
+    """Give the run of ``write_run`` a summary ``compute`` record (``sandbox.train.determinism.compute_record``)."""
+    summary = json.loads((path / "summary.json").read_text())
+    summary["compute"] = {"device": "cpu", "threads": 1, "cpu_capability": "AVX512", "deterministic": False, **compute}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_runs_computed_on_other_threads_or_cpu_kernels_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The thread count alone moved ssl_benchmark's supervised seed 0 from 54.84 (1 thread) to 50.03 (default):
+    runs paired across thread counts or CPU kernels compare that too, and compare says so."""
+    for seed in (0, 1):
+        computed_on(write_run(tmp_path, "none", seed, {"name": "none"}, 0.5))
+        computed_on(write_run(tmp_path, "ddfp", seed, {"name": "ddfp"}, 0.6), threads=2 if seed else 1)
+    code, _, err = run_cli(["compare", str(tmp_path), "--baseline", "perturbation.name=none"], capsys)
+    assert code == 0
+    assert err.splitlines() == [
+        "warning: the runs did not all compute alike (they differ in threads (1, 2)): the order of floating-point sums "
+        "differs, and one seed can end points apart; Δ and paired Δ mix that with the methods",
+    ]
+    alike = tmp_path / "alike"
+    for seed in (0, 1):
+        computed_on(write_run(alike, "none", seed, {"name": "none"}, 0.5))
+        write_run(alike, "ddfp", seed, {"name": "ddfp"}, 0.6)  # written before the record existed
+    assert compare_runs(find_runs([alike])).compute_differences == ["not recorded by 2 runs"]
+    computed_on(alike / "ddfp" / "seed0", cpu_capability="AVX2")
+    computed_on(alike / "ddfp" / "seed1")
+    assert compare_runs(find_runs([alike])).compute_differences == ["cpu_capability (AVX2, AVX512)"]

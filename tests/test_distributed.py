@@ -270,9 +270,10 @@ def test_process_seeds_keep_the_main_process_stream_and_differ_elsewhere() -> No
 
 
 GMM_RUN = ["density.name=gmm", "train.iters=12", "train.checkpoint_every=3", "train.eval_every=6", "train.log_every=4",
-           "train.threads=1"]
+           "train.threads=1", "train.deterministic=true", "train.num_workers=1"]
 """A two-process run of the tiny recipe with the ``gmm`` estimator, long enough to be killed mid-way; every
-checkpoint before the last (steps 3, 6, 9) is in the middle of a log window (lines at steps 4, 8, 12)."""
+checkpoint before the last (steps 3, 6, 9) is in the middle of a log window (lines at steps 4, 8, 12).
+Deterministic algorithms and a data-loader worker per stream: bit-identical runs must hold with them too."""
 
 
 def assert_identical_records(expected: list[dict], actual: list[dict]) -> None:
@@ -343,6 +344,8 @@ def test_gmm_run_killed_on_two_processes_resumes_to_the_uninterrupted_result(
     expected = torch.load(reference / "last.pt", weights_only=True)["model"]
     actual = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    compute = json.loads((run_dir / "summary.json").read_text())["compute"]
+    assert compute["deterministic"] is True and compute["threads"] == 1
 
 
 OUR_FRAME = re.compile(r'File "(?![^"]*site-packages)[^"]*[/\\](sandbox|plugins)[/\\][^"]*\.py"')

@@ -151,6 +151,22 @@ class Wrong(Perturbation):
 def sandbox_register_perturbations(register):
     register("wrong", Wrong)
 '''
+NONDETERMINISTIC = PERTURBATION + '''
+from torch._prims_common import alert_not_deterministic
+
+
+class Nondeterministic(Perturbation):
+    """Calls torch's own refusal, as an operation without a deterministic kernel on the device does."""
+
+    def forward(self, features, context):
+        alert_not_deterministic("index_add_cuda_")
+        return features * 1.0
+
+
+@hookimpl
+def sandbox_register_perturbations(register):
+    register("nondeterministic", Nondeterministic)
+'''
 PER_PIXEL_LOSS = PERTURBATION + '''
 from sandbox.api import ConsistencyLoss
 
@@ -248,6 +264,10 @@ CASES: dict[str, Case] = {
            ("int64", "int64", "returned a tensor (2, 40, 8, 8) int64 on cpu, expected"),
            ("a list", "list", "perturbation 'wrong' (from bad_plugin) returned list, expected a tensor (2, 40, 8, 8)"),
        ]},
+    "an operation without a deterministic implementation": Case(
+        run_with_plugin(NONDETERMINISTIC, "--set", "perturbation.name=nondeterministic", "--set", "train.deterministic=true"),
+        "train.deterministic = true: index_add_cuda_ (in perturbation 'nondeterministic' (from bad_plugin)'s forward) has "
+        "no deterministic implementation on this device"),
     "a consistency loss returning a map": Case(
         run_with_plugin(PER_PIXEL_LOSS, "--set", "consistency.strong.name=map"),
         "training failed after 2 of 6 steps: consistency 'map' (from bad_plugin) returned (2, 32, 32) float32 on cpu, "

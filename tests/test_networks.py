@@ -348,7 +348,10 @@ def ungraded_parameters(network: SmpNetwork, crop: int, perturb_at: str = "class
     fails on any of them, and they would sit in the optimizer and in checkpoints for nothing."""
     network.train()
     images = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    out = StudentPass(network)(images, perturb=lambda features, classify, clean: features + 1.0, num_perturbed=1, perturb_at=perturb_at)
+    def shift(features, classify, clean):  # noqa: ANN001, ANN202 - at the encoder: the list of maps
+        return [f + 1.0 for f in features] if isinstance(features, list) else features + 1.0
+
+    out = StudentPass(network)(images, perturb=shift, num_perturbed=1, perturb_at=perturb_at)
     assert out.perturbed_logits is not None, "the perturbed view exists: the auxiliary classifier is used too"
     (weighted_sum(out.logits) + weighted_sum(out.perturbed_logits)).backward()
     return [name for name, p in network.named_parameters() if p.requires_grad and p.grad is None]

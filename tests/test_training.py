@@ -154,8 +154,12 @@ def test_existing_run_directory_is_not_overwritten(tiny_recipe: Path, capsys: py
 
 
 def test_the_saved_recipe_reproduces_the_run(tiny_recipe: Path, tmp_path: Path) -> None:
-    cli("run", str(tiny_recipe), "--set", "perturbation.name=dropout")
+    """Bit for bit, with deterministic algorithms and data-loader workers (the saved recipe keeps both)."""
+    cli("run", str(tiny_recipe), "--set", "perturbation.name=dropout", "--set", "train.deterministic=true",
+        "--set", "train.num_workers=2")
     first = run_dir_of(tiny_recipe)
+    compute = json.loads((first / "summary.json").read_text())["compute"]
+    assert compute["deterministic"] is True and compute["threads"] == torch.get_num_threads() and compute["cpu_capability"]
     saved = first / "recipe.toml"
     cli("run", str(saved), "--set", f"output_dir={(tmp_path / 'again').as_posix()}")
     second = tmp_path / "again" / "tiny" / "seed3"

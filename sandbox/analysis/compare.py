@@ -146,6 +146,8 @@ class Comparison:
     dataset_differences: list[str] = field(default_factory=list)
     """Why the counted runs may not be scored on the same data (:func:`dataset_differences`): empty
     when they share one dataset, val set and class list as far as their files tell."""
+    compute_differences: list[str] = field(default_factory=list)
+    """How the counted runs' arithmetic differed (:func:`compute_differences`): threads, CPU kernels, device."""
 
     @property
     def baseline(self) -> Group | None:
@@ -327,7 +329,7 @@ def compare_runs(
     if columns:
         hidden = [key for key in keys if key not in columns]
         keys = show_only(groups, keys, columns)
-    return Comparison(metric, keys, groups, excluded, duplicates, hidden, mixed)
+    return Comparison(metric, keys, groups, excluded, duplicates, hidden, mixed, compute_differences(counted))
 
 
 def class_names(run: RunRecord) -> tuple[str, ...] | None:
@@ -354,6 +356,26 @@ def dataset_differences(runs: list[RunRecord], keys: list[str]) -> list[str]:
         found.append(key)
     if len({names for names in map(class_names, runs) if names is not None}) > 1:
         found.append("class names")
+    return found
+
+
+COMPUTE_KEYS = ("device", "threads", "cpu_capability", "gpu", "deterministic")
+"""The entries of a summary's ``compute`` record (``sandbox.train.determinism.compute_record``) that change
+a run's arithmetic: runs differing in them can differ with the same code and seed."""
+
+
+def compute_differences(runs: list[RunRecord]) -> list[str]:
+    """``entry (value, value, ...)`` for each of :data:`COMPUTE_KEYS` in which ``runs``' summaries differ,
+    then ``not recorded by N runs`` when some summaries (written before the record existed) lack it."""
+    records = [(run.summary or {}).get("compute") for run in runs]
+    known = [record for record in records if isinstance(record, dict)]
+    found = []
+    for key in COMPUTE_KEYS:
+        values = sorted({str(record.get(key, "-")) for record in known})
+        if len(values) > 1:
+            found.append(f"{key} ({', '.join(values)})")
+    if known and len(known) < len(records):
+        found.append(f"not recorded by {len(records) - len(known)} runs")
     return found
 
 

@@ -262,9 +262,22 @@ def dataset_line(comparison: Comparison) -> str | None:
     )
 
 
+def compute_line(comparison: Comparison) -> str | None:
+    """``warning: ...`` when the runs computed on different threads, CPU kernels or devices
+    (:attr:`~sandbox.analysis.compare.Comparison.compute_differences`); None when they did not."""
+    if not comparison.compute_differences:
+        return None
+    what = "; ".join(comparison.compute_differences)
+    return (
+        f"warning: the runs did not all compute alike (they differ in {what}): the order of floating-point sums "
+        "differs, and one seed can end points apart; Δ and paired Δ mix that with the methods"
+    )
+
+
 def stderr_lines(comparison: Comparison) -> list[str]:
-    """The notes on repeated seeds, then the warnings on mixed datasets and on hidden keys."""
-    warnings = [line for line in (dataset_line(comparison), hidden_keys_line(comparison)) if line]
+    """The notes on repeated seeds, then the warnings on mixed datasets, on the runs' arithmetic and on hidden keys."""
+    lines = (dataset_line(comparison), compute_line(comparison), hidden_keys_line(comparison))
+    warnings = [line for line in lines if line]
     return duplicate_lines(comparison) + warnings
 
 

@@ -25,6 +25,7 @@ from sandbox.distributed import host_group, mean_over_processes, prepare_host_gr
 from sandbox.data.views import StreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
 from sandbox.plugins import run_provenance
+from sandbox.train.determinism import apply_determinism, compute_record, deterministic_error, nondeterministic_operation
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Origin, Registry
 from sandbox.run_files import PROVENANCE_FILE
@@ -208,6 +209,7 @@ class Trainer:
         settings = recipe.train
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        apply_determinism(settings.deterministic)
         self.accelerator = make_accelerator(settings.mixed_precision, settings.trackers, run_dir.path)
         warn_about_precision(self.accelerator)
         set_seed(recipe.seed)
@@ -604,7 +606,13 @@ class Trainer:
                 if step >= settings.warmup_iters:
                     batch_u = self._unlabeled_batch(next(unlabeled))
                     batch_p = self._unlabeled_batch(next(partners)) if partners is not None else None
-                outcome = self.iteration(step, batch_l, batch_u, batch_p)
+                try:
+                    outcome = self.iteration(step, batch_l, batch_u, batch_p)
+                except RuntimeError as error:  # the network's own operations (a backward pass) under train.deterministic
+                    op = nondeterministic_operation(error)
+                    if op is None:
+                        raise
+                    raise deterministic_error(op) from error
                 logs, finite, stepped = outcome.logs, outcome.finite, outcome.stepped
                 self.state.step += 1
                 window.steps += 1
@@ -668,6 +676,7 @@ class Trainer:
             "processes": self.accelerator.num_processes,
             "lr": self.lr,
             "mixed_precision": effective_precision(self.accelerator),
+            "compute": compute_record(self.accelerator.device, self.recipe.train.deterministic),
             "versions": package_versions(self.registry),
             "run_dir": str(self.run_dir.path),
         }

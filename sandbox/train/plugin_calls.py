@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from sandbox.errors import PluginError, SandboxError, describe_exception
+from sandbox.train.determinism import deterministic_error, nondeterministic_operation
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -40,6 +41,9 @@ def blame(label: str, action: str) -> Iterator[None]:
     except SandboxError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever a plugin raises is the plugin's failure
+        op = nondeterministic_operation(error)
+        if op is not None:  # torch's own refusal under train.deterministic, not the plugin's failure
+            raise deterministic_error(f"{op} (in {label}'s {action})") from error
         raise PluginError(f"{label} raised in {action}: {describe_exception(error)}") from error
 
 
