@@ -15,6 +15,9 @@
 #      see gloo's own waits);
 #   5. `sandbox bench` on recipes/unimatch_v2_pascal.toml and recipes/unimatch_v2_ddfp_pascal.toml at
 #      UniMatch V2's crop 518 and batch 4+4 (DINOv2-S with random weights; each against `none`);
+#   6. `sandbox plan`'s predicted peak memory against torch.cuda.max_memory_allocated of the same
+#      training steps run for real (benchmarks/plan_check.py: quickstart, and ddfp_pascal and
+#      unimatch_pascal at crop 129 with random weights; ddfp_pascal's in fp16);
 # then one summary. Logs and summary.txt go to the folder given as argument, else $OUT, else
 # ./gpu_check_out.
 #
@@ -25,9 +28,9 @@
 # instead of ResNet-101, one timed step, and torch.compile disabled (TORCHDYNAMO_DISABLE=1:
 # compiling on a CPU takes minutes), so its figures mean nothing. Without the dry flag and without
 # a CUDA device the script stops at once.
-# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch batchnorm v2" seconds; default
-# 150 150 80 70 100 on a GPU, 900 600 600 300 600 in the dry run); a phase that runs out is reported as such and the script goes
-# on. The exit status is 0 when every phase passed, 1 otherwise, 2 without a CUDA device.
+# Each phase has a time limit (GPU_CHECK_LIMITS="tests ddfp unimatch batchnorm v2 plan" seconds; default
+# 140 140 75 65 90 60 on a GPU (570 s: a lent device runs one command for at most 600 s), 900 600 600 300 600 600 in the dry run); a phase that runs out is reported as such and the
+# script goes on. The exit status is 0 when every phase passed, 1 otherwise, 2 without a CUDA device.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -48,8 +51,9 @@ if [ "$dry" = 1 ]; then
     unimatch_sizes=("${tiny[@]}")
     batchnorm_sizes=(--set backbone.model=resnet18 --crop 33 --batch 2 --steps 1 --warmup 0)
     v2_sizes=(--set train.crop_size=28 --set train.batch_size=2 --set train.unlabeled_batch_size=2)
+    plan_configuration=(recipes/quickstart.toml --set train.crop_size=32)
     mode="dry run on the CPU (tiny sizes, compile disabled: figures mean nothing)"
-    limits="900 600 600 300 600"
+    limits="900 600 600 300 600 600"
 else
     if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
         echo "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine," \
@@ -62,10 +66,12 @@ else
     unimatch_sizes=()
     batchnorm_sizes=(--crop 513 --batch 2 --steps 3 --warmup 1)
     v2_sizes=(--set train.crop_size=518 --set train.batch_size=4 --set train.unlabeled_batch_size=4)
+    plan_configuration=()  # its three configurations
     mode="$("$python" -c 'import torch; print(torch.cuda.get_device_name(0))')"
-    limits="150 150 80 70 100"
+    limits="140 140 75 65 90 60"
 fi
-read -r limit_tests limit_ddfp limit_unimatch limit_batchnorm limit_v2 <<< "${GPU_CHECK_LIMITS:-$limits}"
+read -r limit_tests limit_ddfp limit_unimatch limit_batchnorm limit_v2 limit_plan <<< "${GPU_CHECK_LIMITS:-$limits}"
+limit_plan="${limit_plan:-${limits##* }}"  # five limits given: the plan check's default
 synthetic=(--num-classes 21 --set backbone.weights=none)  # synthetic data and random weights: nothing to download
 
 # run NAME LIMIT COMMAND...: COMMAND's output in $out/NAME.log; its status in $out/NAME.status
@@ -106,10 +112,11 @@ run batchnorm "$limit_batchnorm" "$python" -m torch.distributed.run --standalone
 run v2 "$limit_v2" bash -c '"$0" -m sandbox bench recipes/unimatch_v2_pascal.toml "${@}" &&
     "$0" -m sandbox bench recipes/unimatch_v2_ddfp_pascal.toml "${@}"' "$python" --num-classes 21 \
     --set model.weights=none "${bench_steps[@]}" "${v2_sizes[@]}"
+run plan_check "$limit_plan" "$python" benchmarks/plan_check.py "${plan_configuration[@]}"
 
 {
     echo "gpu_check: $mode"
-    for name in gpu_tests ddfp_levers unimatch_levers batchnorm v2; do
+    for name in gpu_tests ddfp_levers unimatch_levers batchnorm v2 plan_check; do
         echo "$name: $(cat "$out/$name.status")"
     done
     if [ -e "$out/ddfp_levers_first_try.log" ]; then
@@ -132,8 +139,10 @@ run v2 "$limit_v2" bash -c '"$0" -m sandbox bench recipes/unimatch_v2_pascal.tom
     sed -n '/^batchnorm classes:/,/^logits and gradients/p' "$out/batchnorm.log"
     echo
     grep -E 'training step:|perturbation|complementary|ddfp|none' "$out/v2.log" | grep -v '^==' || echo "v2: no table"
+    echo
+    sed -n '/^plan check on/,$p' "$out/plan_check.log" | grep -E '^(plan check|\|)' || echo "plan_check: no table"
 } > "$out/summary.txt"
 cat "$out/summary.txt"
-if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers|batchnorm|v2): ' "$out/summary.txt"); then
+if grep -q -v ': ok, ' <(grep -E '^(gpu_tests|ddfp_levers|unimatch_levers|batchnorm|v2|plan_check): ' "$out/summary.txt"); then
     exit 1
 fi

@@ -18,7 +18,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
     return exit_info.value.code, captured.out, captured.err
 
 
-COMMANDS = ["run", "eval", "plugins", "bench", "recipe", "compare", "ablate", "plot", "predict", "probe"]
+COMMANDS = ["run", "eval", "plugins", "bench", "plan", "recipe", "compare", "ablate", "plot", "predict", "probe"]
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:

@@ -404,7 +404,7 @@ def test_gpu_check_dry_run_on_a_cpu_runs_every_phase_and_prints_one_summary(tmp_
     result = gpu_check(tmp_path, dry=True, timeout=3600)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert result.returncode == 0, summary
-    for phase in ("gpu_tests", "ddfp_levers", "unimatch_levers", "batchnorm", "v2"):
+    for phase in ("gpu_tests", "ddfp_levers", "unimatch_levers", "batchnorm", "v2", "plan_check"):
         assert f"{phase}: ok, " in summary
     assert "logits and gradients equal to one process's on the whole batch within 0.001: yes" in summary
     assert "5 passed" in summary and summary.count("peak memory:") == 5

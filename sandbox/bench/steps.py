@@ -76,11 +76,15 @@ class SyntheticTraining:
 
 
 def synthetic_training(
-    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec
+    recipe: Recipe, registry: Registry, num_classes: int, perturbation: ComponentSpec, schedule: bool = False
 ) -> SyntheticTraining:
     """The recipe's model, method, optimizer and iteration (every step semi-supervised and
-    perturbed, every pixel trusted) and a random batch at the recipe's crop."""
-    settings = recipe.train.model_copy(update={"threshold": 0.0, "perturbation_start_iters": 0, "warmup_iters": 0})
+    perturbed, every pixel trusted) and a random batch at the recipe's crop.
+
+    ``schedule``: keep the recipe's ``warmup_iters`` and ``perturbation_start_iters`` (``sandbox
+    plan`` traces a step of each phase of a run); every pixel is trusted all the same."""
+    schedule_keys = {} if schedule else {"perturbation_start_iters": 0, "warmup_iters": 0}
+    settings = recipe.train.model_copy(update={"threshold": 0.0, **schedule_keys})
     recipe = recipe.model_copy(update={"perturbation": perturbation, "train": settings})
     accelerator = make_accelerator(settings.mixed_precision)
     device = accelerator.device

@@ -7,7 +7,7 @@ import sys
 import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-from sandbox.cli import ablate, bench, compare, evaluate, plot, plugins, predict, probe, recipe, run
+from sandbox.cli import ablate, bench, compare, evaluate, plan, plot, plugins, predict, probe, recipe, run
 from sandbox.errors import SandboxError, error_line, lower_first, on_process
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command("run")(run.run)
 app.command("eval")(evaluate.evaluate)
 app.command("plugins")(plugins.plugins)
 app.command("bench")(bench.bench)
+app.command("plan")(plan.plan)
 app.add_typer(recipe.app, name="recipe")
 app.command("compare")(compare.compare)
 app.command("ablate")(ablate.ablate)
