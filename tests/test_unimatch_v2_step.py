@@ -169,8 +169,8 @@ def test_each_unimatch_v2_setting_changes_the_loss(change: dict) -> None:
     """Turning any one setting away from V2's changes the loss: the transcription test pins each of them
     (the teacher in train mode, trusted instead of non-padding pixels, rolled partners, a perturbed copy)."""
     student, ema = networks()
-    v2 = float(step_loss(copy.deepcopy(student), copy.deepcopy(ema))[0])
-    assert abs(float(step_loss(student, ema, **change)[0]) - v2) > 1e-5, change
+    v2 = float(step_loss(copy.deepcopy(student), copy.deepcopy(ema))[0].detach())
+    assert abs(float(step_loss(student, ema, **change)[0].detach()) - v2) > 1e-5, change
 
 
 def test_ddfp_in_place_of_the_dropout_moves_each_strong_image_at_the_classifier_input() -> None:

@@ -32,7 +32,10 @@ def plan(
     gpu: Optional[str] = typer.Option(
         None, "--gpu", help="A named GPU for the verdict and the time: H100, H200, A100, V100 or RTX4090."
     ),
-    utilisation: float = typer.Option(0.4, "--utilisation", help="Fraction of the peak TFLOPS the time estimate assumes."),
+    utilisation: float = typer.Option(
+        0.04, "--utilisation",
+        help="Fraction of the peak TFLOPS the time estimate assumes (0.04: DDFP's reference step measured on an H100, see the README).",
+    ),
     num_classes: Optional[int] = typer.Option(None, min=1, help="Classes, if the dataset cannot be read here."),
 ) -> None:
     """Trace one training step of each phase of the recipe's run on fake tensors (no GPU needed): parameters,
@@ -75,7 +78,7 @@ def check_options(gpu_memory: float | None, gpu_throughput: float | None, gpu: s
         raise SandboxError("--gpu and --gpu-throughput both give the GPU's throughput: pass one of them")
     if not (math.isfinite(utilisation) and 0 < utilisation <= 1):
         raise SandboxError(f"--utilisation {utilisation:g}: expected the fraction of the peak TFLOPS reached, "
-                           f"in (0, 1], e.g. --utilisation 0.4")
+                           f"in (0, 1], e.g. --utilisation 0.04")
     if gpu is not None:
         from sandbox.bench.plan import find_gpu
 
