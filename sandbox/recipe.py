@@ -434,6 +434,23 @@ NAME_MAX_BYTES = 255
 the limit assumed where the output folder's own file system cannot be asked."""
 
 
+def setting_default(key: str) -> tuple[bool, Any]:
+    """``(True, default)`` when the dotted ``key`` is a setting of the recipe's own sections (not a
+    component's option) with a default, else ``(False, None)``: what a run saved before the setting
+    existed ran with."""
+    model: Any = Recipe
+    *tables, name = key.split(".")
+    for table in tables:
+        field = model.model_fields.get(table)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
+            return False, None
+    field = model.model_fields.get(name)
+    if field is None or field.is_required():
+        return False, None
+    return True, field.get_default(call_default_factory=True)
+
+
 def name_max(folder: Path) -> int:
     """The longest file name, in bytes, that the file system of ``folder`` (or of its nearest existing
     parent) takes."""

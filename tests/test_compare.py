@@ -407,3 +407,19 @@ def test_runs_computed_on_other_threads_or_cpu_kernels_are_warned_about(tmp_path
     computed_on(alike / "ddfp" / "seed0", cpu_capability="AVX2")
     computed_on(alike / "ddfp" / "seed1")
     assert compare_runs(find_runs([alike])).compute_differences == ["cpu_capability (AVX2, AVX512)"]
+
+
+def test_a_setting_added_since_a_run_was_saved_does_not_split_its_group(tmp_path: Path) -> None:
+    """Runs saved before ``train.deterministic`` existed lack the key; at its default they ran as the runs
+    saved after it: one group, not two (``train.deterministic = -`` beside ``false``)."""
+    for seed in (0, 1):
+        path = write_run(tmp_path, "ddfp", seed, {"name": "ddfp"}, 0.5 + seed / 10)
+        if seed == 0:
+            text = (path / "recipe.toml").read_text()
+            assert "deterministic = false\n" in text
+            (path / "recipe.toml").write_text(text.replace("deterministic = false\n", ""))
+    comparison = compare_runs(find_runs([tmp_path]))
+    assert [group.n for group in comparison.groups] == [2] and comparison.keys == []
+    path = write_run(tmp_path, "ddfp-det", 2, {"name": "ddfp"}, 0.7)
+    (path / "recipe.toml").write_text((path / "recipe.toml").read_text().replace("deterministic = false", "deterministic = true"))
+    assert compare_runs(find_runs([tmp_path])).keys == ["train.deterministic"], "a value other than the default still differs"

@@ -346,16 +346,7 @@ def differing_keys(saved_toml: str, recipe: Recipe) -> str:
 def is_default_setting(key: str, value: Any) -> bool:
     """Whether the dotted recipe ``key`` is a setting of the recipe's own sections (not a component's
     option) and ``value`` is its default."""
-    from pydantic import BaseModel
+    from sandbox.recipe import setting_default
 
-    from sandbox.recipe import Recipe
-
-    model: Any = Recipe
-    *tables, name = key.split(".")
-    for table in tables:
-        field = model.model_fields.get(table)
-        model = field.annotation if field is not None else None
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return False
-    field = model.model_fields.get(name)
-    return field is not None and not field.is_required() and field.get_default(call_default_factory=True) == value
+    found, default = setting_default(key)
+    return found and default == value
