@@ -17,7 +17,7 @@ from rich.console import Console
 from light_imports import run_without_heavy_imports
 from sandbox.run_files import flatten_keys
 from sandbox.analysis.compare import compare_runs
-from sandbox.analysis.report import print_table
+from sandbox.analysis.report import print_table, stderr_lines
 from sandbox.analysis.runs import FAILED_MARKER, find_runs
 from sandbox.cli import main
 from sandbox.disk import human_bytes
@@ -403,7 +403,11 @@ def test_runs_computed_on_other_threads_or_cpu_kernels_are_warned_about(tmp_path
     for seed in (0, 1):
         computed_on(write_run(alike, "none", seed, {"name": "none"}, 0.5))
         write_run(alike, "ddfp", seed, {"name": "ddfp"}, 0.6)  # written before the record existed
-    assert compare_runs(find_runs([alike])).compute_differences == ["not recorded by 2 runs"]
+    comparison = compare_runs(find_runs([alike]))
+    assert comparison.compute_differences == [] and comparison.unrecorded == 2
+    assert stderr_lines(comparison) == [
+        "note: 2 of the runs were saved before summary.json recorded their threads, CPU kernels and device: whether they "
+        "computed like the others is not known"]
     computed_on(alike / "ddfp" / "seed0", cpu_capability="AVX2")
     computed_on(alike / "ddfp" / "seed1")
     assert compare_runs(find_runs([alike])).compute_differences == ["cpu_capability (AVX2, AVX512)"]

@@ -149,6 +149,8 @@ class Comparison:
     when they share one dataset, val set and class list as far as their files tell."""
     compute_differences: list[str] = field(default_factory=list)
     """How the counted runs' arithmetic differed (:func:`compute_differences`): threads, CPU kernels, device."""
+    unrecorded: int = 0
+    """Counted runs without a compute record beside runs with one (:func:`unrecorded_runs`)."""
 
     @property
     def baseline(self) -> Group | None:
@@ -347,7 +349,7 @@ def compare_runs(
     if columns:
         hidden = [key for key in keys if key not in columns]
         keys = show_only(groups, keys, columns)
-    return Comparison(metric, keys, groups, excluded, duplicates, hidden, mixed, compute_differences(counted))
+    return Comparison(metric, keys, groups, excluded, duplicates, hidden, mixed, compute_differences(counted), unrecorded_runs(counted))
 
 
 def class_names(run: RunRecord) -> tuple[str, ...] | None:
@@ -382,19 +384,28 @@ COMPUTE_KEYS = ("device", "threads", "cpu_capability", "gpu", "deterministic")
 a run's arithmetic: runs differing in them can differ with the same code and seed."""
 
 
-def compute_differences(runs: list[RunRecord]) -> list[str]:
-    """``entry (value, value, ...)`` for each of :data:`COMPUTE_KEYS` in which ``runs``' summaries differ,
-    then ``not recorded by N runs`` when some summaries (written before the record existed) lack it."""
+def compute_records(runs: list[RunRecord]) -> list[dict[str, Any] | None]:
+    """Each run's summary ``compute`` record; None for a summary written before the record existed."""
     records = [(run.summary or {}).get("compute") for run in runs]
-    known = [record for record in records if isinstance(record, dict)]
+    return [record if isinstance(record, dict) else None for record in records]
+
+
+def compute_differences(runs: list[RunRecord]) -> list[str]:
+    """``entry (value, value, ...)`` for each of :data:`COMPUTE_KEYS` in which the recorded ``runs`` differ."""
+    known = [record for record in compute_records(runs) if record is not None]
     found = []
     for key in COMPUTE_KEYS:
         values = sorted({str(record.get(key, "-")) for record in known})
         if len(values) > 1:
             found.append(f"{key} ({', '.join(values)})")
-    if known and len(known) < len(records):
-        found.append(f"not recorded by {len(records) - len(known)} runs")
     return found
+
+
+def unrecorded_runs(runs: list[RunRecord]) -> int:
+    """How many of ``runs`` have no compute record while others have one (0 when none or all have it)."""
+    records = compute_records(runs)
+    missing = sum(record is None for record in records)
+    return missing if missing < len(records) else 0
 
 
 def scores_of(group: Group, metric: str) -> list[float] | None:

@@ -274,9 +274,19 @@ def compute_line(comparison: Comparison) -> str | None:
     )
 
 
+def unrecorded_line(comparison: Comparison) -> str | None:
+    """``note: ...`` when some counted runs were saved before runs recorded what they computed on."""
+    if not comparison.unrecorded:
+        return None
+    return (
+        f"note: {comparison.unrecorded} of the runs were saved before summary.json recorded their threads, CPU "
+        "kernels and device: whether they computed like the others is not known"
+    )
+
+
 def stderr_lines(comparison: Comparison) -> list[str]:
     """The notes on repeated seeds, then the warnings on mixed datasets, on the runs' arithmetic and on hidden keys."""
-    lines = (dataset_line(comparison), compute_line(comparison), hidden_keys_line(comparison))
+    lines = (dataset_line(comparison), compute_line(comparison), unrecorded_line(comparison), hidden_keys_line(comparison))
     warnings = [line for line in lines if line]
     return duplicate_lines(comparison) + warnings
 
