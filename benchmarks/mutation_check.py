@@ -119,7 +119,7 @@ MUTATIONS = [
              "            \"compute\": compute_record(self.accelerator.device, self.recipe.train.deterministic),\n", "",
              ["tests/test_training.py", "-k", "saved_recipe_reproduces"]),
     Mutation("compare-new-setting-splits-groups", "sandbox/analysis/compare.py",
-             "            if found and table_of(key) in tables:", "            if False:",
+             "        if found and table_of(key) in tables:", "        if False:",
              ["tests/test_compare.py", "-k", "added_since"]),
     Mutation("step-log-step-off-by-one", "sandbox/train/log_window.py",
              "    finished = step + 1\n", "    finished = step\n", STEP),

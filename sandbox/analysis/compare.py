@@ -213,19 +213,19 @@ def differing_keys(recipes: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def with_defaults(recipe: dict[str, Any] | None, finished: list[tuple[RunRecord, float]]) -> dict[str, Any] | None:
-    """``recipe`` with the settings of the recipe's own sections that other runs saved and it lacks (it
-    was saved before they existed) at their defaults, what it ran with: a setting added to the
-    sandbox does not split runs saved before it from runs saved after into two groups."""
+def with_defaults(recipe: dict[str, Any] | None, saved_keys: set[str]) -> dict[str, Any] | None:
+    """``recipe`` with the settings of the recipe's own sections that other runs saved (``saved_keys``:
+    every key of every run's recipe) and it lacks (it was saved before they existed) at their defaults,
+    what it ran with: a setting added to the sandbox does not split runs saved before it from runs
+    saved after into two groups."""
     if recipe is None:
         return None
     tables = {table_of(key) for key in recipe}
     filled = dict(recipe)
-    for run, _ in finished:
-        for key in (run.recipe or {}).keys() - filled.keys():
-            found, default = setting_default(key)
-            if found and table_of(key) in tables:
-                filled[key] = list(default) if isinstance(default, tuple) else default
+    for key in saved_keys - recipe.keys():
+        found, default = setting_default(key)
+        if found and table_of(key) in tables:
+            filled[key] = list(default) if isinstance(default, tuple) else default
     return filled
 
 
@@ -311,7 +311,8 @@ def compare_runs(
             excluded.append(run)
         else:
             finished.append((run, score))
-    finished = [(replace(run, recipe=with_defaults(run.recipe, finished)), score) for run, score in finished]
+    saved_keys = {key for run, _ in finished for key in (run.recipe or {})}
+    finished = [(replace(run, recipe=with_defaults(run.recipe, saved_keys)), score) for run, score in finished]
     keys = differing_keys([run.recipe for run, _ in finished if run.recipe is not None])
     by_values: dict[tuple[str, ...], Group] = {}
     by_seed: dict[tuple[tuple[str, ...], str], Duplicate] = {}
