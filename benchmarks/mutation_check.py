@@ -47,6 +47,7 @@ PAPER_RECIPES = ["tests/test_recipe.py", "-k", "paper_recipes"]
 GONE = ["tests/test_provenance.py", "-k", "gone"]
 NEW_USER = "tests/test_new_user_mistakes.py"
 E = "tests/test_errors.py"
+ACCUMULATION = ["tests/test_parity.py", "-k", "accumulating"]
 V2_STEP = ["tests/test_unimatch_v2_step.py", "tests/test_perturbations.py", "tests/test_cutmix.py", "tests/test_step_semantics.py",
            "tests/test_model.py", "-k", "unimatch_v2 or complementary or flipped or update_teacher or in_place"]
 
@@ -118,6 +119,27 @@ MUTATIONS = [
     Mutation("det-compute-not-recorded", "sandbox/train/loop.py",
              "            \"compute\": compute_record(self.accelerator.device, self.recipe.train.deterministic),\n", "",
              ["tests/test_training.py", "-k", "saved_recipe_reproduces"]),
+    # train.total_batch_size: gradient accumulation (issue 38)
+    Mutation("acc-loss-not-divided", "sandbox/train/iteration.py",
+             "self.accelerator.backward(loss / count if count > 1 else loss)", "self.accelerator.backward(loss)", ACCUMULATION),
+    Mutation("acc-gradients-zeroed-per-micro-batch", "sandbox/train/iteration.py",
+             "            logs.append(micro_logs)\n",
+             "            logs.append(micro_logs)\n            self.optimizer.zero_grad(set_to_none=True)\n", ACCUMULATION),
+    Mutation("acc-stream-ignores-accumulation", "sandbox/train/loop.py",
+             "world, rank, self.batches.accumulation)", "world, rank, 1)", ACCUMULATION),
+    Mutation("acc-virtual-rank-interleaved", "sandbox/data/views.py",
+             "virtual_rank = self.rank * self.micro_batches + micro_batch",
+             "virtual_rank = micro_batch * self.num_replicas + self.rank", ["tests/test_accumulation.py"]),
+    Mutation("acc-global-count-accumulated", "sandbox/train/accumulation.py",
+             "if plan.accumulation > 1 and settings.loss_pixel_count == \"global\":", "if False:",
+             ["tests/test_accumulation.py"]),
+    Mutation("acc-skip-restores-the-last-micro-batch-only", "sandbox/train/iteration.py",
+             "            with self.accelerator.autocast():\n                if batch.unlabeled is None:",
+             "            self.state.remember()\n            with self.accelerator.autocast():\n                if batch.unlabeled is None:",
+             SKIPPED),
+    Mutation("acc-plan-traces-one-micro-batch", "sandbox/bench/plan.py",
+             "fake_training(training, target, batches.accumulation)", "fake_training(training, target)",
+             ["tests/test_accumulation.py"]),
     Mutation("compare-new-setting-splits-groups", "sandbox/analysis/compare.py",
              "        if found and table_of(key) in tables:", "        if False:",
              ["tests/test_compare.py", "-k", "added_since"]),

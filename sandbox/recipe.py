@@ -260,8 +260,18 @@ class TrainSection(Section):
     reference_total_batch: PositiveInt | None = Field(
         None,
         description=(
-            "the total labeled batch (batch_size x processes) that lr was tuned for; when set, lr is "
-            "multiplied by batch_size x processes / reference_total_batch (linear scaling rule)"
+            "the total labeled batch (batch_size x processes, or total_batch_size) that lr was tuned for; when "
+            "set, lr is multiplied by that total / reference_total_batch (linear scaling rule)"
+        ),
+    )
+    total_batch_size: PositiveInt | None = Field(
+        None,
+        description=(
+            "the labeled images of one optimizer step over every process (the paper's total batch): N processes "
+            "reach it by accumulating K = total_batch_size / (batch_size x N) micro-batches per step, each of "
+            "batch_size labeled and unlabeled_batch_size unlabeled images, the images the processes of an N x K "
+            "run would hold; a launch that cannot reach it exactly stops with a line saying so. None: "
+            "batch_size x N, no accumulation (README \"The same training on fewer GPUs\")"
         ),
     )
     sync_bn: bool = Field(

@@ -41,6 +41,7 @@ GENERATED = [
     f"train.crop_size={CROP}",
     f"train.batch_size={BATCH}",
     f"train.unlabeled_batch_size={BATCH}",
+    f"train.total_batch_size={2 * BATCH}",  # one process accumulates two micro-batches (fp16: one scaler across them)
     "train.threshold=0.0",  # every pixel trusted: the perturbed view and the density estimator run
 ]
 if ON_CPU:
@@ -83,6 +84,7 @@ def assert_trained(result: dict, precision: str) -> None:
     summary, losses = result["summary"], [r["loss"] for r in result["records"] if "loss" in r]
     expected = precision if torch.cuda.is_available() or precision == "bf16" else "no"
     assert summary["mixed_precision"] == expected
+    assert summary["accumulation_steps"] == 2 and summary["total_batch_size"] == 2 * BATCH
     assert losses and all(loss == loss and abs(loss) < float("inf") for loss in losses), losses
     assert any("loss_perturbed" in r for r in result["records"]), "DDFP's perturbed view ran"
     assert 0.0 <= summary["final_miou"] <= 1.0

@@ -51,15 +51,16 @@ def syncs_per_step(
     recipe, registry = load_resolved_recipe(recipe_path, settings, [])
     trainer = start_run(recipe, registry, resume=False, overwrite=True)
     iteration, counted = trainer.iteration, {}
+    accumulate = iteration.accumulate
 
-    def counting(step: int, *batches: object) -> object:
+    def counting(step: int, micro_batches: list) -> object:
+        batches = tuple(batch for micro in micro_batches for batch in (micro.labeled, micro.unlabeled, micro.partners))
         with counter(batches) as calls:
-            result = iteration(step, *batches)
+            result = accumulate(step, micro_batches)
         counted[step] = calls
         return result
 
-    counting.agree_on_teacher = iteration.agree_on_teacher
-    trainer.iteration = counting
+    iteration.accumulate = counting
     trainer.train()
     assert sorted(counted) == list(range(6))
     first = recipe.train.warmup_iters  # the first semi-supervised step initialises (the gmm's moments)

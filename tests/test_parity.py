@@ -100,12 +100,20 @@ CONFIGS: dict[str, list[str]] = {
     "control_without_sync_bn": ["perturbation.name=none", "train.sync_bn=false"],
     "ddfp_glow_bf16": ["train.mixed_precision=bf16"],
     "ddfp_glow_threshold": ["train.threshold=0.5"],
+    # train.total_batch_size = 4 with 2 + 2 images per micro-batch: 1 process accumulates 2 micro-batches,
+    # 2 processes take one each (the mean teacher: no estimator, whose updates differ by design)
+    "accumulated": ["perturbation.name=none", "train.sync_bn=false", "train.loss_pixel_count=per_process",
+                    "train.total_batch_size=4"],
+    "accumulated_sync_bn": ["perturbation.name=none", "train.loss_pixel_count=per_process", "train.total_batch_size=4"],
 }
 """Configurations trained on 1 and on 2 processes. ``ddfp_glow_bf16`` is compared against its own noise
 floor (:func:`test_bf16_on_two_processes_differs_from_one_process_less_than_bf16_from_float32`)."""
 
 MIXED_PRECISION = {"ddfp_glow_bf16": "ddfp_glow"}
 """Each mixed-precision configuration and its float32 twin."""
+
+ACCUMULATED = ("accumulated", "accumulated_sync_bn")
+"""Configurations of 2 + 2 images per micro-batch on every world: 1 process accumulates 2 of them a step."""
 
 WARM_START_STEPS = 25
 """Supervised steps of :func:`warm_start` before every configuration's run: from scratch, 6 steps
@@ -213,7 +221,8 @@ def train_every_configuration(folder: Path) -> None:
     try:
         for name, overrides in CONFIGS.items():
             AcceleratorState._reset_state()  # its mixed precision is set once per process; PartialState stays
-            per_process = [f"train.batch_size={4 // world}", f"train.unlabeled_batch_size={4 // world}"]
+            micro_batch = 2 if name in ACCUMULATED else 4 // world
+            per_process = [f"train.batch_size={micro_batch}", f"train.unlabeled_batch_size={micro_batch}"]
             recipe = load_recipe(recipe_path, [*overrides, *per_process, f"name={name}_{world}"])
             recipe = resolve_components(recipe, registry)
             trainer = start_run(recipe, registry, resume=False, overwrite=False)
@@ -227,6 +236,7 @@ def train_every_configuration(folder: Path) -> None:
                 "density": {k: v.detach().cpu() for k, v in density.state_dict().items()} if density is not None else {},
                 "density_adam": density.optimizer_state()["optimizer"]["state"] if density is not None else {},
                 "miou": summary["final_miou"],
+                "batches": {key: summary[key] for key in ("processes", "micro_batch_size", "accumulation_steps", "total_batch_size")},
                 "per_class_iou": summary["final_per_class_iou"],
                 "denominators": list(denominators),
                 "broadcast_buffers": getattr(trainer.model, "broadcast_buffers", None),  # DDP's, on 2 processes
@@ -332,7 +342,9 @@ def assert_states_close(single: dict, other: dict, part: str, start: dict[str, t
             assert_change_close(other[part][key], value, warm_value(start, key), f"{part} {key}")
 
 
-@pytest.mark.parametrize("name", [name for name in CONFIGS if not name.startswith("control") and name not in MIXED_PRECISION])
+@pytest.mark.parametrize(
+    "name", [name for name in CONFIGS if not name.startswith("control") and name not in MIXED_PRECISION and name not in ACCUMULATED]
+)
 def test_two_processes_train_what_one_process_trains(parity_runs: dict[int, Path], name: str) -> None:
     single, pair = load_states(parity_runs, name)
     warm = torch.load(parity_runs[1] / "warm_start.pt", weights_only=True)
@@ -452,3 +464,69 @@ def test_unimatch_parity_runs_a_perturbation_that_changes_the_loss(parity_runs: 
     perturbed = [r["loss_perturbed"] for r in records if "loss_perturbed" in r]
     assert perturbed and min(perturbed) > 1e-2, perturbed
     assert any("loss_unsup" in r for r in records)
+
+
+def parameters_only(state: dict) -> dict:
+    """``state`` with the student's and the teacher's parameters alone (no BatchNorm running statistics)."""
+    return {part: {key: value for key, value in state[part].items() if "running_" not in key and "num_batches" not in key}
+            for part in ("student", "teacher")}
+
+
+def running_statistics_differing(single: dict, other: dict) -> list[str]:
+    """The student's BatchNorm running statistics that differ beyond float tolerance between two end states."""
+    differing = []
+    for key, value in single["student"].items():
+        if "running_" in key:
+            try:
+                assert_tensor_close(other["student"][key], value, key)
+            except AssertionError:
+                differing.append(key)
+    return differing
+
+
+def test_one_process_accumulating_two_micro_batches_trains_what_two_processes_train(parity_runs: dict[int, Path]) -> None:
+    """``train.total_batch_size = 4`` with micro-batches of 2 + 2: 1 process accumulates 2 of them a step, 2
+    processes (no ``sync_bn``) take one each. The same images and augmentations reach the same places
+    (micro-batch k of process r is process r x K + k of the larger run), each micro-batch's BatchNorm
+    normalises it alone as each process's does, each loss is divided by its own pixel count: every
+    parameter of the student and the teacher, and every logged value, is the 2 processes'. What differs
+    by design: the BatchNorm running statistics move once per micro-batch (README)."""
+    single, pair = load_states(parity_runs, "accumulated")
+    assert single["batches"] == {"processes": 1, "micro_batch_size": 2, "accumulation_steps": 2, "total_batch_size": 4}
+    assert pair[0]["batches"] == {"processes": 2, "micro_batch_size": 2, "accumulation_steps": 1, "total_batch_size": 4}
+    warm = torch.load(parity_runs[1] / "warm_start.pt", weights_only=True)
+    accumulated, processes = parameters_only(single), parameters_only(pair[0])
+    for part in ("student", "teacher"):
+        assert_states_close(accumulated, processes, part, warm)
+    total = total_change_difference(accumulated, processes, warm)
+    assert total <= TOTAL_UPDATE_TOLERANCE, f"the change of the whole network differs by {total:.3g}"
+    one, two = metrics(parity_runs, "accumulated", 1), metrics(parity_runs, "accumulated", 2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    assert all("loss_unsup" in r for r in one if r["step"] > 2), "the semi-supervised steps are compared"
+    for a, b in zip(one, two):
+        assert set(a) == set(b)
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=2e-4, abs=2e-5), f"step {a['step']}: {key}"
+    running = [key for key in single["student"] if "running_" in key]
+    assert len(running_statistics_differing(single, pair[0])) > len(running) // 2, "running statistics: K moves, not one"
+
+
+SYNC_BN_ACCUMULATION_BOUND = 2.0
+"""With ``sync_bn``, 2 processes normalise over 4 images, 1 process accumulating over each micro-batch's 2:
+how far apart that trains the parity recipe in 6 steps (the whole network's change, relative to its
+norm), measured 1.10: BatchNorm over 2 crops of 32 pixels is far from BatchNorm over 4. The README's
+table measures it at real crops (``benchmarks/accumulation_batchnorm.py``)."""
+
+
+def test_with_sync_bn_accumulation_normalises_each_micro_batch_alone(parity_runs: dict[int, Path]) -> None:
+    """2 processes with ``sync_bn`` normalise the step's 4 images together; 1 process accumulating 2
+    micro-batches cannot (it holds one at a time): its parameters are the run without ``sync_bn``'s,
+    bit for bit (one process has nothing to synchronise), and lie within the stated bound of 2 processes'."""
+    single, pair = load_states(parity_runs, "accumulated_sync_bn")
+    alone, _ = load_states(parity_runs, "accumulated")
+    for part in ("student", "teacher"):
+        for key, value in single[part].items():
+            assert torch.equal(alone[part][key], value), f"{part} {key}"
+    warm = torch.load(parity_runs[1] / "warm_start.pt", weights_only=True)
+    total = total_change_difference(parameters_only(pair[0]), parameters_only(single), warm)
+    assert 1e-2 < total <= SYNC_BN_ACCUMULATION_BOUND, f"whole-network change differs by {total:.3g}"

@@ -70,6 +70,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from sandbox.errors import SandboxError
 from sandbox.recipe import Recipe, TrainSection
 from sandbox.registry import Registry
+from sandbox.train.accumulation import BatchPlan, batch_plan
+from sandbox.train.iteration import MicroBatch
 from sandbox.train.step import LabeledBatch, UnlabeledBatch
 
 CUDA_BLOCK = 512
@@ -321,7 +323,8 @@ class Plan:
     traced_precision: str
     target: str
     """``cuda`` (what a GPU would hold) or ``cpu`` (what this CPU holds, to check against a measurement)."""
-    processes: int
+    batches: BatchPlan
+    """Processes, micro-batch and accumulation (``train.total_batch_size``)."""
     student_parameters: int
     trainable_parameters: int
     density_parameters: int
@@ -416,9 +419,13 @@ def plan_recipe(recipe: Recipe, mixed_precision: str) -> Recipe:
     return recipe.model_copy(update={"train": train})
 
 
-def step_batches(phase: Phase, labeled: LabeledBatch, unlabeled: UnlabeledBatch, partners: UnlabeledBatch | None) -> tuple:
-    """The batches an iteration of ``phase`` receives: the labeled ones alone during the warm-up."""
-    return (labeled, unlabeled, partners) if phase.semi_supervised else (labeled, None, None)
+def step_micro_batches(
+    phase: Phase, labeled: LabeledBatch, unlabeled: UnlabeledBatch, partners: UnlabeledBatch | None, accumulation: int
+) -> list[MicroBatch]:
+    """The micro-batches an iteration of ``phase`` receives (``accumulation`` of them, one batch
+    repeated): the labeled images alone during the warm-up."""
+    batch = MicroBatch(labeled, unlabeled, partners) if phase.semi_supervised else MicroBatch(labeled)
+    return [batch] * accumulation
 
 
 @dataclass
@@ -432,6 +439,8 @@ class FakeTraining:
     memory: DeviceMemory
     optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]
     """The student's and the density estimator's."""
+    accumulation: int
+    """Micro-batches per step (``train.total_batch_size``): the gradients live from the first one's backward on."""
 
     def trace(self, phase: Phase, step: int) -> StepTrace:
         """Run iteration ``step`` on the fake tensors: its peak memory and FLOPs."""
@@ -442,12 +451,12 @@ class FakeTraining:
         memory.reset_peak()
         counter = flop_counter()
         with self.mode, memory, counter, HostReads():  # the last one entered sees each operation first
-            self.iteration(step, *step_batches(phase, *self.batches))
+            self.iteration.accumulate(step, step_micro_batches(phase, *self.batches, self.accumulation))
         return StepTrace(phase, step, memory.peak, dict(memory.peak_breakdown), counter.get_total_flops(),
                          conv_flops(counter))
 
 
-def fake_training(training: Any, target: str) -> FakeTraining:
+def fake_training(training: Any, target: str, accumulation: int = 1) -> FakeTraining:
     """``training`` (:func:`~sandbox.bench.steps.synthetic_training`'s) on fake tensors, before its
     first iteration; its parameters, buffers and batch counted in their categories."""
     iteration = training.iteration
@@ -472,7 +481,7 @@ def fake_training(training: Any, target: str) -> FakeTraining:
         for parameter in module.parameters() if module is not None else ():
             if parameter.requires_grad:
                 parameter.register_post_accumulate_grad_hook(lambda p, c=category: memory.track(p.grad, c))
-    return FakeTraining(iteration, batches, mode, memory, optimizers)
+    return FakeTraining(iteration, batches, mode, memory, optimizers, accumulation)
 
 
 def trace_plan(recipe: Recipe, registry: Registry, num_classes: int, processes: int = 1, target: str = "cuda") -> Plan:
@@ -486,6 +495,7 @@ def trace_plan(recipe: Recipe, registry: Registry, num_classes: int, processes: 
 
     precision = recipe.train.mixed_precision
     traced = traced_precision(precision, target)
+    batches = batch_plan(recipe.train, processes)  # a total batch this launch cannot reach: its one-line error
     run = plan_recipe(recipe, traced)
     phases = run_phases(run.train)
     AcceleratorState._reset_state()
@@ -497,12 +507,12 @@ def trace_plan(recipe: Recipe, registry: Registry, num_classes: int, processes: 
                       count_parameters(training.iteration.step_fn.method.density))
         ddp_bytes = sum(round_up(p.numel() * p.element_size(), CUDA_BLOCK) for p in trainable) if processes > 1 else 0
         del student, trainable  # the real tensors go: the fake ones replace them
-        fake = fake_training(training, target)
+        fake = fake_training(training, target, batches.accumulation)
         with cuda_autocast_policy() if target == "cuda" and traced != "no" else nullcontext():
             traces = [fake.trace(phase, step) for phase, step in traced_steps(phases)]
     finally:
         AcceleratorState._reset_state()
-    return Plan(recipe, precision, traced, target, processes, *parameters, traces, ddp_bytes, phases)
+    return Plan(recipe, precision, traced, target, batches, *parameters, traces, ddp_bytes, phases)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer | None) -> Iterator[torch.Tensor]:
@@ -527,7 +537,8 @@ class Measured:
 
 
 def measure_plan_steps(recipe: Recipe, registry: Registry, num_classes: int) -> Measured:
-    """Run :func:`traced_steps` of ``recipe`` for real, on this process's device (a GPU if there is one).
+    """Run :func:`traced_steps` of ``recipe`` for real, on this process's device (a GPU if there is one),
+    each step the micro-batches ``train.total_batch_size`` makes on one process.
 
     On a GPU: ``torch.cuda.max_memory_allocated`` (reset before anything is built). On a CPU:
     torch's profiler records every allocation and free of the CPU allocator from before the
@@ -541,18 +552,19 @@ def measure_plan_steps(recipe: Recipe, registry: Registry, num_classes: int) -> 
     precision = recipe.train.mixed_precision
     run = plan_recipe(recipe, precision if cuda else traced_precision(precision, "cpu"))  # as this device trains
     steps = traced_steps(run_phases(run.train))
+    accumulation = batch_plan(run.train, 1).accumulation
     AcceleratorState._reset_state()
     try:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             training = synthetic_training(run, registry, num_classes, run.perturbation, schedule=True)
-            run_steps(training, steps)
+            run_steps(training, steps, accumulation)
             torch.cuda.synchronize()
             peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
         else:
             peak, how = profiled_peak(lambda: run_steps(synthetic_training(run, registry, num_classes, run.perturbation,
-                                                                           schedule=True), steps)), "torch.profiler (CPU allocator)"
+                                                                           schedule=True), steps, accumulation)), "torch.profiler (CPU allocator)"
     finally:
         AcceleratorState._reset_state()
     return Measured(peak, target, how)
@@ -561,11 +573,13 @@ def measure_plan_steps(recipe: Recipe, registry: Registry, num_classes: int) -> 
 STEPS_RANGE = "sandbox_plan_steps"
 
 
-def run_steps(training: Any, steps: list[tuple[Phase, int]]) -> None:
-    """``training``'s iteration at each of ``steps`` (semi-supervised or warm-up as its phase is)."""
+def run_steps(training: Any, steps: list[tuple[Phase, int]], accumulation: int = 1) -> None:
+    """``training``'s iteration at each of ``steps`` (semi-supervised or warm-up as its phase is), each on
+    ``accumulation`` micro-batches."""
     with torch.profiler.record_function(STEPS_RANGE):
         for phase, step in steps:
-            training.iteration(step, *step_batches(phase, training.labeled, training.unlabeled, training.partners))
+            micro_batches = step_micro_batches(phase, training.labeled, training.unlabeled, training.partners, accumulation)
+            training.iteration.accumulate(step, micro_batches)
 
 
 def profiled_peak(work: Callable[[], None]) -> int:
@@ -726,12 +740,13 @@ def verdict(plan: Plan, memory_gib: float, where: str) -> Verdict:
 def plan_lines(plan: Plan, memory_gib: float, memory_source: str, rates: Rates | None, gpu_label: str,
                utilisation: float) -> list[str]:
     """The lines ``sandbox plan`` prints."""
-    recipe, train, processes = plan.recipe, plan.recipe.train, plan.processes
-    labeled, unlabeled = train.batch_size, train.unlabeled_batch_size
+    recipe, train, processes = plan.recipe, plan.recipe.train, plan.batches.processes
+    labeled, unlabeled, accumulation = train.batch_size, train.unlabeled_batch_size, plan.batches.accumulation
+    per_step = f", accumulating {accumulation} micro-batches a step" if accumulation > 1 else ""
     lines = [
         f"plan: {recipe.name}, crop {train.crop_size}, {labeled} labeled + {unlabeled} unlabeled images per process "
-        f"on {processes} process{'es' if processes > 1 else ''}: total batch {labeled * processes} + "
-        f"{unlabeled * processes}, {train.iters} iterations",
+        f"on {processes} process{'es' if processes > 1 else ''}{per_step}: total batch {labeled * processes * accumulation} + "
+        f"{unlabeled * processes * accumulation}, {train.iters} iterations",
         f"traced on fake tensors (torch {torch.__version__.split('+')[0]}): one training step of each phase, the "
         f"training loop's own iteration on random images, every pixel trusted",
         "precision: " + precision_text(plan),

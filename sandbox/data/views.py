@@ -109,6 +109,48 @@ class StreamSampler(Sampler[tuple[int, int]]):
             position += self.num_replicas
 
 
+class MicroBatchStreamSampler(StreamSampler):
+    """The stream of an ``num_replicas * micro_batches``-process run, read by ``num_replicas`` processes
+    that each accumulate ``micro_batches`` micro-batches of ``batch_size`` per optimizer step.
+
+    Micro-batch ``k`` of step ``s`` on process ``r`` holds exactly the positions that process
+    ``r * micro_batches + k`` of the larger run holds at step ``s``: ``(s * batch_size + j) * world +
+    r * micro_batches + k`` for ``j < batch_size``, ``world = num_replicas * micro_batches`` (a
+    :class:`StreamSampler` rank of that run). The same images with the same augmentation (seeded by
+    position); a DataLoader of ``batch_size`` cuts the stream into the micro-batches in order. With
+    ``micro_batches = 1`` it yields what :class:`StreamSampler` yields from ``start_step * batch_size *
+    num_replicas``.
+    """
+
+    def __init__(
+        self, dataset_size: int, seed: int, start_step: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+        micro_batches: int = 1,
+    ) -> None:
+        if batch_size < 1 or micro_batches < 1 or start_step < 0:
+            raise ValueError(f"invalid batch_size {batch_size}, micro_batches {micro_batches} or start_step {start_step}")
+        super().__init__(dataset_size, seed, start_step * batch_size * num_replicas * micro_batches, num_replicas, rank)
+        self.start_step = start_step
+        self.batch_size = batch_size
+        self.micro_batches = micro_batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(index, position)`` micro-batch after micro-batch, step after step, forever."""
+        world = self.num_replicas * self.micro_batches
+        orders: dict[int, list[int]] = {}  # the epochs a step reads (at most two; a micro-batch may straddle them)
+        step = self.start_step
+        while True:
+            for micro_batch in range(self.micro_batches):
+                virtual_rank = self.rank * self.micro_batches + micro_batch
+                for slot in range(self.batch_size):
+                    position = (step * self.batch_size + slot) * world + virtual_rank
+                    epoch = position // self.dataset_size
+                    if epoch not in orders:
+                        orders = {e: o for e, o in orders.items() if e >= epoch - 1}
+                        orders[epoch] = self.permutation(epoch)
+                    yield orders[epoch][position % self.dataset_size], position
+            step += 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Training views
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ running statistic of the averages. A teacher nothing reads (:func:`reads_teacher
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -22,11 +24,22 @@ from torch import Tensor, nn
 
 from sandbox.recipe import Recipe, TrainSection
 from sandbox.train.accelerator import average_buffers
+from sandbox.train.accumulation import mean_logs
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.optimizer import build_optimizer  # noqa: F401 - re-exported
 from sandbox.train.sync_batchnorm import is_synchronised
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox.train.step_state import StepState
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an iteration: its labeled batch, its unlabeled batch (None in the warm-up)
+    and, with ``train.cutmix_partners = "stream"``, its CutMix partners."""
+
+    labeled: LabeledBatch
+    unlabeled: UnlabeledBatch | None = None
+    partners: UnlabeledBatch | None = None
 
 
 @dataclass
@@ -79,24 +92,49 @@ class TrainingIteration:
     def __call__(
         self, step: int, labeled: LabeledBatch, unlabeled: UnlabeledBatch | None, partners: UnlabeledBatch | None = None
     ) -> IterationResult:
-        """Iteration ``step``; ``unlabeled`` is None during the supervised warm-up; ``partners`` are the
-        CutMix partner images with ``train.cutmix_partners = "stream"``."""
+        """Iteration ``step`` on one batch; ``unlabeled`` is None during the supervised warm-up;
+        ``partners`` are the CutMix partner images with ``train.cutmix_partners = "stream"``."""
+        return self.accumulate(step, [MicroBatch(labeled, unlabeled, partners)])
+
+    def accumulate(self, step: int, micro_batches: Sequence[MicroBatch]) -> IterationResult:
+        """Iteration ``step``: one optimizer step on the gradients of ``micro_batches`` (one, or the
+        ``train.total_batch_size`` accumulation's K: :mod:`sandbox.train.accumulation`).
+
+        Each micro-batch's loss is divided by K and backpropagated at once (its graph freed before
+        the next forward); every backward pass but the last runs without DDP's all-reduce
+        (``accelerator.no_sync``). A non-finite loss on any process, in any micro-batch, skips the
+        whole step: no optimizer step, no EMA update, and what the micro-batches before it changed
+        (BatchNorm statistics, the density estimator) put back. The schedule and the teacher move
+        once per step. Not Accelerate's ``accumulate``: its optimizer steps by counting calls, and a
+        step here is skipped as a whole.
+        """
         settings, student = self.settings, self.accelerator.unwrap_model(self.model)
-        if unlabeled is not None and step == settings.warmup_iters and self.teacher_read:  # the teacher starts as the student
+        semi_supervised = micro_batches[0].unlabeled is not None
+        if semi_supervised and step == settings.warmup_iters and self.teacher_read:  # the teacher starts as the student
             update_teacher(self.teacher, student, 0.0, self.statistics)
         self.state.remember()
-        with self.accelerator.autocast():
-            if unlabeled is None:
-                loss, logs = self.step_fn.supervised(self.model, self.teacher, labeled)
-            else:
-                loss, logs = self.step_fn.semi_supervised(step, self.model, self.teacher, labeled, unlabeled, partners)
         self.optimizer.zero_grad(set_to_none=True)
-        finite = self.all_finite(loss)
+        count, logs, finite = len(micro_batches), [], True
+        for index, batch in enumerate(micro_batches):
+            with self.accelerator.autocast():
+                if batch.unlabeled is None:
+                    loss, micro_logs = self.step_fn.supervised(self.model, self.teacher, batch.labeled)
+                else:
+                    loss, micro_logs = self.step_fn.semi_supervised(
+                        step, self.model, self.teacher, batch.labeled, batch.unlabeled, batch.partners
+                    )
+            logs.append(micro_logs)
+            finite = self.all_finite(loss)
+            if not finite:  # every process agrees: the step is skipped, its other micro-batches need no pass
+                break
+            last = index == count - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                self.accelerator.backward(loss / count if count > 1 else loss)
         if finite:
-            self.accelerator.backward(loss)
             self.optimizer.step()
             stepped = not self.accelerator.optimizer_step_was_skipped  # an fp16 overflow skips it
-        else:  # no update, and no trace: BatchNorm statistics, the estimator's update of this step
+        else:  # no update, and no trace: BatchNorm statistics, the estimator's updates of this step
+            self.optimizer.zero_grad(set_to_none=True)
             self.state.restore()
             stepped = False
         if stepped:
@@ -111,7 +149,7 @@ class TrainingIteration:
             self.teacher_buffers_differ = True  # statistics of this process's shard
             if self.teacher_buffers_read_each_step:
                 self.agree_on_teacher()
-        return IterationResult(logs, finite, stepped)
+        return IterationResult(mean_logs(logs), finite, stepped)
 
     def agree_on_teacher(self) -> None:
         """Average the teacher's buffers over the processes if steps changed them since the last time

@@ -22,7 +22,7 @@ from sandbox.api import DensityEstimator
 from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import DataError, read_batches
 from sandbox.distributed import host_group, mean_over_processes, prepare_host_group, process_count, process_rank
-from sandbox.data.views import StreamSampler, small_image_note
+from sandbox.data.views import MicroBatchStreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
 from sandbox.plugins import run_provenance
 from sandbox.train.determinism import apply_determinism, compute_record, deterministic_error, nondeterministic_operation
@@ -51,7 +51,8 @@ from sandbox.train.builder import (
 )
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
 from sandbox.train.failures import announced_on_sigterm, beat, collective_free, shared_failures
-from sandbox.train.iteration import TrainingIteration, reads_teacher
+from sandbox.train.accumulation import batch_plan
+from sandbox.train.iteration import MicroBatch, TrainingIteration, reads_teacher
 from sandbox.train.levers import build_networks
 from sandbox.train.log_window import LogWindow, averaged_window, is_log_step, left_out_note
 from sandbox.train.progress import ProgressReporter
@@ -214,6 +215,8 @@ class Trainer:
         warn_about_precision(self.accelerator)
         set_seed(recipe.seed)
         with agreed_errors(self.accelerator):  # a dataset missing on one node ends every process
+            self.batches = batch_plan(settings, self.accelerator.num_processes)
+            """Micro-batch, processes and accumulation of one optimizer step (``train.total_batch_size``)."""
             self.source = build_dataset(recipe, registry)
             if len(self.source.labeled) == 0:
                 raise SandboxError(f"[dataset] {recipe.dataset.name!r} has no labeled images; training needs at least one")
@@ -242,7 +245,7 @@ class Trainer:
                     "it perturbs the classifier's input (train.perturb_at = 'classifier'), not the encoder's maps"
                 )
         with collective_free():  # local work, however long: a peer's failure leaves this process time to fail too
-            self.lr = scaled_lr(settings.lr, settings.batch_size, self.accelerator.num_processes, settings.reference_total_batch)
+            self.lr = scaled_lr(settings.lr, self.batches.total, 1, settings.reference_total_batch)
             """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
             networks = build_networks(model, self.accelerator, settings, self.lr)  # sync_bn and the speed levers
             self.teacher = networks.teacher
@@ -266,6 +269,15 @@ class Trainer:
         )
         if self.accelerator.is_main_process:
             self._warn_if_images_are_small()
+            if self.batches.accumulation > 1:
+                processes = self.batches.processes
+                print(
+                    f"note: train.total_batch_size = {self.batches.total} on {processes} process"
+                    f"{'es' if processes > 1 else ''}: each step accumulates {self.batches.accumulation} micro-batches "
+                    f"of {settings.batch_size} labeled + {settings.unlabeled_batch_size} unlabeled images "
+                    "(README \"The same training on fewer GPUs\")",
+                    file=sys.stderr,
+                )
         batch_partners = settings.cutmix_partners != "stream"
         if settings.unlabeled_batch_size == 1 and settings.cutmix_p > 0 and batch_partners and self.accelerator.is_main_process:
             print(
@@ -288,10 +300,11 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------
 
-    def _stream(self, dataset: Any, size: int, batch_size: int, seed: int, batches_done: int) -> Iterator[Any]:
-        """This process's share of an endless batch stream, after the ``batches_done`` already used."""
+    def _stream(self, dataset: Any, size: int, batch_size: int, seed: int, steps_done: int) -> Iterator[Any]:
+        """This process's share of an endless batch stream after the ``steps_done`` optimizer steps
+        already taken: its micro-batches in order, ``train.total_batch_size``'s accumulation of them a step."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        sampler = StreamSampler(size, seed, batches_done * batch_size * world, world, rank)
+        sampler = MicroBatchStreamSampler(size, seed, steps_done, batch_size, world, rank, self.batches.accumulation)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -600,14 +613,15 @@ class Trainer:
             while self.state.step < settings.iters:
                 beat()  # the main thread moves on: a peer's failure leaves it time to fail by itself
                 step = self.state.step
-                images, masks = next(labeled)
-                batch_l = LabeledBatch(images, masks).to(self.accelerator.device)
-                batch_u = batch_p = None
-                if step >= settings.warmup_iters:
-                    batch_u = self._unlabeled_batch(next(unlabeled))
-                    batch_p = self._unlabeled_batch(next(partners)) if partners is not None else None
+                micro_batches = []
+                for _ in range(self.batches.accumulation):
+                    batch = MicroBatch(LabeledBatch(*next(labeled)).to(self.accelerator.device))
+                    if step >= settings.warmup_iters:
+                        batch.unlabeled = self._unlabeled_batch(next(unlabeled))
+                        batch.partners = self._unlabeled_batch(next(partners)) if partners is not None else None
+                    micro_batches.append(batch)
                 try:
-                    outcome = self.iteration(step, batch_l, batch_u, batch_p)
+                    outcome = self.iteration.accumulate(step, micro_batches)
                 except RuntimeError as error:  # the network's own operations (a backward pass) under train.deterministic
                     op = nondeterministic_operation(error)
                     if op is None:
@@ -638,7 +652,8 @@ class Trainer:
                     if self.method.density is not None:
                         record["skipped_density_updates"] = self.state.skipped_density_updates
                     record["images_per_s"] = window.steps * (settings.batch_size + (
-                        settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * self.accelerator.num_processes / elapsed
+                        settings.unlabeled_batch_size if step >= settings.warmup_iters else 0)) * (
+                        self.accelerator.num_processes * self.batches.accumulation) / elapsed
                     if self.accelerator.is_main_process:
                         self.run_dir.append_metrics(record)
                     self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
@@ -673,7 +688,7 @@ class Trainer:
             "wall_time_s": self.state.wall_time,
             "skipped_updates": self.state.skipped_updates,
             "skipped_density_updates": self.state.skipped_density_updates,
-            "processes": self.accelerator.num_processes,
+            **self.batches.record(),
             "lr": self.lr,
             "mixed_precision": effective_precision(self.accelerator),
             "compute": compute_record(self.accelerator.device, self.recipe.train.deterministic),
