@@ -541,3 +541,6 @@ def render_csv(comparison: Comparison) -> str:
 
 RENDERERS = {"md": render_markdown, "csv": render_csv, "latex": render_latex, "json": render_json}
 """Text renderers of the non-table formats."""
+
+FORMATS = ("table", *RENDERERS)
+"""Every output format of a comparison: the rich table, then the text renderers' (the one list the CLI offers)."""

@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from sandbox.analysis.compare import Comparison, compare_runs
-from sandbox.analysis.report import HUMAN_FORMATS, RENDERERS, excluded_lines, print_notes, print_table
+from sandbox.analysis.report import FORMATS, HUMAN_FORMATS, RENDERERS, excluded_lines, print_notes, print_table
 from sandbox.analysis.runs import RunRecord, find_runs
 from sandbox.disk import folder_bytes, human_bytes
 
@@ -25,14 +25,8 @@ class Metric(str, Enum):
     final_miou = "final_miou"
 
 
-class Format(str, Enum):
-    """Output formats."""
-
-    table = "table"
-    md = "md"
-    csv = "csv"
-    latex = "latex"
-    json = "json"
+Format = Enum("Format", {name: name for name in FORMATS}, type=str)
+"""Output formats (``report.FORMATS``)."""
 
 
 BaselineOption = typer.Option(
@@ -44,7 +38,9 @@ BaselineOption = typer.Option(
 MetricOption = typer.Option(
     Metric.best_miou, "--metric", help="Summary value to compare (the other one is shown beside it when the runs have it)."
 )
-FormatOption = typer.Option(Format.table, "--format", help="table (rich), md, csv, latex or json.")
+FormatOption = typer.Option(
+    Format.table, "--format", help=f"table (rich), {', '.join(FORMATS[1:-1])} or {FORMATS[-1]}."
+)
 ColumnsOption = typer.Option(
     None, "--columns", help="KEY,KEY,...: show only these differing keys (they must still tell the groups apart)."
 )
