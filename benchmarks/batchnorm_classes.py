@@ -35,7 +35,7 @@ import torch.distributed as dist
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.builder import build_model
-from sandbox.train.sync_batchnorm import synchronise_batchnorm
+from sandbox.processes.batchnorm import synchronise_batchnorm
 
 TOLERANCE = 1e-3
 """The largest relative difference from the reference a class may show (float32 summation order)."""

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-import sandbox.distributed as distributed
+import sandbox.processes.collectives as distributed
 import sandbox.train.step as step_module
 from sandbox.api import SegmentationSource
 from sandbox.data.views import normalize

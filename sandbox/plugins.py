@@ -272,9 +272,9 @@ def missing_run_component(
 ) -> str | None:
     """The one-line error for the first component a run recorded that the recipe at ``path`` still names
     but that is not registered here (see :func:`load_run_recipe`); None when there is none."""
-    from sandbox.analysis.runs import read_provenance
+    from sandbox.rundir.files import read_provenance
     from sandbox.recipe import as_recipe_plugin, load_recipe
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     try:
         recipe = load_recipe(path, list(overrides or []))

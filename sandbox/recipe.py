@@ -26,8 +26,8 @@ from pydantic import (
 )
 
 from sandbox.errors import SandboxError, lower_first
-from sandbox.renamed_values import rename_old_values
-from sandbox.run_files import flatten_keys
+from sandbox.renamed_values import rename_old_values, with_current_names
+from sandbox.rundir.files import flatten_keys
 
 if TYPE_CHECKING:
     from sandbox.registry import Registry  # imports torch (through sandbox.api): recipes are read without it
@@ -432,6 +432,11 @@ class Recipe(Section):
             data.pop(table, None)
         return tomli_w.dumps(data)
 
+    def difference_from_saved(self, saved_toml: str) -> str:
+        """``""`` when this recipe is a run's saved recipe ``saved_toml``, else the keys that differ
+        (:func:`recipe_difference`)."""
+        return recipe_difference(saved_toml, self)
+
     def as_saved_in(self, saved_toml: str) -> str:
         """This recipe as TOML without the :data:`OPTIONAL_TABLES` that ``saved_toml`` (a run's saved
         recipe) leaves out: its run did not use them, so they cannot make the two recipes differ."""
@@ -690,3 +695,29 @@ def as_recipe_plugin(spec: str) -> str:
     """A ``--plugin`` as the resolved recipe records it: a ``.py`` file by its absolute path (so the
     saved ``recipe.toml`` loads it from anywhere), a module by its name."""
     return str(Path(spec).resolve()) if spec.endswith(".py") else spec
+
+
+def recipe_difference(saved_toml: str, recipe: Recipe) -> str:
+    """``""`` when ``recipe`` is a run's saved recipe ``saved_toml`` (old option values renamed, the
+    tables the run left out ignored, settings added since the run was saved at their defaults), else
+    the keys that differ (:func:`differing_keys`)."""
+    saved = with_current_names(saved_toml)
+    return "" if saved == recipe.as_saved_in(saved) else differing_keys(saved, recipe)
+
+
+def differing_keys(saved_toml: str, recipe: Recipe) -> str:
+    """Comma-separated dotted keys whose values differ between a saved recipe (its option values in
+    their current names: see :func:`recipe_difference`) and ``recipe``; ``"formatting"`` when no value
+    differs, ``""`` when only settings the saved recipe lacks (added since) do, each at its default in
+    ``recipe`` (what the run used before the setting existed)."""
+    old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.as_saved_in(saved_toml)))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    significant = [k for k in keys if k in old or not is_default_setting(k, new[k])]
+    return ", ".join(significant) or ("" if keys else "formatting")
+
+
+def is_default_setting(key: str, value: Any) -> bool:
+    """Whether the dotted recipe ``key`` is a setting of the recipe's own sections (not a component's
+    option) and ``value`` is its default."""
+    found, default = setting_default(key)
+    return found and default == value

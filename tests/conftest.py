@@ -125,7 +125,7 @@ XDIST_GROUPS = {
     "test_cutmix": "test_cutmix",  # module-scoped fixtures: computed once, on one worker
     "test_probe": "test_probe",
     # The session's shared launch runs once, on the worker of the tests that take it.
-    **dict.fromkeys(["test_density_distributed", "test_networks_ddp", "test_parity", "test_sync_batchnorm",
+    **dict.fromkeys(["test_agreement", "test_density_distributed", "test_networks_ddp", "test_parity", "test_sync_batchnorm",
                      "test_teacher_buffers", "test_host_syncs::test_a_training_step_waits_for_the_device_once_on_two_processes",
                      "test_host_syncs::test_on_nccl_the_pixel_counts_go_through_a_gloo_group_made_once",
                      "test_distributed::test_two_processes_train_one_teacher_reduce_every_val_image_and_only_rank0_writes",

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from light_imports import run_without_heavy_imports
-from sandbox.analysis.runs import FAILED_MARKER
+from sandbox.rundir.files import FAILED_MARKER
 from sandbox.cli import main
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
-from sandbox.sweep.decisions import plan
+from sandbox.rundir.decisions import plan
 from sandbox.sweep.grid import applicable_combinations, expand, parse_grid, parse_seeds
-from sandbox.train.rundir import RunDirectory
+from sandbox.rundir.directory import RunDirectory
 
 SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sandbox.atomic_files import TEMPORARY_MARK, remove_temporaries, write_atomically
-from sandbox.run_files import is_claim_file
-from sandbox.train.rundir import RunDirectory
+from sandbox.rundir.atomic_files import TEMPORARY_MARK, remove_temporaries, write_atomically
+from sandbox.rundir.files import is_claim_file
+from sandbox.rundir.directory import RunDirectory
 
 
 def test_a_new_file_has_the_users_umask_not_0600(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from typing import Callable
 
 import pytest
 
-from sandbox.sweep import claims
-from sandbox.sweep.claims import (
+from sandbox.rundir import claims
+from sandbox.rundir.claims import (
     Attempt,
     Claim,
     ClaimKeeper,
@@ -174,7 +174,7 @@ def test_a_keeper_whose_claim_was_taken_over_warns_and_leaves_it(tmp_path: Path,
 HOLDER = """
 import sys, time
 from pathlib import Path
-from sandbox.sweep.claims import Claim, ClaimKeeper, acquire, released_on_sigterm
+from sandbox.rundir.claims import Claim, ClaimKeeper, acquire, released_on_sigterm
 
 path = Path(sys.argv[1])
 mine = Claim.new(600)
@@ -204,7 +204,7 @@ def test_sigterm_releases_the_claims_then_ends_the_process_as_sigterm_does(tmp_p
 
 def test_overwriting_a_run_directory_keeps_its_claim(tmp_path: Path, tiny_recipe: Path) -> None:
     from sandbox.recipe import load_recipe
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     recipe = load_recipe(tiny_recipe)
     run_dir = RunDirectory.for_recipe(recipe)
@@ -224,7 +224,7 @@ def test_overwriting_a_run_directory_keeps_its_claim(tmp_path: Path, tiny_recipe
 def slowed_refresh(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> threading.Event:
     """Make the refresh of the thread named ``refresher`` pause ``delay_s`` right after it has seen its
     token in ``CLAIM`` (before it writes); the event is set when it has seen it."""
-    import sandbox.sweep.claims as claims
+    import sandbox.rundir.claims as claims
 
     seen = threading.Event()
     real = claims.read_claim
@@ -265,7 +265,7 @@ def test_a_refresh_delayed_past_a_takeover_attempt_never_restores_the_old_claim(
 
 
 class Clock:
-    """The ``time`` module as :mod:`sandbox.sweep.claims` sees it, with a wall clock and a monotonic clock
+    """The ``time`` module as :mod:`sandbox.rundir.claims` sees it, with a wall clock and a monotonic clock
     that a test moves forward at once (a stall of ten minutes without sleeping)."""
 
     def __init__(self) -> None:
@@ -530,7 +530,7 @@ def test_the_guard_stops_a_holder_whose_claim_was_replaced_before_its_next_refre
 def test_refresh_errors_are_reported_once_and_stop_the_holder_after_half_the_timeout(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sandbox.sweep.claims as claims
+    import sandbox.rundir.claims as claims
     from sandbox.errors import SandboxError
 
     path = claim_path(tmp_path)

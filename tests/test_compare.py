@@ -15,10 +15,11 @@ import pytest
 from rich.console import Console
 
 from light_imports import run_without_heavy_imports
-from sandbox.run_files import flatten_keys
+from sandbox.rundir.files import flatten_keys
 from sandbox.analysis.compare import compare_runs
 from sandbox.analysis.report import print_table, stderr_lines
-from sandbox.analysis.runs import FAILED_MARKER, find_runs
+from sandbox.analysis.runs import find_runs
+from sandbox.rundir.files import FAILED_MARKER
 from sandbox.cli import main
 from sandbox.disk import human_bytes
 from sandbox.recipe import Recipe

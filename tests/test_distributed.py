@@ -24,10 +24,11 @@ from sandbox_builtins.backbones import TimmBackbone
 from sandbox_builtins.deeplabv3plus import DeepLabV3Plus
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
-from sandbox.train.accelerator import maybe_sync_batchnorm, scaled_lr
+from sandbox.processes.batchnorm import maybe_sync_batchnorm
+from sandbox.train.accelerator import scaled_lr
 from sandbox.train.loop import Trainer
-from sandbox.train.rundir import RunDirectory
-from sandbox.train.sync_batchnorm import ProcessGroupBatchNorm, is_synchronised
+from sandbox.rundir.directory import RunDirectory
+from sandbox.processes.batchnorm import ProcessGroupBatchNorm, is_synchronised
 from launching import LAUNCH_TIMEOUT_S, accelerate_command, finish, free_port, launch_env, start, wait_bounded
 from shared_launch import RUNNER, Job, SharedLaunch
 

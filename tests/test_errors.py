@@ -20,7 +20,7 @@ from sandbox.cli import main
 from sandbox.errors import SandboxError
 from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
-from sandbox.train.rundir import RunDirectory
+from sandbox.rundir.directory import RunDirectory
 
 SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2"]
 
@@ -445,6 +445,7 @@ def test_an_installed_plugin_with_hooks_never_called_is_reported_and_the_rest_st
         main(["plugins"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and " shake_ok " in out, "the package's valid hook still registers"
+    assert " ddfp " in out and "broken" in out, "the other plugins still work; the package is listed as broken"
     assert "misspelled-plugin 0.2" in out and "sandbox_register_perturbatons is no sandbox hook" in out
     assert "sandbox_register_consistency_losses is not marked @hookimpl" in out
 

@@ -1,5 +1,5 @@
 """Failures on several processes (2 CPU gloo processes): scoped to a launch attempt, shared in every
-phase, and processes failing by themselves seconds apart stay in step (``sandbox.train.failures``).
+phase, and processes failing by themselves seconds apart stay in step (``sandbox.processes.failures``).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def test_an_error_of_one_process_names_it(monkeypatch, capsys) -> None:
     ended = []
     monkeypatch.setattr(cli, "in_process_group", lambda: True)
     monkeypatch.setattr("torch.distributed.get_rank", lambda: 1)
-    monkeypatch.setattr("sandbox.train.failures.exit_together", lambda code, message=None: ended.append((code, message)))
+    monkeypatch.setattr("sandbox.processes.failures.exit_together", lambda code, message=None: ended.append((code, message)))
     for error, printed in ((SandboxError("disk full"), "disk full (on process 1)"), (shared_error("bad"), "bad")):
         def fail(**_: object) -> None:
             raise error
@@ -221,7 +221,7 @@ def test_a_stalled_store_cannot_stretch_a_store_call(monkeypatch, capsys) -> Non
 
     import pytest
 
-    from sandbox.train import failures
+    from sandbox.processes import failures
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -250,7 +250,7 @@ def test_a_failed_run_flushes_its_trackers_and_removes_temporaries(tiny_recipe: 
     import pytest
 
     from sandbox.cli import main
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     finished = []
     append = RunDirectory.append_metrics

@@ -115,7 +115,7 @@ def exchange_beside_nccl(rank: int) -> dict:
     own, made once, that sums host numbers; what this process saw."""
     import torch.distributed as dist
 
-    from sandbox import distributed
+    from sandbox.processes import collectives as distributed
 
     reported = dist.get_backend
     dist.get_backend = lambda group=None: "nccl"

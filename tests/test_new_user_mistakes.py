@@ -227,7 +227,7 @@ def test_every_json_a_run_writes_is_strict_json(trained_tiny_run: Path, tmp_path
     """A val mIoU of nothing scored was written as ``NaN`` (not JSON: strict parsers refuse the file); now null."""
     from sandbox.analysis.curves import read_metrics, series
     from sandbox.analysis.runs import read_run
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     files = sorted(trained_tiny_run.rglob("*.json"))
     assert trained_tiny_run / "summary.json" in files

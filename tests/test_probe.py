@@ -229,7 +229,7 @@ def test_run_without_checkpoints_falls_back_to_best_weights(tiny_recipe: Path, t
 def test_the_checkpointed_objects_are_found_by_name(trained_run: Path) -> None:
     """The teacher's file of the newest checkpoint is the evaluated teacher of ``last.pt`` (same step)."""
     from sandbox.analysis.probe_models import newest_checkpoint, read_state
-    from sandbox.train.rundir import checkpointed_file
+    from sandbox.rundir.directory import checkpointed_file
 
     folder = newest_checkpoint(trained_run)
     assert folder is not None and folder.name == "step_00000004"

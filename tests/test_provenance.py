@@ -16,7 +16,7 @@ from sandbox import __version__
 from sandbox.cli import main
 
 PROVENANCE_FILE = "provenance.json"
-"""Where a run records its components' origins (the README's name: :data:`sandbox.run_files.PROVENANCE_FILE`)."""
+"""Where a run records its components' origins (the README's name: :data:`sandbox.rundir.files.PROVENANCE_FILE`)."""
 
 SHAKE = '''
 import torch

@@ -114,7 +114,7 @@ def test_missing_recipe_file() -> None:
 def test_an_old_option_value_still_works_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from sandbox.analysis.runs import read_run
     from sandbox.recipe import _NOTED
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     path = tmp_path / "old.toml"
     path.write_text(f'name = "old"\noutput_dir = "{tmp_path.as_posix()}"\n[dataset]\nname = "shapes"\n'

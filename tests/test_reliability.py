@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sandbox.cli import main
 from sandbox.plugins import load_registry
 from run_records import assert_same_run, records
-from sandbox.train.rundir import verify_checkpoint
+from sandbox.rundir.directory import verify_checkpoint
 
 RUN = ("tiny", "seed3")
 
@@ -217,7 +217,8 @@ def test_sigterm_during_a_checkpoint_says_where_the_run_stopped_and_how_to_resum
 
     # The printed command resumes this run (resuming past an unpublished checkpoint: the tests above).
     from sandbox.recipe import load_resolved_recipe
-    from sandbox.train.rundir import RunDirectory, recipe_difference
+    from sandbox.recipe import recipe_difference
+    from sandbox.rundir.directory import RunDirectory
 
     saved = Path(command.split(" ")[2])
     resolved, _ = load_resolved_recipe(saved, [], [])
@@ -230,7 +231,7 @@ def test_retention_keeps_the_newest_checkpoints_and_a_finished_run_may_drop_them
     """``train.checkpoints_kept = 1`` and ``train.keep_checkpoints_when_done = false``, resumed from step 3: while
     training only the newest checkpoint stays; once finished none does (best.pt, last.pt and the records do),
     and a --resume of the finished run is a one-line error, not a new run from step 0."""
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     run_dir = trained_tiny_run
     recipe = run_dir / "recipe.toml"

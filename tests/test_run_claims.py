@@ -23,9 +23,9 @@ import pytest
 from run_records import records
 from sandbox.cli import main
 from sandbox.errors import SandboxError
-from sandbox.sweep.claims import TIMEOUT_ENV, Claim, claim_path, read_claim, replace_file
-from sandbox.atomic_files import TEMPORARY_MARK
-from sandbox.train.rundir import STAGING_PREFIX, RunDirectory, guarded_writes
+from sandbox.rundir.claims import TIMEOUT_ENV, Claim, claim_path, read_claim, replace_file
+from sandbox.rundir.atomic_files import TEMPORARY_MARK
+from sandbox.rundir.directory import STAGING_PREFIX, RunDirectory, guarded_writes
 from launching import LAUNCH_TIMEOUT_S, launch_env, start, wait_bounded
 
 LONG = ["--set", "train.iters=16", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=8",

@@ -22,10 +22,10 @@ import pytest
 from run_records import assert_same_run, records
 from sandbox.cli import main
 from sandbox.errors import SandboxError
-from sandbox.sweep.claims import Claim, claim_path, read_claim, replace_file
-from sandbox.sweep.decisions import claim_run, failure_stamp
+from sandbox.rundir.claims import Claim, claim_path, read_claim, replace_file
+from sandbox.rundir.decisions import claim_run, failure_stamp
 from sandbox.sweep.shards import Shard, parse_shard, shard_of
-from sandbox.train.rundir import RunDirectory
+from sandbox.rundir.directory import RunDirectory
 from launching import LAUNCH_TIMEOUT_S, accelerate_command, free_port, launch_env, start, wait_bounded
 
 SHORT = ["--set", "train.iters=2", "--set", "train.warmup_iters=2", "--set", "train.threads=1"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import sandbox.distributed as distributed
+import sandbox.processes.collectives as distributed
 import sandbox.train.step as step_module
 from sandbox.api import ClassifierOutput, ConsistencyLoss, Perturbation, PerturbationContext
 from sandbox.api import SegmentationNetwork, SegmentationOutput, classifier_layers
@@ -535,7 +535,7 @@ def stub_process(labeled: LabeledBatch, unlabeled: UnlabeledBatch, **settings: o
 def as_trained(processes: list[StepResults]) -> list[dict[str, Tensor]]:
     """What N processes train with and log, for each step of their runs: the gradient w.r.t. the scales
     averaged over the processes (DDP's) and every logged value averaged over them (the training loop's
-    :func:`~sandbox.distributed.mean_over_processes`); ``loss`` is logged."""
+    :func:`~sandbox.processes.collectives.mean_over_processes`); ``loss`` is logged."""
     steps = []
     for index in range(len(processes[0][1])):
         losses = [runs[index][0] for _, runs in processes]

@@ -12,7 +12,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from sandbox.errors import SandboxError
-from sandbox.train.sync_batchnorm import is_synchronised, synchronise_batchnorm
+from sandbox.processes.batchnorm import is_synchronised, synchronise_batchnorm
 from shared_launch import Job, SharedLaunch, process_group
 
 

@@ -16,7 +16,8 @@ from sandbox.plugins import load_registry
 from sandbox.recipe import load_recipe, resolve_components
 from sandbox.train.builder import build_method, build_model, unused_tables
 from sandbox.train.loop import Trainer
-from sandbox.train.rundir import RunDirectory, differing_keys, recipe_difference
+from sandbox.recipe import differing_keys, recipe_difference
+from sandbox.rundir.directory import RunDirectory
 from sandbox.train.student_pass import network_of
 
 

@@ -8,5 +8,6 @@ and the end of ``sandbox ablate``) as a table, Markdown, CSV, LaTeX or JSON; ``c
 ``prediction_grid`` draw PNG figures; ``colours`` and ``inference`` turn a checkpoint's
 predictions into coloured masks; ``probe`` (with ``probe_models``, ``probe_pass`` and
 ``probe_figure``) measures features of trained runs. Running a sweep (grids, shards, claims,
-each run's state) is :mod:`sandbox.sweep`'s.
+each run's state) is :mod:`sandbox.sweep`'s. May import ``train`` and every package below it; nothing
+from ``sweep`` or ``cli``.
 """

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sandbox.run_files import METRICS_FILE
+from sandbox.rundir.files import METRICS_FILE
 
 FIGURE_INCHES = (6.4, 4.0)
 """Width and height of a curve figure."""

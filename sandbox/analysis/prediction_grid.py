@@ -20,7 +20,7 @@ from sandbox.analysis.curves import DPI
 from sandbox.analysis.inference import Predictor
 from sandbox.data.views import denormalize
 from sandbox.train.evaluate import build_val_view
-from sandbox.train.rundir import RunDirectory
+from sandbox.rundir.directory import RunDirectory
 
 CELL_INCHES = 2.0
 """Side of one picture of the grid."""

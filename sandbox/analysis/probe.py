@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sandbox.analysis.runs import finite_or_none
+from sandbox.rundir.files import finite_or_none
 from sandbox.api import DensityEstimator
 
 PERCENTILES = (10.0, 50.0, 90.0)

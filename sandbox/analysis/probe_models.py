@@ -4,7 +4,7 @@ The student, the EMA teacher and the online density estimator are read from the 
 complete checkpoint folder (``checkpoints/step_N``, written by Accelerate's ``save_state`` in
 :meth:`sandbox.train.loop.Trainer._save_checkpoint`): the student is the prepared model
 (``model.safetensors``), the teacher and the estimator are the objects the trainer registers for
-checkpointing (:data:`~sandbox.train.rundir.CHECKPOINTED_OBJECTS`). A run without a
+checkpointing (:data:`~sandbox.rundir.directory.CHECKPOINTED_OBJECTS`). A run without a
 checkpoint folder falls back to ``best.pt`` (else ``last.pt``) as both student and teacher, with no
 estimator. Both networks are put in eval mode, as evaluation predicts.
 """
@@ -25,7 +25,7 @@ from sandbox.errors import SandboxError
 from sandbox.recipe import ComponentSpec, Recipe, resolve_components
 from sandbox.registry import Registry
 from sandbox.train.builder import MethodComponents, build_dataset, build_method, build_model, build_train_views
-from sandbox.train.rundir import RunDirectory, checkpointed_file
+from sandbox.rundir.directory import RunDirectory, checkpointed_file
 from sandbox.train.student_pass import PREFIX, StudentPass
 from sandbox.train.weights import apply_weights, load_weights
 from sandbox.weights_files import read_weights_file

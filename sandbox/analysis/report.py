@@ -42,7 +42,7 @@ from rich.text import Text
 
 from sandbox.analysis.compare import Comparison, Duplicate, Group, format_value
 from sandbox.analysis.paired import CI_ONE_PAIR, CI_ZERO_VARIANCE, CONFIDENCE_LEVEL, PairedDelta
-from sandbox.analysis.runs import strict_json
+from sandbox.rundir.files import strict_json
 
 HUMAN_FORMATS = ("table", "md", "latex")
 """Formats that list the runs left out below the table (the others write them to stderr)."""

@@ -6,13 +6,12 @@ A run is *finished* once ``summary.json`` exists, *failed* when it holds ``FAILE
 unreadable file, and *unfinished* otherwise (still training, interrupted, or killed).
 
 This module imports nothing heavy (no torch, no pydantic), so ``sandbox compare`` starts at once:
-the run files' names come from :mod:`sandbox.run_files`.
+the run files' names come from :mod:`sandbox.rundir.files`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Iterable, Literal
 
 from sandbox.errors import SandboxError
 from sandbox.renamed_values import rename_old_values
-from sandbox.run_files import FAILED_MARKER, METRICS_FILE, PROVENANCE_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys
+from sandbox.rundir.files import FAILED_MARKER, METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, read_json_object
 
 
 Status = Literal["finished", "unfinished", "failed"]
@@ -104,36 +103,6 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
     return sorted(found)
 
 
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, inf) inside it replaced by None (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
-
-
-def strict_json(value: Any, indent: int | None = None) -> str:
-    """``value`` as strict JSON (RFC 8259, which strict parsers such as ``jq`` and JavaScript's
-    ``JSON.parse`` require): a non-finite float (NaN, inf) is written as ``null``, never as ``NaN``
-    or ``Infinity``. Every JSON file and document the project writes goes through it; readers take
-    ``null`` as "no value"."""
-    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
-
-
-def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """A JSON object and None, or None and why it could not be read."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        return None, f"{path.name} could not be read: {error}"
-    if not isinstance(data, dict):
-        return None, f"{path.name} holds no JSON object"
-    return data, None
-
-
 def read_run(path: Path) -> RunRecord:
     """Read one run directory (never raises for bad files: they make the run *failed*)."""
     recipe: dict[str, Any] | None = None
@@ -147,35 +116,13 @@ def read_run(path: Path) -> RunRecord:
         except (OSError, tomllib.TOMLDecodeError) as error:
             failure = f"{RECIPE_FILE} could not be read: {error}"
     if (path / SUMMARY_FILE).is_file():
-        summary, problem = _read_json(path / SUMMARY_FILE)
+        summary, problem = read_json_object(path / SUMMARY_FILE)
         failure = failure or problem
     elif (path / FAILED_MARKER).is_file():
         failure = (path / FAILED_MARKER).read_text().strip() or "failed (no message recorded)"
     return RunRecord(path, recipe, summary, failure)
 
 
-def read_provenance(path: Path) -> dict[str, dict[str, Any]] | None:
-    """The components recorded in ``provenance.json`` of the run directory ``path``, by recipe table
-    (``{"perturbation": {"kind": ..., "name": ..., "source": ..., ...}}``); None when the run has no
-    readable record (started before runs recorded it, or damaged)."""
-    data, problem = _read_json(path / PROVENANCE_FILE) if (path / PROVENANCE_FILE).is_file() else (None, "missing")
-    components = (data or {}).get("components")
-    if problem is not None or not isinstance(components, dict):
-        return None
-    return {table: entry for table, entry in components.items() if isinstance(entry, dict)}
-
-
 def find_runs(paths: Iterable[Path]) -> list[RunRecord]:
     """Every run directory given or found below ``paths`` (see :func:`find_run_dirs`), read."""
     return [read_run(path) for path in find_run_dirs(paths)]
-
-
-def write_failure(path: Path, message: str) -> None:
-    """Mark ``path`` as a failed run with the one-line ``message``."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / FAILED_MARKER).write_text(message.strip() + "\n")
-
-
-def clear_failure(path: Path) -> None:
-    """Remove a ``FAILED`` marker before the run is tried again."""
-    (path / FAILED_MARKER).unlink(missing_ok=True)

@@ -1,1 +1,3 @@
-"""Benchmarks behind ``sandbox bench``: training-step timing and data-loading throughput."""
+"""Benchmarks behind ``sandbox bench`` and ``sandbox plan``: training-step timing, data-loading throughput,
+the memory and FLOPs traced on fake tensors. May import ``train`` and every package below it; nothing from
+``sweep`` or ``cli``."""

@@ -545,7 +545,7 @@ def measure_plan_steps(recipe: Recipe, registry: Registry, num_classes: int) -> 
     networks are built; the peak is the highest running sum of live bytes during the steps.
     """
     from sandbox.bench.steps import synthetic_training
-    from sandbox.train.accelerator import has_accelerator_device
+    from sandbox.processes.launch import has_accelerator_device
 
     cuda = torch.cuda.is_available() and has_accelerator_device()
     target = "cuda" if cuda else "cpu"

@@ -1,4 +1,5 @@
-"""The ``sandbox`` command line: one module per command, assembled here."""
+"""The ``sandbox`` command line: one module per command, assembled here. The top layer: may import every
+package (only ``ablate`` imports ``sweep``)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(error.exit_code)
         from torch import distributed
 
-        from sandbox.train.failures import exit_together
+        from sandbox.processes.failures import exit_together
 
         message = str(error) if error.shared else on_process(str(error), distributed.get_rank())
         print(error_line(message), file=sys.stderr)

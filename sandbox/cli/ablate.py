@@ -2,8 +2,8 @@
 
 This module parses the options and prints; the sweep itself lives in :mod:`sandbox.sweep`:
 :mod:`~sandbox.sweep.grid` expands the grid, :mod:`~sandbox.sweep.shards` splits it between jobs,
-:mod:`~sandbox.sweep.execute` trains the runs (:mod:`~sandbox.sweep.decisions`,
-:mod:`~sandbox.sweep.claims`, :mod:`~sandbox.sweep.training`) and :mod:`~sandbox.sweep.status`
+:mod:`~sandbox.sweep.execute` trains the runs (:mod:`~sandbox.rundir.decisions`,
+:mod:`~sandbox.rundir.claims`, :mod:`~sandbox.sweep.training`) and :mod:`~sandbox.sweep.status`
 reads each run's state for ``--list``.
 
 Runs go in this process, one after the other, through the same functions as ``sandbox run``
@@ -15,10 +15,10 @@ differ in ``train.mixed_precision``).
 
 Several jobs may share one sweep folder (``--shard K/N``: a deterministic share of the runs, see
 :mod:`sandbox.sweep.shards`). Before training a run, the main process of a job claims it
-(:mod:`sandbox.sweep.claims`) and tells its other processes what to do (one broadcast per run),
+(:mod:`sandbox.rundir.claims`) and tells its other processes what to do (one agreement per run),
 so every process of the job skips or trains the same runs; a run claimed by another live process
 is left to it; every write into the run is fenced by the claim (a holder that lost it stops, see
-:meth:`sandbox.sweep.claims.ClaimKeeper.check`). ``--list`` prints every run's state (:mod:`sandbox.sweep.status`);
+:meth:`sandbox.rundir.claims.ClaimKeeper.check`). ``--list`` prints every run's state (:mod:`sandbox.sweep.status`);
 it imports no torch unless the grid sets a plugin option (checking it needs the plugin registry).
 """
 
@@ -36,8 +36,8 @@ from sandbox.analysis.report import print_table
 from sandbox.analysis.runs import find_runs
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
 from sandbox.errors import SandboxError
-from sandbox.run_files import SUMMARY_FILE
-from sandbox.sweep.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
+from sandbox.rundir.files import SUMMARY_FILE
+from sandbox.rundir.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 
 if TYPE_CHECKING:
     from sandbox.registry import Registry

@@ -116,7 +116,7 @@ def lever_table(
     """Step times of eager float32, of each speed lever alone and of all of them (or those in
     ``only``), on this process's device."""
     from sandbox.bench.levers import LeverTiming, time_levers
-    from sandbox.train.accelerator import process_state
+    from sandbox.processes.launch import process_state
 
     def progress(row: LeverTiming) -> None:
         print(f"measured {row.lever.label}: {row.timing.median_ms:.1f} ms/step, x{row.ratio:.2f}", file=sys.stderr, flush=True)

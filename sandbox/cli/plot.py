@@ -25,7 +25,7 @@ def plot_predictions(run_dir: Path, label: str, file_name: str, out: Path, count
     from sandbox.analysis.inference import load_predictor
     from sandbox.analysis.prediction_grid import plot_prediction_grid, run_weights, val_samples
     from sandbox.plugins import load_run_recipe
-    from sandbox.run_files import RECIPE_FILE
+    from sandbox.rundir.files import RECIPE_FILE
 
     weights = run_weights(run_dir)
     if weights is None or not (run_dir / RECIPE_FILE).is_file():

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbox.analysis.runs import strict_json
+from sandbox.rundir.files import strict_json
 from sandbox.cli.common import PluginOption, writing_to
 from sandbox.errors import SandboxError
 
@@ -168,7 +168,7 @@ def probe_one(
 
 def run_folder(path: Path) -> Path:
     """The run folder ``path`` names: itself, or the folder of the run's ``recipe.toml`` when given that file."""
-    from sandbox.run_files import RECIPE_FILE
+    from sandbox.rundir.files import RECIPE_FILE
 
     return path.parent if path.is_file() and path.name == RECIPE_FILE else path
 
@@ -178,7 +178,7 @@ def load_probed_run(run_dir: Path, plugins: list[str], names: list[str]) -> Prob
     perturbations to probe, empty: the run's own) are checked first."""
     from sandbox.analysis.probe_models import load_run, perturbation_recipe
     from sandbox.plugins import load_run_recipe
-    from sandbox.run_files import RECIPE_FILE
+    from sandbox.rundir.files import RECIPE_FILE
 
     if not (run_dir / RECIPE_FILE).is_file():
         raise SandboxError(f"run directory {run_dir} holds no {RECIPE_FILE} (expected a run folder such as runs/<name>/seed0)")

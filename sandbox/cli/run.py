@@ -1,8 +1,8 @@
 """``sandbox run``: train a recipe into its run directory (or resume it).
 
 One run, one writer: before anything is written, the main process claims the run directory as
-``sandbox ablate`` claims a run of a sweep (:mod:`sandbox.sweep.claims`), and tells the other
-processes of the launch the outcome (one broadcast). A run held by a live process is refused with
+``sandbox ablate`` claims a run of a sweep (:mod:`sandbox.rundir.claims`), and tells the other
+processes of the launch the outcome (:func:`~sandbox.processes.agreement.agree_on`). A run held by a live process is refused with
 one line naming the holder (``--overwrite`` and ``--resume`` too); every write into the run is
 fenced by the claim; the claim is released at the end, on an error, Ctrl-C or SIGTERM.
 """
@@ -18,13 +18,13 @@ from rich.console import Console
 
 from sandbox.analysis.report import percent
 from sandbox.cli.common import PluginOption, RecipeArgument, SetOption
-from sandbox.sweep.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
+from sandbox.rundir.claims import CLAIM_TIMEOUT_S, TIMEOUT_ENV
 
 if TYPE_CHECKING:
     from sandbox.recipe import Recipe
     from sandbox.registry import Registry
-    from sandbox.sweep.claims import ClaimKeeper
-    from sandbox.sweep.decisions import Decision
+    from sandbox.rundir.claims import ClaimKeeper
+    from sandbox.rundir.decisions import Decision
 
 
 def run(
@@ -41,10 +41,10 @@ def run(
     """Train, evaluate and checkpoint a recipe; outputs go to <output_dir>/<name>/seed<seed>/."""
     from sandbox.errors import SandboxError, shared_error
     from sandbox.plugins import load_run_recipe
-    from sandbox.sweep.claims import released_on_sigterm
-    from sandbox.sweep.decisions import agree_on
-    from sandbox.train.accelerator import process_state
-    from sandbox.train.rundir import RunDirectory, guarded_writes
+    from sandbox.rundir.claims import released_on_sigterm
+    from sandbox.processes.agreement import agree_on
+    from sandbox.processes.launch import process_state
+    from sandbox.rundir.directory import RunDirectory, guarded_writes
 
     if resume and overwrite:
         raise SandboxError("--resume and --overwrite contradict each other: --resume continues the run, "
@@ -96,9 +96,9 @@ def train_claimed(
 def claim_run_directory(run_path: Path, timeout_s: float) -> tuple[Decision, ClaimKeeper | None]:
     """On the main process: claim the run directory (``start``, with a note when a stale claim was
     taken over) or say who holds it (``held``, the one-line error)."""
-    from sandbox.sweep.claims import Claim, ClaimKeeper, acquire, claim_path
-    from sandbox.sweep.decisions import Decision
-    from sandbox.train.rundir import unwritable
+    from sandbox.rundir.claims import Claim, ClaimKeeper, acquire, claim_path
+    from sandbox.rundir.decisions import Decision
+    from sandbox.rundir.directory import unwritable
 
     mine = Claim.new(timeout_s)
     try:

@@ -5,7 +5,8 @@ A third-party estimator can reuse what the built-in ``glow``, ``nflows`` and ``g
 decaying learning rate, a sampled-pixel budget shared by all processes, pooling across processes
 weighted by real pixel count, checkpoint state) and
 :class:`GaussianMixturePrior` (one Gaussian per class in latent space, DDFP's equal-weight
-mixture for unlabeled features).
+mixture for unlabeled features). May import ``api``, ``errors`` and ``processes``; nothing from
+``train`` or above.
 """
 
 from sandbox.density.mixture_prior import GaussianMixturePrior
@@ -15,7 +16,7 @@ from sandbox.density.online import (
     proportional_shares,
     require_positive,
 )
-from sandbox.distributed import process_count, process_rank, sum_over_processes
+from sandbox.processes.collectives import process_count, process_rank, sum_over_processes
 
 __all__ = [
     "GaussianMixturePrior",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sandbox.density.mixture_prior import GaussianMixturePrior
 from sandbox.api import DensityEstimator
-from sandbox.distributed import host_values_of_every_process, process_count, process_rank
+from sandbox.processes.collectives import host_values_of_every_process, process_count, process_rank
 
 
 def require_positive(**values: int) -> None:

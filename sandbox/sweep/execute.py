@@ -1,6 +1,6 @@
 """Run a sweep's share of runs, one after another, on every process of the job.
 
-For each run, the main process decides and claims (:mod:`sandbox.sweep.decisions`), every
+For each run, the main process decides and claims (:mod:`sandbox.rundir.decisions`), every
 process learns the decision and skips or trains the run (:mod:`sandbox.sweep.training`); every
 write into the run is fenced by the claim. A failing run is recorded and the loop goes on, unless
 a peer process has ended. :class:`Tally` counts what happened; the caller reports it.
@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from sandbox.analysis.report import percent
-from sandbox.analysis.runs import clear_failure
+from sandbox.rundir.files import clear_failure
 from sandbox.errors import describe_exception, shared_error
-from sandbox.sweep.decisions import agree_on, claim_run, failure_stamp
+from sandbox.processes.agreement import agree_on
+from sandbox.rundir.decisions import claim_run, failure_stamp
 from sandbox.sweep.training import combination_recipe, finished_note, mark_failed, may_write, train_one
 
 if TYPE_CHECKING:
-    from sandbox.sweep.claims import ClaimKeeper
+    from sandbox.rundir.claims import ClaimKeeper
     from sandbox.sweep.grid import Combination
     from sandbox.sweep.shards import Shard
 
@@ -58,10 +59,10 @@ def run_sweep(
     ``path`` is the sweep's recipe, ``overrides`` and ``plugins`` the user's ``--set`` and
     ``--plugin``, ``folder`` the sweep's folder; ``debug`` prints the traceback of a failing run.
     """
-    from sandbox.sweep.claims import released_on_sigterm
-    from sandbox.train.accelerator import process_state
-    from sandbox.train.failures import ProcessGroupLost
-    from sandbox.train.rundir import RunDirectory, guarded_writes
+    from sandbox.rundir.claims import released_on_sigterm
+    from sandbox.processes.launch import process_state
+    from sandbox.processes.failures import ProcessGroupLost
+    from sandbox.rundir.directory import RunDirectory, guarded_writes
 
     state = process_state()
     main = state.is_main_process

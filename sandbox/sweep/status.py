@@ -19,10 +19,10 @@ from rich.text import Text
 
 from sandbox.analysis.runs import read_run
 from sandbox.disk import folder_bytes, human_bytes
-from sandbox.run_files import METRICS_FILE, RECIPE_FILE
-from sandbox.sweep.claims import claim_path, read_claim
+from sandbox.rundir.files import METRICS_FILE, RECIPE_FILE
+from sandbox.rundir.claims import claim_path, read_claim
 from sandbox.sweep.shards import shard_of
-from sandbox.train.rundir import RunDirectory
+from sandbox.rundir.directory import RunDirectory
 
 if TYPE_CHECKING:
     from sandbox.sweep.grid import Combination

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from rich.console import Console
 
-from sandbox.analysis.runs import write_failure
+from sandbox.rundir.files import write_failure
 from sandbox.errors import SandboxError
-from sandbox.run_files import FAILED_MARKER
+from sandbox.rundir.files import FAILED_MARKER
 
 if TYPE_CHECKING:
     from sandbox.recipe import Recipe
     from sandbox.registry import Registry
-    from sandbox.sweep.claims import ClaimKeeper
+    from sandbox.rundir.claims import ClaimKeeper
     from sandbox.sweep.grid import Combination
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
 
 def combination_recipe(
@@ -50,9 +50,9 @@ def train_one(
     import torch
     from accelerate.state import AcceleratorState
 
-    from sandbox.train.accelerator import process_state
+    from sandbox.processes.launch import process_state
     from sandbox.train.loop import start_run
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.directory import RunDirectory
 
     AcceleratorState._reset_state()  # each run may use its own mixed precision
     main, run_path = process_state().is_main_process, RunDirectory.for_recipe(recipe).path
@@ -75,7 +75,7 @@ def train_one(
 
 def stale_note(run_dir: RunDirectory, recipe: Recipe) -> str:
     """A warning when a finished run was trained with another recipe than the sweep asks for now."""
-    from sandbox.train.rundir import recipe_difference
+    from sandbox.recipe import recipe_difference
 
     saved = run_dir.recipe_file.read_text() if run_dir.recipe_file.is_file() else ""
     difference = recipe_difference(saved, recipe)

@@ -1,38 +1,18 @@
-"""The Accelerator every command uses, and what training on several processes needs.
-
-Devices, processes and mixed precision come from the recipe; the learning-rate scaling rule,
-SyncBatchNorm and making buffers identical across processes are for multi-process runs.
-"""
+"""The Accelerator every command uses: devices and mixed precision from the recipe, trackers, the
+learning-rate scaling rule and each process's seed (what processes do together lives in
+:mod:`sandbox.processes`)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
-from accelerate import Accelerator, PartialState
-from torch import nn
+from accelerate import Accelerator
 
 from sandbox.errors import SandboxError
-from sandbox.train.failures import join_restarted_attempt
-from sandbox.train.sync_batchnorm import synchronise_batchnorm
-
-
-def has_accelerator_device() -> bool:
-    """True when a CUDA, XPU or MPS device is usable."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
-
-
-def process_state() -> PartialState:
-    """This process's place in the launch (the state :func:`make_accelerator`'s Accelerator shares).
-
-    ``cpu=True`` without an accelerator device, as there: created first without it, the state
-    would treat each CPU process as a separate single-process run.
-    """
-    join_restarted_attempt(cpu=not has_accelerator_device())
-    return PartialState(cpu=not has_accelerator_device())
+from sandbox.processes.failures import join_restarted_attempt
+from sandbox.processes.launch import has_accelerator_device
 
 
 TRACKER_PACKAGES = {
@@ -130,72 +110,6 @@ def scaled_lr(lr: float, batch_size: int, num_processes: int, reference_total_ba
     if reference_total_batch is None:
         return lr
     return lr * batch_size * num_processes / reference_total_batch
-
-
-def maybe_sync_batchnorm(
-    model: nn.Module, accelerator: Accelerator, enabled: bool, implementation: str = "sandbox"
-) -> nn.Module:
-    """``model`` whose BatchNorms normalise over every process's batch when ``enabled`` and several processes run.
-
-    ``implementation``: ``train.sync_bn_impl`` (:mod:`sandbox.train.sync_batchnorm`). A single
-    process keeps BatchNorm (nothing to sync). Call before ``accelerator.prepare`` (the student)
-    and on the teacher alike.
-    """
-    if not enabled or accelerator.num_processes == 1:
-        return model
-    return synchronise_batchnorm(model, accelerator.device, implementation)
-
-
-@torch.no_grad()
-def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
-    """Make ``module``'s buffers those of the main process on every process (one collective per dtype).
-
-    Without ``sync_bn`` every process's BatchNorm statistics follow its own batches (DDP
-    broadcasts the main process's at each forward pass and each process then updates them with its
-    own batch); before evaluation and checkpointing every process takes the main process's, so all
-    evaluate and save one and the same model.
-    """
-    if accelerator.num_processes > 1:
-        _exchange_buffers(module, lambda flat: torch.distributed.broadcast(flat, src=0))
-
-
-def _exchange_buffers(module: nn.Module, exchange: Callable[[torch.Tensor], None]) -> None:
-    """Apply the in-place collective ``exchange`` to ``module``'s buffers, one flat tensor per dtype."""
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for buffer in module.buffers():
-        groups.setdefault(buffer.dtype, []).append(buffer)
-    for buffers in groups.values():
-        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
-        exchange(flat)
-        offset = 0
-        for buffer in buffers:
-            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
-            offset += buffer.numel()
-
-
-@torch.no_grad()
-def average_buffers(module: nn.Module, accelerator: Accelerator) -> None:
-    """Make ``module``'s buffers identical on every process: floating ones averaged, others the main process's.
-
-    Without ``sync_bn`` every process holds BatchNorm statistics of its own shard (the teacher's
-    own passes, or a student's copied by the EMA); their mean keeps one teacher on every process.
-    It approximates what a SyncBatchNorm teacher collects (the mean is exact, the variance misses
-    the spread between the processes' means); with ``sync_bn`` the teacher normalises over the
-    global batch and needs no averaging. Integer buffers (``num_batches_tracked``) are equal
-    anyway and taken from the main process. One collective per buffer dtype.
-    """
-    processes = accelerator.num_processes
-    if processes == 1:
-        return
-
-    def average(flat: torch.Tensor) -> None:
-        if flat.dtype.is_floating_point:
-            torch.distributed.all_reduce(flat)
-            flat /= processes
-        else:
-            torch.distributed.broadcast(flat, src=0)
-
-    _exchange_buffers(module, average)
 
 
 def process_seed(seed: int, rank: int) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from sandbox.api import Backbone, ConsistencyLoss, DensityEstimator, Perturbation, SegmentationNetwork, SegmentationSource
 from sandbox.data.views import LabeledTrainSet, UnlabeledTrainSet
-from sandbox.distributed import process_rank
+from sandbox.processes.collectives import process_rank
 from sandbox.errors import SandboxError
 from sandbox.recipe import OPTIONAL_TABLES, Recipe
 from sandbox.registry import Registry

@@ -14,7 +14,7 @@ from sandbox.api import SegmentationSource
 from sandbox.data.errors import read_batches
 from sandbox.data.views import EvalSet
 from sandbox.recipe import EvalSection
-from sandbox.train.failures import beat
+from sandbox.processes.failures import beat
 from sandbox.train.metrics import confusion_matrix, mean_iou, per_class_iou
 
 

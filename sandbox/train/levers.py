@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from sandbox.api import SegmentationNetwork
 from sandbox.errors import SandboxError
 from sandbox.recipe import TrainSection
-from sandbox.train.accelerator import maybe_sync_batchnorm
+from sandbox.processes.batchnorm import maybe_sync_batchnorm
 from sandbox.train.optimizer import build_optimizer
 from sandbox.train.student_pass import StudentPass
 

@@ -187,7 +187,7 @@ def averaged_window(windows: Sequence[SavedWindow]) -> SavedWindow:
     of another number of processes (``windows``, one per saved process; one window is returned as is).
 
     A log line averages each process's window mean over the processes
-    (:func:`~sandbox.distributed.mean_over_processes`), and each process logs its share of a step's
+    (:func:`~sandbox.processes.collectives.mean_over_processes`), and each process logs its share of a step's
     value (their average is the step's value). Per key, every process therefore starts from the saved
     processes' average mean, as a sum over the largest saved count: where the saved processes counted
     a key equally often (every updated step), the line then logs the mean over the window's steps of

@@ -13,33 +13,39 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from sandbox import __version__
-from sandbox.analysis.runs import read_provenance, strict_json
 from sandbox.api import DensityEstimator
-from sandbox.atomic_files import fsync_tree
 from sandbox.data.errors import DataError, read_batches
-from sandbox.distributed import host_group, mean_over_processes, prepare_host_group, process_count, process_rank
 from sandbox.data.views import MicroBatchStreamSampler, small_image_note
 from sandbox.errors import PluginError, SandboxError, describe_exception, shared_error
 from sandbox.plugins import run_provenance
-from sandbox.train.determinism import apply_determinism, compute_record, deterministic_error, nondeterministic_operation
+from sandbox.processes.agreement import agreed, agreed_errors, main_process_value
+from sandbox.processes.batchnorm import broadcast_buffers, is_synchronised
+from sandbox.processes.collectives import host_group, mean_over_processes, prepare_host_group, process_count, process_rank
+from sandbox.processes.failures import announced_on_sigterm, beat, collective_free, shared_failures
+from sandbox.processes.launch import process_state
 from sandbox.recipe import Recipe, flatten_keys
 from sandbox.registry import Origin, Registry
-from sandbox.run_files import PROVENANCE_FILE
+from sandbox.rundir.atomic_files import fsync_tree
+from sandbox.rundir.directory import (
+    CorruptCheckpointError,
+    RunDirectory,
+    unwritable,
+    verify_checkpoint,
+)
+from sandbox.rundir.files import PROVENANCE_FILE, read_provenance, strict_json
 from sandbox.train.accelerator import (
-    broadcast_buffers,
     effective_precision,
     make_accelerator,
     process_seed,
-    process_state,
     scaled_lr,
     tracker_init_kwargs,
     warn_about_precision,
 )
-from sandbox.train.agreement import agreed_errors
+from sandbox.train.accumulation import batch_plan
 from sandbox.train.builder import (
     build_dataset,
     build_method,
@@ -49,22 +55,14 @@ from sandbox.train.builder import (
     check_crop_fits,
     unused_tables,
 )
+from sandbox.train.determinism import apply_determinism, compute_record, deterministic_error, nondeterministic_operation
 from sandbox.train.evaluate import EvalResult, evaluate, val_loader
-from sandbox.train.failures import announced_on_sigterm, beat, collective_free, shared_failures
-from sandbox.train.accumulation import batch_plan
 from sandbox.train.iteration import MicroBatch, TrainingIteration, reads_teacher
 from sandbox.train.levers import build_networks
 from sandbox.train.log_window import LogWindow, averaged_window, is_log_step, left_out_note
 from sandbox.train.progress import ProgressReporter
-from sandbox.train.rundir import (
-    CorruptCheckpointError,
-    RunDirectory,
-    unwritable,
-    verify_checkpoint,
-)
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox.train.student_pass import network_of
-from sandbox.train.sync_batchnorm import is_synchronised
 
 NONFINITE_WARNINGS = 3
 """Steps with a non-finite loss that each get a warning line (then one line says the rest are counted)."""
@@ -338,10 +336,8 @@ class Trainer:
     def _staging_folder(self) -> Path:
         """Where every process writes this step's checkpoint before the main process publishes it: in
         the staging folder named by the main process's claim (its name sent to the others)."""
-        name = [self.run_dir.staging_folder().name if self.accelerator.is_main_process else None]
-        if self.accelerator.num_processes > 1:
-            name = broadcast_object_list(name)
-        return self.run_dir.checkpoints / name[0] / f"step_{self.state.step:08d}"
+        name = main_process_value(self.accelerator, lambda: self.run_dir.staging_folder().name)
+        return self.run_dir.checkpoints / name / f"step_{self.state.step:08d}"
 
     def _save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N``: every process's files into the claim holder's staging folder,
@@ -382,7 +378,7 @@ class Trainer:
         """Load the newest checkpoint that loads on every process; damaged ones are set aside afterwards.
 
         Every process tries the same candidate, newest first, and the processes exchange the outcome
-        (one gather per candidate): all loaded it -> resume from it; any found a file that fails to
+        (:func:`~sandbox.processes.agreement.agreed`, one agreement per candidate): all loaded it -> resume from it; any found a file that fails to
         decode or is refused as unsafe -> all try the next one; any other error (I/O, memory) -> the
         same line on every process and the checkpoint left alone. Only once they agree, and none
         reads any more, does the main process rename the damaged ones ``corrupt-*`` (one warning
@@ -406,7 +402,9 @@ class Trainer:
         damaged: list[tuple[Path, str]] = []
         chosen = None
         for checkpoint in candidates:
-            outcomes = self._agreed([self._try_loading(checkpoint)])
+            with agreed(self.accelerator) as loaded:
+                loaded.value = self._try_loading(checkpoint)
+            outcomes = loaded.values
             failures = [(rank, problem) for rank, (kind, problem) in enumerate(outcomes) if kind == "error"]
             if failures:
                 rank, problem = failures[0]
@@ -445,10 +443,6 @@ class Trainer:
         except Exception as error:  # noqa: BLE001 - not the files' content: reported, checkpoint left alone
             return "error", describe_exception(error)[:300]
         return "ok", ""
-
-    def _agreed(self, values: list[Any]) -> list[Any]:
-        """Every process's ``values`` (one item each), in rank order (one gather; as is on one process)."""
-        return values if self.accelerator.num_processes == 1 else gather_object(values)
 
     # -- non-finite values ------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.api import ClassifierOutput, PerturbationContext, PerturbFn, SegmentationOutput
-from sandbox.distributed import share_of_total, sum_over_processes
+from sandbox.processes.collectives import share_of_total, sum_over_processes
 from sandbox.host_side import host_side, to_device
 from sandbox.recipe import TrainSection
 from sandbox.train.builder import MethodComponents
@@ -243,7 +243,7 @@ class SemiSupervisedStep:
         """The factor that turns a mean over this process's ``count`` items into its part of a loss
         term divided by ``total`` (:meth:`loss_counts`).
 
-        ``global``: :func:`~sandbox.distributed.share_of_total`, this process's share of the mean over
+        ``global``: :func:`~sandbox.processes.collectives.share_of_total`, this process's share of the mean over
         every process's items, times N to undo DDP's average of the processes' gradients: their
         average is one process's gradient on the concatenated batch. ``per_process``: ``count /
         total``, ``total`` this process's own (0 without items): this process's own mean, and DDP's

@@ -15,16 +15,28 @@ load with or without ``sync_bn``.
 forward selects the non-empty processes' counts with a boolean mask, a host-device
 synchronisation in every BatchNorm layer of every train-mode pass. It stays selectable for
 comparison (``benchmarks/gpu_check.sh`` times both).
+
+Without ``sync_bn`` each process's BatchNorm running statistics follow its own batches, and two rules
+make them one before anything reads them (evaluation, a checkpoint): the student's become the main
+process's (:func:`broadcast_buffers`: what DDP itself sends at each forward pass, so training is
+unchanged), the teacher's the processes' mean (:func:`average_buffers`: each teacher collects
+statistics of its own shard; their mean is the whole batch's mean, the variance missing the spread
+between the processes' means). They stay two:
+averaging the student's would change what DDP trains from, broadcasting the teacher's would throw
+away every shard but one; one rule would change computed values.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sandbox.distributed import differentiable_sum_over_processes, process_count, process_rank
 from sandbox.errors import SandboxError
+from sandbox.processes.collectives import differentiable_sum_over_processes, process_count, process_rank
 
 try:  # timm's BatchNorm + activation layer (timm is a dependency; the guard only keeps this module importable alone)
     from timm.layers import BatchNormAct2d
@@ -148,3 +160,69 @@ def is_synchronised(model: nn.Module) -> bool:
 
 
 __all__ = ["IMPLEMENTATIONS", "ProcessGroupBatchNorm", "global_batch_statistics", "is_synchronised", "synchronise_batchnorm"]
+
+
+def maybe_sync_batchnorm(
+    model: nn.Module, accelerator: Accelerator, enabled: bool, implementation: str = "sandbox"
+) -> nn.Module:
+    """``model`` whose BatchNorms normalise over every process's batch when ``enabled`` and several processes run.
+
+    ``implementation``: ``train.sync_bn_impl`` (:mod:`sandbox.processes.batchnorm`). A single
+    process keeps BatchNorm (nothing to sync). Call before ``accelerator.prepare`` (the student)
+    and on the teacher alike.
+    """
+    if not enabled or accelerator.num_processes == 1:
+        return model
+    return synchronise_batchnorm(model, accelerator.device, implementation)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Make ``module``'s buffers those of the main process on every process (one collective per dtype).
+
+    Without ``sync_bn`` every process's BatchNorm statistics follow its own batches (DDP
+    broadcasts the main process's at each forward pass and each process then updates them with its
+    own batch); before evaluation and checkpointing every process takes the main process's, so all
+    evaluate and save one and the same model.
+    """
+    if accelerator.num_processes > 1:
+        _exchange_buffers(module, lambda flat: torch.distributed.broadcast(flat, src=0))
+
+
+def _exchange_buffers(module: nn.Module, exchange: Callable[[torch.Tensor], None]) -> None:
+    """Apply the in-place collective ``exchange`` to ``module``'s buffers, one flat tensor per dtype."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+        exchange(flat)
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Make ``module``'s buffers identical on every process: floating ones averaged, others the main process's.
+
+    Without ``sync_bn`` every process holds BatchNorm statistics of its own shard (the teacher's
+    own passes, or a student's copied by the EMA); their mean keeps one teacher on every process.
+    It approximates what a SyncBatchNorm teacher collects (the mean is exact, the variance misses
+    the spread between the processes' means); with ``sync_bn`` the teacher normalises over the
+    global batch and needs no averaging. Integer buffers (``num_batches_tracked``) are equal
+    anyway and taken from the main process. One collective per buffer dtype.
+    """
+    processes = accelerator.num_processes
+    if processes == 1:
+        return
+
+    def average(flat: torch.Tensor) -> None:
+        if flat.dtype.is_floating_point:
+            torch.distributed.all_reduce(flat)
+            flat /= processes
+        else:
+            torch.distributed.broadcast(flat, src=0)
+
+    _exchange_buffers(module, average)

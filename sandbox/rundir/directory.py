@@ -1,6 +1,6 @@
 """The run directory: resolved recipe, metrics.jsonl, summary.json, weights and checkpoints.
 
-One writer: the process holding the run's claim (:mod:`sandbox.sweep.claims`). Its fence
+One writer: the process holding the run's claim (:mod:`sandbox.rundir.claims`). Its fence
 (:func:`guarded_writes`) is called before each write and again right before the write is published:
 a file's content goes to the writer's own temporary file (a checkpoint's to a staging folder named
 by the claim's token, ``checkpoints/.staging.<token>/step_N``), and only a ``rename`` checked just
@@ -17,17 +17,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tomllib
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterator, Protocol
 
-from sandbox.analysis.runs import strict_json
-from sandbox.atomic_files import fsync_directory, remove_temporaries, write_atomically
 from sandbox.errors import SandboxError
-from sandbox.renamed_values import with_current_names
-from sandbox.run_files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, flatten_keys, is_claim_file
+from sandbox.rundir.atomic_files import fsync_directory, remove_temporaries, write_atomically
+from sandbox.rundir.files import strict_json
+from sandbox.rundir.files import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, is_claim_file
 
 if TYPE_CHECKING:
     from sandbox.recipe import Recipe
@@ -102,7 +100,7 @@ def verify_checkpoint(folder: Path) -> None:
 
 
 class WriteFence(Protocol):
-    """What a run's one writer is fenced by: its claim (:class:`sandbox.sweep.claims.ClaimKeeper`)."""
+    """What a run's one writer is fenced by: its claim (:class:`sandbox.rundir.claims.ClaimKeeper`)."""
 
     token: str
     """Names the writer's staging folders."""
@@ -122,7 +120,7 @@ STAGING_PREFIX = ".staging."
 @contextmanager
 def guarded_writes(path: Path, fence: WriteFence | None) -> Iterator[None]:
     """While active, every :class:`RunDirectory` of ``path`` in this process calls ``fence.check`` before
-    each write and before publishing it (the claim holder's fence, :meth:`sandbox.sweep.claims.ClaimKeeper.check`),
+    each write and before publishing it (the claim holder's fence, :meth:`sandbox.rundir.claims.ClaimKeeper.check`),
     and names its staging folders by ``fence.token``; None: no fence."""
     if fence is None:
         yield
@@ -155,7 +153,7 @@ class RunDirectory:
         return fence.token if fence is not None else _UNCLAIMED_TOKEN
 
     def write_file(self, path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
-        """Write ``path`` in the run directory whole (:func:`~sandbox.atomic_files.write_atomically`),
+        """Write ``path`` in the run directory whole (:func:`~sandbox.rundir.atomic_files.write_atomically`),
         fenced: checked before the content is written and again right before the rename publishes it."""
         self.check_writable()
         write_atomically(path, data, before_publish=self.check_writable)
@@ -184,7 +182,7 @@ class RunDirectory:
         if resume:
             if not self.recipe_file.is_file():
                 raise SandboxError(f"--resume: {self.path} holds no run to resume; run without --resume")
-            difference = recipe_difference(self.recipe_file.read_text(), recipe)
+            difference = recipe.difference_from_saved(self.recipe_file.read_text())
             if difference:
                 raise SandboxError(
                     f"--resume: the recipe differs from {self.recipe_file} in {difference}; "
@@ -214,7 +212,7 @@ class RunDirectory:
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to ``metrics.jsonl``: one ``write`` of the whole line, checked right before
         (the file's first line is written as :meth:`write_file` writes). Strict JSON: a non-finite value
-        is written as ``null`` (:func:`~sandbox.analysis.runs.strict_json`)."""
+        is written as ``null`` (:func:`~sandbox.rundir.files.strict_json`)."""
         line = (strict_json(record) + "\n").encode()
         self.check_writable()
         try:
@@ -316,37 +314,9 @@ def unwritable(path: Path, error: OSError) -> SandboxError:
 
 def remove_all(content: list[Path]) -> None:
     """Delete these files and folders of a run directory (``--overwrite`` keeps only a claim: the
-    ``sandbox ablate`` process about to train there holds it; see :mod:`sandbox.sweep.claims`)."""
+    ``sandbox ablate`` process about to train there holds it; see :mod:`sandbox.rundir.claims`)."""
     for entry in content:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink(missing_ok=True)
-
-
-def recipe_difference(saved_toml: str, recipe: Recipe) -> str:
-    """``""`` when ``recipe`` is a run's saved recipe ``saved_toml`` (old option values renamed, the
-    tables the run left out ignored, settings added since the run was saved at their defaults), else
-    the keys that differ (:func:`differing_keys`)."""
-    saved = with_current_names(saved_toml)
-    return "" if saved == recipe.as_saved_in(saved) else differing_keys(saved, recipe)
-
-
-def differing_keys(saved_toml: str, recipe: Recipe) -> str:
-    """Comma-separated dotted keys whose values differ between a saved recipe (its option values in
-    their current names: see :func:`recipe_difference`) and ``recipe``; ``"formatting"`` when no value
-    differs, ``""`` when only settings the saved recipe lacks (added since) do, each at its default in
-    ``recipe`` (what the run used before the setting existed)."""
-    old, new = flatten_keys(tomllib.loads(saved_toml)), flatten_keys(tomllib.loads(recipe.as_saved_in(saved_toml)))
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    significant = [k for k in keys if k in old or not is_default_setting(k, new[k])]
-    return ", ".join(significant) or ("" if keys else "formatting")
-
-
-def is_default_setting(key: str, value: Any) -> bool:
-    """Whether the dotted recipe ``key`` is a setting of the recipe's own sections (not a component's
-    option) and ``value`` is its default."""
-    from sandbox.recipe import setting_default
-
-    found, default = setting_default(key)
-    return found and default == value

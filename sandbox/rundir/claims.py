@@ -52,7 +52,7 @@ as refreshed when ``CLAIM`` itself was last modified.
 Fencing: a holder that cannot refresh for the whole timeout (suspended, its filesystem unreachable)
 is deemed dead and may be taken over. So that it never writes into a run someone else now trains,
 the run directory calls :meth:`ClaimKeeper.check` before each write and again right before it
-publishes one (:mod:`sandbox.train.rundir`: content goes to the holder's own temporary files and a
+publishes one (:mod:`sandbox.rundir.directory`: content goes to the holder's own temporary files and a
 staging folder named by its token, then a checked ``rename``): it raises a one-line
 :class:`SandboxError` when ``CLAIM`` holds another token (taken over, or deleted by hand) or when no
 refresh succeeded for half the timeout (measured on the holder's monotonic clock; the taker waits for
@@ -84,9 +84,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from sandbox.atomic_files import temporary_beside, write_atomically, write_new_file
+from sandbox.rundir.atomic_files import temporary_beside, write_atomically, write_new_file
 from sandbox.errors import SandboxError
-from sandbox.run_files import CLAIM_FILE
+from sandbox.rundir.files import CLAIM_FILE
 
 CLAIM_TIMEOUT_S = 600.0
 """Default seconds without a refresh after which a claim is stale (``--claim-timeout``)."""
@@ -508,7 +508,7 @@ class ClaimKeeper:
 
     @property
     def token(self) -> str:
-        """The token of the claim held: it names the holder's staging folders (:mod:`sandbox.train.rundir`)."""
+        """The token of the claim held: it names the holder's staging folders (:mod:`sandbox.rundir.directory`)."""
         return self.mine.token
 
     @property

@@ -1,28 +1,23 @@
-"""What every process of a job does with one run: ``plan`` it from its folder, claim it, agree on it.
+"""What every process of a job does with one run directory: ``plan`` it from its folder, claim it.
 
 :func:`plan` reads a run directory (``skip`` a finished run, ``resume`` one with a complete
 checkpoint, ``start`` others). :func:`claim_run`, on the main process, turns that into a
-:class:`Decision` and claims the run when it is to be trained (:mod:`sandbox.sweep.claims`);
-:func:`agree_on` tells every process of the job that decision (one broadcast), so that all of
-them skip or train the same runs. ``sandbox run`` claims its run directory through
-:func:`agree_on` too.
+:class:`Decision` and claims the run when it is to be trained (:mod:`sandbox.rundir.claims`);
+:func:`sandbox.processes.agreement.agree_on` tells every process of the job that decision, so that
+all of them skip or train the same runs (``sandbox ablate``'s sweeps and ``sandbox run`` alike).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
-from sandbox.errors import describe_exception
-from sandbox.run_files import FAILED_MARKER
+from sandbox.rundir.files import FAILED_MARKER
 
 if TYPE_CHECKING:
-    from accelerate import PartialState
-
-    from sandbox.sweep.claims import ClaimKeeper
-    from sandbox.sweep.shards import Shard
-    from sandbox.train.rundir import RunDirectory
+    from sandbox.rundir.claims import ClaimKeeper
+    from sandbox.rundir.directory import RunDirectory
 
 Action = Literal["skip", "resume", "start"]
 """What a sweep does with one run directory (see :func:`plan`)."""
@@ -56,7 +51,7 @@ def failure_stamp(run_path: Path) -> tuple[int, int] | None:
 
 
 def claim_run(
-    run_dir: RunDirectory, timeout_s: float, shard: Shard | None, failed_before: tuple[int, int] | None
+    run_dir: RunDirectory, timeout_s: float, shard: object | None, failed_before: tuple[int, int] | None
 ) -> tuple[Decision, ClaimKeeper | None]:
     """On the main process: decide what to do with a run; when it is to be trained, claim it first.
 
@@ -65,7 +60,7 @@ def claim_run(
     alone, so that concurrent jobs try each run once (rerun the sweep to retry it). Otherwise the
     claim is returned, refreshing, with ``start`` or ``resume``.
     """
-    from sandbox.sweep.claims import Claim, ClaimKeeper, acquire, claim_path
+    from sandbox.rundir.claims import Claim, ClaimKeeper, acquire, claim_path
 
     if plan(run_dir) == "skip":
         return Decision("finished"), None
@@ -93,31 +88,3 @@ def claim_run(
     except BaseException:
         keeper.release()
         raise
-
-
-def agree_on(
-    state: PartialState, decide: Callable[[], tuple[Decision, ClaimKeeper | None]]
-) -> tuple[Decision, ClaimKeeper | None]:
-    """The main process runs ``decide``; every process of the job gets its decision (a broadcast).
-
-    An error while deciding (the shared folder unwritable) becomes an ``error`` decision on every
-    process, so that all of them go on in step. The claim keeper exists on the main process only.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    decision: Decision | None = None
-    keeper = None
-    if state.is_main_process:
-        try:
-            decision, keeper = decide()
-        except Exception as error:  # noqa: BLE001 - every process reports it below
-            decision = Decision("error", describe_exception(error))
-    if state.num_processes > 1:
-        try:
-            decision = broadcast_object_list([decision])[0]
-        except BaseException:
-            if keeper is not None:
-                keeper.release()
-            raise
-    assert decision is not None
-    return decision, keeper

@@ -10,7 +10,7 @@ keys of this launch attempt only (``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_RES
 restarted attempt never sees the errors of the one before).
 
 One watcher thread per process (started by the first :func:`shared_failures` or
-:func:`~sandbox.train.agreement.agreed_errors` of a process group) looks for errors:
+:func:`~sandbox.processes.agreement.agreed` of a process group) looks for errors:
 
 - in a phase run in :func:`shared_failures` (training), the failing process records its one-line
   error, counts itself as failed and waits, at most ``ANSWER_TIMEOUT_S``, until every process has
@@ -66,6 +66,12 @@ _EXITING = "exiting"
 """Counts the processes that are ending with an error (once per launch attempt)."""
 _watches = itertools.count()
 """Numbers the phases of this process; every process runs the same phases in the same order."""
+_VALUE = "value"
+
+
+def next_watch() -> int:
+    """The number of this process's next phase (the same on every process: they run the same phases in order)."""
+    return next(_watches)
 
 
 class ProcessGroupLost(SandboxError):
@@ -359,10 +365,11 @@ class FailureWatch:
         self.owner.call("set", self.key(f"{_ERROR}/{self.owner.rank}"), entry)
         self.owner.call("compare_set", self.key(_ERROR), "", entry)
 
-    def agree(self, error: BaseException | None) -> None:
-        """The end of an agreed phase: every process records its outcome (``error`` or None) and waits
-        for every other's; if any failed, all raise the same :class:`SandboxError` (the lowest-ranked
-        failing process's line).
+    def agree(self, error: BaseException | None, value: str = "null") -> list[str]:
+        """The end of an agreed phase: every process records its outcome (``error`` or None, and its
+        ``value``, a JSON text) and waits for every other's; if any failed, all raise the same
+        :class:`SandboxError` (the lowest-ranked failing process's line), else every process's value
+        is returned in rank order.
 
         The wait has no deadline: the phase's blocks wait for no other process, so every process
         reaches this point, unless it failed before the phase, in the enclosing phase or on its way
@@ -373,6 +380,7 @@ class FailureWatch:
         try:
             if entry is not None:
                 self.record(entry)
+            owner.call("set", self.key(f"{_VALUE}/{owner.rank}"), value)
             answered = owner.call("add", self.key(_ANSWERED), 1)
             while answered < owner.world_size:
                 time.sleep(POLL_S / 2)
@@ -382,6 +390,9 @@ class FailureWatch:
                     continue
             failed = owner.call("check", [self.key(_ERROR)])
             message = self.message(self._first_by_rank()) if failed else None
+            values = [] if failed else [
+                owner.call("get", self.key(f"{_VALUE}/{rank}")).decode() for rank in range(owner.world_size)
+            ]
         except RuntimeError:  # the store is gone with its host: report this process's own error
             if entry is None:
                 raise
@@ -390,6 +401,7 @@ class FailureWatch:
             self.done = True
         if message is not None:
             raise shared_error(message) from error
+        return values
 
     def _first_by_rank(self) -> str:
         """The recorded error of the lowest-ranked failing process (the same on every process)."""
@@ -419,7 +431,7 @@ def _install_excepthook() -> None:
 def release_claims() -> None:
     """Give back the run claims this process still holds (``os._exit`` skips the context managers
     that would): after the exit hooks, so that a run is taken over only once its files are whole."""
-    claims = sys.modules.get("sandbox.sweep.claims")
+    claims = sys.modules.get("sandbox.rundir.claims")
     for keeper in list(getattr(claims, "_HELD", ())):
         try:
             keeper.release()
@@ -551,26 +563,3 @@ def announced_on_sigterm(note: Callable[[], str | None]) -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGTERM) is announce:
             signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def agreed_phase(rank: int, world_size: int) -> Iterator[bool]:
-    """A block that waits for no other process, after which every process learns every outcome: if
-    it failed on any process, all raise the same :class:`SandboxError` (and may go on in step).
-
-    Yields False when no launch store is reachable (one process, or a store that did not answer):
-    the caller then agrees by other means. The block runs collective-free (a peer's failure
-    elsewhere leaves this process the time to reach the end of the block).
-    """
-    owner = channel(rank, world_size)
-    if owner is None:
-        yield False
-        return
-    watch = FailureWatch(owner, next(_watches))
-    error = None
-    try:
-        with collective_free():
-            yield True
-    except Exception as caught:  # noqa: BLE001 - every process reports it below
-        error = caught
-    watch.agree(error)  # waiting: a peer that failed before the block, and never comes, ends this process
