@@ -217,10 +217,10 @@ def test_aspp_trains_on_a_batch_of_one_with_running_statistics() -> None:
 
 
 def test_linear_scaling_rule() -> None:
-    assert scaled_lr(0.01, 4, 8, None) == 0.01
-    assert scaled_lr(0.01, 4, 8, 16) == pytest.approx(0.02)
-    assert scaled_lr(0.01, 4, 1, 16) == pytest.approx(0.0025)
-    assert scaled_lr(0.01, 2, 3, 6) == pytest.approx(0.01)
+    assert scaled_lr(0.01, 4 * 8, None) == 0.01
+    assert scaled_lr(0.01, 4 * 8, 16) == pytest.approx(0.02)
+    assert scaled_lr(0.01, 4 * 1, 16) == pytest.approx(0.0025)
+    assert scaled_lr(0.01, 2 * 3, 6) == pytest.approx(0.01)
 
 
 def test_one_process_with_twice_the_reference_batch_gets_half_the_lr(tiny_recipe: Path) -> None:

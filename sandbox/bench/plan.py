@@ -745,7 +745,7 @@ def plan_lines(plan: Plan, memory_gib: float, memory_source: str, rates: Rates |
     per_step = f", accumulating {accumulation} micro-batches a step" if accumulation > 1 else ""
     lines = [
         f"plan: {recipe.name}, crop {train.crop_size}, {labeled} labeled + {unlabeled} unlabeled images per process "
-        f"on {processes} process{'es' if processes > 1 else ''}{per_step}: total batch {labeled * processes * accumulation} + "
+        f"on {processes} process{'es' if processes > 1 else ''}{per_step}: total batch {plan.batches.total} + "
         f"{unlabeled * processes * accumulation}, {train.iters} iterations",
         f"traced on fake tensors (torch {torch.__version__.split('+')[0]}): one training step of each phase, the "
         f"training loop's own iteration on random images, every pixel trusted",

@@ -61,12 +61,11 @@ STORE_TIMEOUT = timedelta(seconds=5)
 STORE_CALL_S = STORE_TIMEOUT.total_seconds() + 1.0
 """The longest any one store call may take, whatever the store's host does (then it is given up)."""
 
-_ERROR, _FAILED, _STOPPED, _EXIT, _ANSWERED = "error", "failed", "stopped", "exit", "answered"
+_ERROR, _FAILED, _STOPPED, _EXIT, _ANSWERED, _VALUE = "error", "failed", "stopped", "exit", "answered", "value"
 _EXITING = "exiting"
 """Counts the processes that are ending with an error (once per launch attempt)."""
 _watches = itertools.count()
 """Numbers the phases of this process; every process runs the same phases in the same order."""
-_VALUE = "value"
 
 
 def next_watch() -> int:

@@ -101,15 +101,16 @@ def warn_about_precision(accelerator: Accelerator) -> None:
         )
 
 
-def scaled_lr(lr: float, batch_size: int, num_processes: int, reference_total_batch: int | None) -> float:
-    """The learning rate for a total labeled batch of ``batch_size * num_processes`` (linear scaling rule).
+def scaled_lr(lr: float, total_batch: int, reference_total_batch: int | None) -> float:
+    """The learning rate for ``total_batch`` labeled images per optimizer step over every process
+    (linear scaling rule).
 
     ``reference_total_batch`` is the total batch that ``lr`` was tuned for; None keeps ``lr``.
-    E.g. a recipe tuned on 4 GPUs x 4 images (reference 16) run on 8 GPUs x 4 gets ``2 * lr``.
+    E.g. a recipe tuned on 4 GPUs x 4 images (reference 16) run on 8 GPUs x 4 (total 32) gets ``2 * lr``.
     """
     if reference_total_batch is None:
         return lr
-    return lr * batch_size * num_processes / reference_total_batch
+    return lr * total_batch / reference_total_batch
 
 
 def process_seed(seed: int, rank: int) -> int:

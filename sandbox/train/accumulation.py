@@ -5,8 +5,11 @@ N processes reach a total of ``T`` labeled images per optimizer step by accumula
 process ``r * K + k`` of an ``N * K``-process run holds (:class:`~sandbox.data.views.MicroBatchStreamSampler`),
 each micro-batch's loss is divided by ``K`` (DDP averages the processes' gradients: the optimizer sees
 the mean over the ``N * K`` micro-batches' gradients, as on ``N * K`` processes), and only the last
-micro-batch's backward pass all-reduces. What still differs from ``N * K`` processes is said in
-:data:`DIFFERENCES` (and in the README).
+micro-batch's backward pass all-reduces. What still differs from ``N * K`` processes (README "The
+same training on fewer GPUs"): BatchNorm normalises each micro-batch with its own statistics (with
+``sync_bn``: over the processes' micro-batches, not the whole step's batch) and its running statistics
+move once per micro-batch; the density estimator updates once per micro-batch, on that micro-batch's
+features; noise drawn from the global generator (CutMix boxes, dropout) comes from one stream per process.
 """
 
 from __future__ import annotations
@@ -17,15 +20,6 @@ from torch import Tensor
 
 from sandbox.errors import SandboxError
 from sandbox.recipe import TrainSection
-
-DIFFERENCES = (
-    "BatchNorm normalises each micro-batch with its own statistics (with sync_bn: over the processes' "
-    "micro-batches, not the whole step's batch) and its running statistics move once per micro-batch; "
-    "the density estimator updates once per micro-batch, on that micro-batch's features; noise drawn "
-    "from the global generator (CutMix boxes, dropout) comes from one stream per process"
-)
-"""How K accumulated micro-batches differ from K times the processes (everything else is the same)."""
-
 
 @dataclass(frozen=True)
 class BatchPlan:

@@ -22,12 +22,11 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from sandbox.processes.batchnorm import average_buffers, is_synchronised
 from sandbox.recipe import Recipe, TrainSection
-from sandbox.processes.batchnorm import average_buffers
 from sandbox.train.accumulation import mean_logs
 from sandbox.train.ema import ema_decay, update_teacher
 from sandbox.train.optimizer import build_optimizer  # noqa: F401 - re-exported
-from sandbox.processes.batchnorm import is_synchronised
 from sandbox.train.step import LabeledBatch, SemiSupervisedStep, UnlabeledBatch
 from sandbox.train.step_state import StepState
 

@@ -243,7 +243,7 @@ class Trainer:
                     "it perturbs the classifier's input (train.perturb_at = 'classifier'), not the encoder's maps"
                 )
         with collective_free():  # local work, however long: a peer's failure leaves this process time to fail too
-            self.lr = scaled_lr(settings.lr, self.batches.total, 1, settings.reference_total_batch)
+            self.lr = scaled_lr(settings.lr, self.batches.total, settings.reference_total_batch)
             """The backbone's learning rate after the linear scaling rule (``train.reference_total_batch``)."""
             networks = build_networks(model, self.accelerator, settings, self.lr)  # sync_bn and the speed levers
             self.teacher = networks.teacher
